@@ -1,0 +1,83 @@
+//! Bounds-checked packet accessors: the only place that turns packet offsets into pointers.
+
+use core::mem::size_of;
+
+use aya_ebpf::programs::{TcContext, XdpContext};
+use tcp_common::parse::Frame;
+
+/// Largest offset a header may start at. The parser's offsets are sums of bounded terms
+/// (VLAN tags, IHL, IPv6 extension headers); this explicit cap keeps them provably bounded
+/// for the verifier, whatever shape the compiler gives the arithmetic.
+const MAX_OFFSET: usize = 0x3fff;
+
+/// Direct read of `T` at `start + offset` when it lies before `end`.
+#[inline(always)]
+fn read_direct<T: Copy>(start: usize, end: usize, offset: usize) -> Option<T> {
+    if offset > MAX_OFFSET {
+        return None;
+    }
+    let at = start + offset;
+    if at + size_of::<T>() > end {
+        return None;
+    }
+    // SAFETY: [at, at + size_of::<T>()) lies inside the packet (checked just above, and the
+    // verifier checks it again); `read_unaligned` needs no alignment and header types accept
+    // any bit pattern.
+    Some(unsafe { (at as *const T).read_unaligned() })
+}
+
+/// An XDP frame: linear, read in place.
+pub struct XdpFrame<'a> {
+    ctx: &'a XdpContext,
+}
+
+impl<'a> XdpFrame<'a> {
+    #[inline(always)]
+    pub const fn new(ctx: &'a XdpContext) -> Self {
+        Self { ctx }
+    }
+}
+
+impl Frame for XdpFrame<'_> {
+    #[inline(always)]
+    fn load<T: Copy>(&self, offset: usize) -> Option<T> {
+        read_direct(self.ctx.data(), self.ctx.data_end(), offset)
+    }
+
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.ctx.data_end() - self.ctx.data()
+    }
+}
+
+/// A TC skb: read in place from its linear part; headers that lie in paged fragments are
+/// copied with `bpf_skb_load_bytes`, which never modifies (or un-clones) the skb, unlike
+/// `bpf_skb_pull_data`.
+pub struct SkbFrame<'a> {
+    ctx: &'a TcContext,
+}
+
+impl<'a> SkbFrame<'a> {
+    #[inline(always)]
+    pub const fn new(ctx: &'a TcContext) -> Self {
+        Self { ctx }
+    }
+}
+
+impl Frame for SkbFrame<'_> {
+    #[inline(always)]
+    fn load<T: Copy>(&self, offset: usize) -> Option<T> {
+        if let Some(v) = read_direct(self.ctx.data(), self.ctx.data_end(), offset) {
+            return Some(v);
+        }
+        if offset > MAX_OFFSET {
+            return None;
+        }
+        self.ctx.load::<T>(offset).ok()
+    }
+
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.ctx.len() as usize
+    }
+}

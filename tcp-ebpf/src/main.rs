@@ -1,0 +1,41 @@
+//! tcpscope eBPF programs: entry points only.
+//!
+//! Both hooks are thin wrappers that hand the packet to [`observe::observe`] and then pass it
+//! on unchanged: the tracker observes, it never drops or modifies traffic.
+#![no_std]
+#![no_main]
+
+mod frame;
+mod maps;
+mod observe;
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, xdp_action},
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+use tcp_common::counters::Hook;
+
+use crate::frame::{SkbFrame, XdpFrame};
+
+/// Ingress: every frame the interface receives, before the stack allocates an skb.
+#[xdp]
+pub fn tcpscope_xdp(ctx: XdpContext) -> u32 {
+    observe::observe(&ctx, &XdpFrame::new(&ctx), Hook::XdpIngress);
+    xdp_action::XDP_PASS
+}
+
+/// Egress: every packet the interface transmits (XDP has no egress hook).
+#[classifier]
+pub fn tcpscope_tc(ctx: TcContext) -> i32 {
+    observe::observe(&ctx, &SkbFrame::new(&ctx), Hook::TcEgress);
+    TC_ACT_OK
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // No code path reaches a panic (no unwrap, no unchecked indexing); the verifier would
+    // reject an endless loop that were reachable.
+    loop {}
+}

@@ -1,0 +1,51 @@
+//! Errors at the library boundary, each with what went wrong and the cause behind it.
+
+use thiserror::Error;
+
+/// What can fail while loading, attaching or reading the tracker.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// The kernel rejected the eBPF object (verifier, BTF, missing privileges).
+    #[error("loading the eBPF object failed")]
+    Load(#[source] aya::EbpfError),
+    /// A program or map the agent expects is not in the object.
+    #[error("the eBPF object has no {kind} named {name}")]
+    Missing {
+        /// "program" or "map".
+        kind: &'static str,
+        /// Its name.
+        name: &'static str,
+    },
+    /// The verifier or the kernel refused a program.
+    #[error("loading program {name} failed")]
+    Program {
+        /// Program name.
+        name: &'static str,
+        /// The kernel's answer.
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    /// No such network interface in this namespace.
+    #[error("no network interface named {0:?}")]
+    UnknownInterface(String),
+    /// Attaching to an interface failed.
+    #[error("attaching {hook} to {iface} failed")]
+    Attach {
+        /// Interface name.
+        iface: String,
+        /// Which hook, e.g. "XDP (native)".
+        hook: String,
+        /// The kernel's answer.
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    /// Reading a map failed.
+    #[error("reading map {name} failed")]
+    Map {
+        /// Map name.
+        name: &'static str,
+        /// The kernel's answer.
+        #[source]
+        source: aya::maps::MapError,
+    },
+}

@@ -1,0 +1,11 @@
+//! The tcpscope agent as a library: loading and attaching the eBPF programs and reading their
+//! maps. The `tcpscope` binary (src/main.rs) is a thin CLI over it; integration tests use it
+//! directly.
+
+pub mod counters;
+pub mod error;
+pub mod iface;
+pub mod loader;
+
+/// The eBPF object built by xtask (release, with BTF), embedded at compile time.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("TCPSCOPE_EBPF_OBJ"));

@@ -1,0 +1,306 @@
+//! Loading the eBPF object and attaching its programs to interfaces.
+//!
+//! Attach policy:
+//! - XDP (ingress): `auto` tries native (driver) mode and falls back to generic (skb) mode,
+//!   saying why; `native` and `skb` insist on one mode.
+//! - TC (egress, host mode only): TCX where the kernel has it (6.6+), else a netlink `clsact`
+//!   filter; the fallback is logged.
+//! - Everything attached belongs to the [`Tracker`]: dropping it detaches every program.
+
+use std::{ffi::CString, fmt};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        tc::{self, NlOptions, TcAttach},
+    },
+};
+use log::{info, warn};
+
+use crate::{EBPF_OBJECT, counters, error::Error};
+
+/// Name of the XDP program in the object.
+pub const XDP_PROGRAM: &str = "tcpscope_xdp";
+/// Name of the TC classifier in the object.
+pub const TC_PROGRAM: &str = "tcpscope_tc";
+
+/// Where the tracker sees traffic.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// XDP on ingress and TC on egress of each interface: the host's own connections.
+    #[default]
+    Host,
+    /// XDP only: both directions arrive on ingress (SPAN port, tap, replayed capture).
+    Mirror,
+}
+
+/// Requested XDP attach mode.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum XdpModeChoice {
+    /// Native if the driver supports it, else generic (skb), logged.
+    #[default]
+    Auto,
+    /// Native (driver) mode only.
+    Native,
+    /// Generic (skb) mode only.
+    Skb,
+}
+
+/// How the XDP program ended up attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdpAttachMode {
+    /// In the driver.
+    Native,
+    /// In the generic (skb) path.
+    Generic,
+}
+
+impl fmt::Display for XdpAttachMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Native => "native",
+            Self::Generic => "generic (skb)",
+        })
+    }
+}
+
+/// How the TC classifier ended up attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcAttachMode {
+    /// A TCX link (kernel 6.6+).
+    Tcx,
+    /// A netlink filter on the `clsact` qdisc.
+    Netlink,
+}
+
+impl fmt::Display for TcAttachMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Tcx => "TCX",
+            Self::Netlink => "netlink (clsact)",
+        })
+    }
+}
+
+/// What is attached to one interface.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attachment {
+    /// Interface name.
+    pub iface: String,
+    /// XDP mode in effect.
+    pub xdp: XdpAttachMode,
+    /// TC egress attach mode, `None` in mirror mode.
+    pub tc: Option<TcAttachMode>,
+}
+
+impl fmt::Display for Attachment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: XDP ingress ({})", self.iface, self.xdp)?;
+        match self.tc {
+            Some(tc) => write!(f, ", TC egress ({tc})"),
+            None => f.write_str(", no egress hook (mirror mode)"),
+        }
+    }
+}
+
+/// The loaded programs and everything attached. Dropping it detaches all.
+pub struct Tracker {
+    ebpf: Ebpf,
+    attachments: Vec<Attachment>,
+}
+
+/// `aya-log-ebpf` level numbers (error = 1 ... trace = 5): eBPF log statements above the
+/// agent's own level are skipped in the kernel, costing one load of a read-only global.
+fn ebpf_log_level(level: log::LevelFilter) -> u8 {
+    match level {
+        log::LevelFilter::Off => 0,
+        log::LevelFilter::Error => 1,
+        log::LevelFilter::Warn => 2,
+        log::LevelFilter::Info => 3,
+        log::LevelFilter::Debug => 4,
+        log::LevelFilter::Trace => 5,
+    }
+}
+
+impl Tracker {
+    /// Loads the embedded object and both programs into the kernel (nothing is attached yet).
+    ///
+    /// # Errors
+    /// When the kernel refuses the object or a program (verifier, privileges).
+    pub fn load() -> Result<Self, Error> {
+        let level = ebpf_log_level(log::max_level());
+        let mut ebpf = EbpfLoader::new()
+            .override_global("AYA_LOG_LEVEL", &level, true)
+            .load(EBPF_OBJECT)
+            .map_err(Error::Load)?;
+        for name in [XDP_PROGRAM, TC_PROGRAM] {
+            let program = ebpf.program_mut(name).ok_or(Error::Missing {
+                kind: "program",
+                name,
+            })?;
+            let loaded = match name {
+                XDP_PROGRAM => <&mut Xdp>::try_from(program).and_then(Xdp::load),
+                _ => <&mut SchedClassifier>::try_from(program).and_then(SchedClassifier::load),
+            };
+            loaded.map_err(|source| Error::Program { name, source })?;
+        }
+        Ok(Self {
+            ebpf,
+            attachments: Vec::new(),
+        })
+    }
+
+    /// The loaded object (maps, programs, test runs).
+    #[must_use]
+    pub const fn ebpf(&self) -> &Ebpf {
+        &self.ebpf
+    }
+
+    /// The loaded object, mutably (e.g. to take the log ring buffer).
+    pub const fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
+    /// Everything attached so far.
+    #[must_use]
+    pub fn attachments(&self) -> &[Attachment] {
+        &self.attachments
+    }
+
+    /// Packet counters summed over CPUs.
+    ///
+    /// # Errors
+    /// When the map cannot be read.
+    pub fn counters(&self) -> Result<counters::Totals, Error> {
+        counters::read(&self.ebpf)
+    }
+
+    /// Attaches the programs to `iface` (in the caller's network namespace).
+    ///
+    /// # Errors
+    /// When the interface does not exist or the kernel refuses an attach; whatever was
+    /// attached to this interface before the failure stays owned by the tracker.
+    pub fn attach(
+        &mut self,
+        iface: &str,
+        mode: Mode,
+        xdp_mode: XdpModeChoice,
+    ) -> Result<&Attachment, Error> {
+        let name = CString::new(iface).map_err(|_| Error::UnknownInterface(iface.to_owned()))?;
+        // SAFETY: `name` is a valid NUL-terminated string that outlives the call.
+        if unsafe { libc::if_nametoindex(name.as_ptr()) } == 0 {
+            return Err(Error::UnknownInterface(iface.to_owned()));
+        }
+        let xdp = self.attach_xdp(iface, &name, xdp_mode)?;
+        let tc = match mode {
+            Mode::Host => Some(self.attach_tc(iface, &name)?),
+            Mode::Mirror => None,
+        };
+        self.attachments.push(Attachment {
+            iface: iface.to_owned(),
+            xdp,
+            tc,
+        });
+        Ok(self.attachments.last().expect("just pushed"))
+    }
+
+    fn attach_xdp(
+        &mut self,
+        iface: &str,
+        name: &CString,
+        choice: XdpModeChoice,
+    ) -> Result<XdpAttachMode, Error> {
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut(XDP_PROGRAM)
+            .and_then(|p| p.try_into().ok())
+            .ok_or(Error::Missing {
+                kind: "program",
+                name: XDP_PROGRAM,
+            })?;
+        let attach_err = |mode: XdpAttachMode, source| Error::Attach {
+            iface: iface.to_owned(),
+            hook: format!("XDP ({mode})"),
+            source,
+        };
+        match choice {
+            XdpModeChoice::Native => program
+                .attach(name.as_c_str(), XdpMode::Driver)
+                .map(|_| XdpAttachMode::Native)
+                .map_err(|e| attach_err(XdpAttachMode::Native, e)),
+            XdpModeChoice::Skb => program
+                .attach(name.as_c_str(), XdpMode::Skb)
+                .map(|_| XdpAttachMode::Generic)
+                .map_err(|e| attach_err(XdpAttachMode::Generic, e)),
+            XdpModeChoice::Auto => match program.attach(name.as_c_str(), XdpMode::Driver) {
+                Ok(_) => Ok(XdpAttachMode::Native),
+                Err(native) => {
+                    warn!(
+                        "{iface}: native XDP refused ({}), falling back to generic (skb) mode",
+                        error_chain(&native)
+                    );
+                    program
+                        .attach(name.as_c_str(), XdpMode::Skb)
+                        .map(|_| XdpAttachMode::Generic)
+                        .map_err(|e| attach_err(XdpAttachMode::Generic, e))
+                }
+            },
+        }
+    }
+
+    fn attach_tc(&mut self, iface: &str, name: &CString) -> Result<TcAttachMode, Error> {
+        let program: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(TC_PROGRAM)
+            .and_then(|p| p.try_into().ok())
+            .ok_or(Error::Missing {
+                kind: "program",
+                name: TC_PROGRAM,
+            })?;
+        let tcx = TcAttach::Tcx {
+            attach_type: TcAttachType::Egress,
+            order: LinkOrder::default(),
+        };
+        match program.attach(name.as_c_str(), tcx) {
+            Ok(_) => return Ok(TcAttachMode::Tcx),
+            Err(e) => info!(
+                "{iface}: TCX attach unavailable ({}), using a netlink clsact filter",
+                error_chain(&e)
+            ),
+        }
+        // An existing clsact qdisc (ours from an earlier run, or someone else's) is fine.
+        if let Err(e) = tc::qdisc_add_clsact(name.as_c_str()) {
+            let exists = matches!(&e, tc::TcError::NetlinkError(n)
+                if n.raw_os_error() == Some(libc::EEXIST));
+            if !exists {
+                warn!("{iface}: adding the clsact qdisc failed: {}", error_chain(&e));
+            }
+        }
+        let netlink = TcAttach::Netlink {
+            parent: TcAttachType::Egress.into(),
+            options: NlOptions::default(),
+        };
+        program
+            .attach(name.as_c_str(), netlink)
+            .map(|_| TcAttachMode::Netlink)
+            .map_err(|source| Error::Attach {
+                iface: iface.to_owned(),
+                hook: "TC egress (netlink)".to_owned(),
+                source,
+            })
+    }
+}
+
+/// An error and its causes on one line.
+#[must_use]
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
+}

@@ -1,0 +1,186 @@
+//! `tcpscope`: the agent's command line.
+
+use std::{io::Write as _, process::ExitCode, time::Duration};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use log::{debug, info, warn};
+use tcp_common::counters::{Counter, Hook};
+use tcp_user::{
+    counters::Totals,
+    iface,
+    loader::{Mode, Tracker, XdpModeChoice, error_chain},
+};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    signal::unix::{SignalKind, signal},
+};
+
+/// eBPF/XDP TCP connection tracker.
+#[derive(Debug, Parser)]
+#[command(name = "tcpscope", version, about, long_about = None)]
+struct Cli {
+    /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it. At debug the
+    /// eBPF programs' own log lines appear too.
+    #[arg(long, global = true, default_value = "info", value_name = "LEVEL")]
+    log_level: log::LevelFilter,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Attach the tracker to network interfaces and run until SIGINT or SIGTERM.
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// Interface to attach to (repeatable). Default: the interface that holds the default
+    /// route.
+    #[arg(short, long = "iface", value_name = "IFACE")]
+    ifaces: Vec<String>,
+    /// host: XDP ingress + TC egress; mirror: XDP only, both directions arrive on ingress.
+    #[arg(long, value_enum, default_value_t = Mode::Host)]
+    mode: Mode,
+    /// XDP attach mode; auto tries native and falls back to skb (generic), saying so.
+    #[arg(long, value_enum, default_value_t = XdpModeChoice::Auto)]
+    xdp_mode: XdpModeChoice,
+    /// Log the packet counters every SECS seconds (0: only at exit).
+    #[arg(long, default_value_t = 0, value_name = "SECS")]
+    report_every: u64,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    env_logger::Builder::new()
+        .filter_level(cli.log_level)
+        // aya's loader narrates every relocation at debug: keep it for trace.
+        .filter_module("aya", cli.log_level.min(log::LevelFilter::Info))
+        .filter_module("aya_obj", cli.log_level.min(log::LevelFilter::Info))
+        .parse_env("RUST_LOG")
+        .format_target(false)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the async runtime failed: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Run(args) => run(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A hint for errors whose usual cause is known.
+fn hint(e: &tcp_user::error::Error) -> &'static str {
+    let chain = error_chain(e);
+    if chain.contains("Operation not permitted") || chain.contains("EPERM") {
+        " (run as root, or grant CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON)"
+    } else if chain.contains("XDP (native)") {
+        " (the driver may lack native XDP: try --xdp-mode skb)"
+    } else if chain.contains("Device or resource busy") {
+        " (another XDP program is attached to this interface)"
+    } else {
+        ""
+    }
+}
+
+async fn run(args: RunArgs) -> Result<()> {
+    let ifaces = if args.ifaces.is_empty() {
+        let Some(iface) = iface::default_route_interface() else {
+            bail!("no --iface given and no default route to pick an interface from");
+        };
+        info!("no --iface given: using {iface}, which holds the default route");
+        vec![iface]
+    } else {
+        args.ifaces
+    };
+    let mut tracker = match Tracker::load() {
+        Ok(t) => t,
+        Err(e) => bail!("{}{}", error_chain(&e), hint(&e)),
+    };
+    let mut ebpf_log = match aya_log::EbpfLogger::init(tracker.ebpf_mut()) {
+        Ok(logger) => {
+            // SAFETY: the logger owns its ring buffer map fd and keeps it open, unchanged,
+            // for as long as it lives, and the AsyncFd owns the logger.
+            let fd = unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) };
+            Some(fd.map_err(|e| anyhow::anyhow!("watching the eBPF log ring buffer: {e}"))?)
+        }
+        Err(e) => {
+            warn!("eBPF-side logging unavailable: {e}");
+            None
+        }
+    };
+    for iface in &ifaces {
+        match tracker.attach(iface, args.mode, args.xdp_mode) {
+            Ok(attachment) => info!("attached {attachment}"),
+            Err(e) => bail!("{}{}", error_chain(&e), hint(&e)),
+        }
+    }
+    info!("tracking; stop with SIGINT or SIGTERM");
+
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut report = (args.report_every > 0)
+        .then(|| tokio::time::interval(Duration::from_secs(args.report_every)));
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => { info!("SIGINT: detaching"); break; }
+            _ = sigterm.recv() => { info!("SIGTERM: detaching"); break; }
+            guard = async { ebpf_log.as_mut().expect("guarded").readable_mut().await },
+                if ebpf_log.is_some() => {
+                let mut guard = guard.context("reading the eBPF log ring buffer")?;
+                guard.get_inner_mut().flush();
+                guard.clear_ready();
+            }
+            _ = async { report.as_mut().expect("guarded").tick().await }, if report.is_some() => {
+                match tracker.counters() {
+                    Ok(totals) => for line in summary(&totals) { info!("{line}") },
+                    Err(e) => warn!("reading counters: {}", error_chain(&e)),
+                }
+            }
+        }
+    }
+    if let Some(log) = ebpf_log.as_mut() {
+        log.get_mut().flush();
+    }
+    let totals = tracker.counters().map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+    let attached: Vec<String> = tracker.attachments().iter().map(|a| a.iface.clone()).collect();
+    drop(tracker);
+    debug!("programs unloaded");
+    info!("detached from {}", attached.join(", "));
+    let mut out = std::io::stdout().lock();
+    for line in summary(&totals) {
+        writeln!(out, "{line}").context("writing the summary")?;
+    }
+    Ok(())
+}
+
+/// One `hook key=value ...` line per hook, every counter included.
+fn summary(totals: &Totals) -> Vec<String> {
+    Hook::ALL
+        .iter()
+        .map(|hook| {
+            let c = totals.hook(*hook);
+            let mut line = format!("{} packets={}", hook.name(), c.packets());
+            for counter in Counter::ALL {
+                line.push_str(&format!(" {}={}", counter.name(), c.get(counter)));
+            }
+            line
+        })
+        .collect()
+}
