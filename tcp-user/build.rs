@@ -8,7 +8,7 @@ fn main() {
     let path = env::var_os("TCPSCOPE_EBPF_OBJ").map_or_else(
         || {
             PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"))
-                .join("../target/bpfel-unknown-none/release/tcp-ebpf")
+                .join("../target/ebpf/bpfel-unknown-none/release/tcp-ebpf")
         },
         PathBuf::from,
     );

@@ -229,7 +229,10 @@ mod tests {
         names.dedup();
         assert_eq!(names.len(), Counter::ALL.len());
         for n in names {
-            assert!(n.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'));
+            assert!(
+                n.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            );
         }
     }
 }

@@ -8,6 +8,8 @@ extern crate alloc;
 
 use alloc::vec::Vec;
 
+use crate::parse::PacketClass;
+
 /// IP version and addresses of a crafted frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Addrs {
@@ -244,4 +246,213 @@ pub fn checksum(data: &[u8], initial: u32) -> u16 {
         sum = (sum & 0xffff) + (sum >> 16);
     }
     !(sum as u16)
+}
+
+/// One crafted frame with the verdict a correct parser must reach, written down by hand.
+#[derive(Clone, Debug)]
+pub struct Case {
+    /// What the frame exercises.
+    pub name: &'static str,
+    /// The bytes.
+    pub frame: Vec<u8>,
+    /// Expected class.
+    pub class: PacketClass,
+    /// Expected notes (bits of [`crate::parse::notes`]).
+    pub notes: u8,
+    /// TCP flags the frame carries (meaningful when `class` is TCP).
+    pub flags: u8,
+    /// Whether the frame is IPv6 (meaningful when `class` is TCP).
+    pub ipv6: bool,
+}
+
+const A4: [u8; 4] = [10, 0, 0, 1];
+const B4: [u8; 4] = [10, 0, 0, 2];
+const A6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+const B6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+
+fn v4(flags: u8) -> FrameSpec {
+    FrameSpec::tcp_v4(A4, B4, (40000, 80), flags)
+}
+
+fn v6(flags: u8) -> FrameSpec {
+    FrameSpec::tcp_v6(A6, B6, (40000, 443), flags)
+}
+
+fn with(mut spec: FrameSpec, f: impl FnOnce(&mut FrameSpec)) -> Vec<u8> {
+    f(&mut spec);
+    spec.build()
+}
+
+fn case(name: &'static str, frame: Vec<u8>, class: PacketClass, notes: u8) -> Case {
+    Case {
+        name,
+        frame,
+        class,
+        notes,
+        flags: 0,
+        ipv6: false,
+    }
+}
+
+fn tcp(name: &'static str, frame: Vec<u8>, notes: u8, flags: u8, ipv6: bool) -> Case {
+    Case {
+        name,
+        frame,
+        class: PacketClass::Tcp,
+        notes,
+        flags,
+        ipv6,
+    }
+}
+
+/// Every parser case, with its expected verdict: VLAN stacks, IPv4 options and fragments,
+/// IPv6 extension headers and fragments, non-IP, non-TCP, truncations and impossible fields.
+#[must_use]
+pub fn catalogue() -> Vec<Case> {
+    use crate::parse::{
+        MAX_IPV6_EXT_HEADERS, PacketClass as C,
+        notes::{IPV4_OPTIONS, IPV6_EXT_HEADERS, VLAN_DOUBLE, VLAN_SINGLE},
+        tcp_flags::{ACK, FIN, PSH, RST, SYN},
+    };
+    let q = |id| (0x8100u16, id);
+    let ad = |id| (0x88a8u16, id);
+    let mut ipv6_frag = with(v6(ACK), |s| s.ipv6_ext = alloc::vec![(44, 8)]);
+    // A second fragment: offset 185 (8-byte units), M clear.
+    ipv6_frag[14 + 40 + 2..14 + 40 + 4].copy_from_slice(&(185u16 << 3).to_be_bytes());
+    let mut arp = v4(0).build();
+    arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+    let mut bad_ihl = v4(ACK).build();
+    bad_ihl[14] = 0x44;
+    let mut bad_version = v4(ACK).build();
+    bad_version[14] = 0x55;
+    let mut bad_doff = v4(ACK).build();
+    bad_doff[14 + 20 + 12] = 0x40;
+    let mut short_ip_len = v4(ACK).build();
+    short_ip_len[16..18].copy_from_slice(&30u16.to_be_bytes());
+    alloc::vec![
+        tcp("ipv4 syn", v4(SYN).build(), 0, SYN, false),
+        tcp(
+            "ipv4 data",
+            with(v4(ACK | PSH), |s| s.payload = 100),
+            0,
+            ACK | PSH,
+            false
+        ),
+        tcp("ipv4 fin", v4(FIN | ACK).build(), 0, FIN | ACK, false),
+        tcp("ipv4 rst", v4(RST).build(), 0, RST, false),
+        tcp("ipv6 syn-ack", v6(SYN | ACK).build(), 0, SYN | ACK, true),
+        tcp(
+            "802.1Q",
+            with(v4(SYN), |s| s.vlans = alloc::vec![q(10)]),
+            VLAN_SINGLE,
+            SYN,
+            false
+        ),
+        tcp(
+            "QinQ",
+            with(v6(ACK), |s| s.vlans = alloc::vec![ad(100), q(10)]),
+            VLAN_DOUBLE,
+            ACK,
+            true
+        ),
+        case(
+            "three tags",
+            with(v4(ACK), |s| s.vlans = alloc::vec![ad(1), q(2), q(3)]),
+            C::Unsupported,
+            VLAN_DOUBLE,
+        ),
+        tcp(
+            "ipv4 options",
+            with(v4(ACK), |s| s.ipv4_options = 12),
+            IPV4_OPTIONS,
+            ACK,
+            false
+        ),
+        tcp(
+            "ipv4 40 B of options",
+            with(v4(FIN | ACK), |s| s.ipv4_options = 40),
+            IPV4_OPTIONS,
+            FIN | ACK,
+            false
+        ),
+        tcp(
+            "ipv6 hop-by-hop + dstopts",
+            with(v6(ACK), |s| s.ipv6_ext = alloc::vec![(0, 8), (60, 16)]),
+            IPV6_EXT_HEADERS,
+            ACK,
+            true,
+        ),
+        tcp(
+            "ipv6 atomic fragment",
+            with(v6(ACK), |s| s.ipv6_ext = alloc::vec![(44, 8)]),
+            IPV6_EXT_HEADERS,
+            ACK,
+            true
+        ),
+        case("ipv6 fragment", ipv6_frag, C::Fragment, 0),
+        case(
+            "ipv6 extension chain too long",
+            with(v6(ACK), |s| s.ipv6_ext =
+                alloc::vec![(60, 8); MAX_IPV6_EXT_HEADERS + 1]),
+            C::Unsupported,
+            IPV6_EXT_HEADERS,
+        ),
+        case(
+            "ipv4 first fragment",
+            with(v4(ACK), |s| s.ipv4_fragment = Some((true, 0))),
+            C::Fragment,
+            0
+        ),
+        case(
+            "ipv4 later fragment",
+            with(v4(ACK), |s| s.ipv4_fragment = Some((false, 185))),
+            C::Fragment,
+            0
+        ),
+        case("udp", with(v4(0), |s| s.upper = Upper::Udp), C::NonTcp, 0),
+        case(
+            "udp over ipv6",
+            with(v6(0), |s| s.upper = Upper::Udp),
+            C::NonTcp,
+            0
+        ),
+        case("arp", arp, C::NonIp, 0),
+        case("truncated ethernet", alloc::vec![0u8; 13], C::Truncated, 0),
+        case(
+            "truncated ipv4",
+            with(v4(SYN), |s| s.truncate = Some(14 + 12)),
+            C::Truncated,
+            0
+        ),
+        case(
+            "truncated tcp",
+            with(v4(SYN), |s| s.truncate = Some(14 + 20 + 10)),
+            C::Truncated,
+            0
+        ),
+        case(
+            "truncated ipv6",
+            with(v6(SYN), |s| s.truncate = Some(14 + 30)),
+            C::Truncated,
+            0
+        ),
+        case(
+            "truncated vlan tag",
+            with(v4(SYN), |s| {
+                s.vlans = alloc::vec![q(1)];
+                s.truncate = Some(16);
+            }),
+            C::Truncated,
+            0,
+        ),
+        case("ipv4 ihl < 5", bad_ihl, C::Malformed, 0),
+        case("ipv4 version 5", bad_version, C::Malformed, 0),
+        case("tcp data offset < 5", bad_doff, C::Malformed, 0),
+        case(
+            "ip length shorter than headers",
+            short_ip_len,
+            C::Malformed,
+            0
+        ),
+    ]
 }

@@ -37,9 +37,17 @@ pub fn observe<C: EbpfContext, F: Frame>(ctx: &C, frame: &F, hook: Hook) {
     match parsed.class {
         PacketClass::Tcp => {
             let seg = &parsed.segment;
-            counters.bump(if seg.ipv6 { Counter::TcpV6 } else { Counter::TcpV4 });
+            counters.bump(if seg.ipv6 {
+                Counter::TcpV6
+            } else {
+                Counter::TcpV4
+            });
             if seg.has(tcp_flags::SYN) {
-                counters.bump(if seg.has(tcp_flags::ACK) { Counter::SynAck } else { Counter::Syn });
+                counters.bump(if seg.has(tcp_flags::ACK) {
+                    Counter::SynAck
+                } else {
+                    Counter::Syn
+                });
             }
             if seg.has(tcp_flags::FIN) {
                 counters.bump(Counter::Fin);
@@ -49,7 +57,13 @@ pub fn observe<C: EbpfContext, F: Frame>(ctx: &C, frame: &F, hook: Hook) {
             }
         }
         PacketClass::Truncated | PacketClass::Malformed => {
-            debug!(ctx, "{}: {} frame of {} bytes passed", hook as u32, parsed.class as u8, frame.len());
+            debug!(
+                ctx,
+                "{}: {} frame of {} bytes passed",
+                hook as u32,
+                parsed.class as u8,
+                frame.len()
+            );
         }
         _ => {}
     }

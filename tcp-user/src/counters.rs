@@ -35,10 +35,11 @@ pub fn read(ebpf: &Ebpf) -> Result<Totals, Error> {
         kind: "map",
         name: COUNTERS_MAP,
     })?;
-    let array = PerCpuArray::<&MapData, HookCounters>::try_from(map).map_err(|source| Error::Map {
-        name: COUNTERS_MAP,
-        source,
-    })?;
+    let array =
+        PerCpuArray::<&MapData, HookCounters>::try_from(map).map_err(|source| Error::Map {
+            name: COUNTERS_MAP,
+            source,
+        })?;
     let mut totals = Totals {
         hooks: [HookCounters::ZERO; 2],
     };

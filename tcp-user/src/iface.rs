@@ -59,7 +59,13 @@ mod tests {
 
     #[test]
     fn falls_back_to_ipv6_default_and_skips_loopback() {
-        assert_eq!(from_route_tables("Iface\tDestination\n", V6).as_deref(), Some("wlan0"));
-        assert_eq!(from_route_tables("", V6.lines().nth(1).unwrap_or_default()), None);
+        assert_eq!(
+            from_route_tables("Iface\tDestination\n", V6).as_deref(),
+            Some("wlan0")
+        );
+        assert_eq!(
+            from_route_tables("", V6.lines().nth(1).unwrap_or_default()),
+            None
+        );
     }
 }

@@ -274,7 +274,10 @@ impl Tracker {
             let exists = matches!(&e, tc::TcError::NetlinkError(n)
                 if n.raw_os_error() == Some(libc::EEXIST));
             if !exists {
-                warn!("{iface}: adding the clsact qdisc failed: {}", error_chain(&e));
+                warn!(
+                    "{iface}: adding the clsact qdisc failed: {}",
+                    error_chain(&e)
+                );
             }
         }
         let netlink = TcAttach::Netlink {

@@ -158,8 +158,14 @@ async fn run(args: RunArgs) -> Result<()> {
     if let Some(log) = ebpf_log.as_mut() {
         log.get_mut().flush();
     }
-    let totals = tracker.counters().map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
-    let attached: Vec<String> = tracker.attachments().iter().map(|a| a.iface.clone()).collect();
+    let totals = tracker
+        .counters()
+        .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+    let attached: Vec<String> = tracker
+        .attachments()
+        .iter()
+        .map(|a| a.iface.clone())
+        .collect();
     drop(tracker);
     debug!("programs unloaded");
     info!("detached from {}", attached.join(", "));

@@ -1,1 +1,50 @@
-fn main(){}
+//! `cargo xtask`: developer tasks for tcpscope.
+//!
+//! Everything a fresh machine needs (toolchains, bpf-linker, Debian packages, bpffs) is set up
+//! here, idempotently, the first time a task needs it.
+
+mod build;
+mod cmd;
+mod run;
+mod test;
+mod toolchain;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about = "tcpscope developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Set up the toolchains and build the eBPF object and the agent.
+    Build(build::Options),
+    /// Build everything and run `tcpscope run` as root; arguments after `--` go to it.
+    Run(run::Options),
+    /// Run every test tier: unit, eBPF test_run, root integration tests in network namespaces.
+    Test(test::Options),
+    /// Set up the pinned nightly and bpf-linker only (done implicitly by the other tasks).
+    Setup,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::Build(opts) => build::build(&opts).map(|_| ()),
+        Task::Run(opts) => run::run(&opts),
+        Task::Test(opts) => test::test(&opts),
+        Task::Setup => toolchain::ensure_ebpf_toolchain().map(|_| ()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
