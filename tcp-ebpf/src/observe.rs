@@ -57,11 +57,12 @@ pub fn observe<C: EbpfContext, F: Frame>(ctx: &C, frame: &F, hook: Hook) {
             }
         }
         PacketClass::Truncated | PacketClass::Malformed => {
+            let counter = Counter::from(parsed.class);
             debug!(
                 ctx,
                 "{}: {} frame of {} bytes passed",
-                hook as u32,
-                parsed.class as u8,
+                hook.name(),
+                counter.name(),
                 frame.len()
             );
         }

@@ -53,11 +53,16 @@ struct RunArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let loader_level = if cli.log_level == log::LevelFilter::Trace {
+        log::LevelFilter::Trace
+    } else {
+        cli.log_level.min(log::LevelFilter::Info)
+    };
     env_logger::Builder::new()
         .filter_level(cli.log_level)
-        // aya's loader narrates every relocation at debug: keep it for trace.
-        .filter_module("aya", cli.log_level.min(log::LevelFilter::Info))
-        .filter_module("aya_obj", cli.log_level.min(log::LevelFilter::Info))
+        // aya's loader narrates every relocation at debug: keep that for trace.
+        .filter_module("aya", loader_level)
+        .filter_module("aya_obj", loader_level)
         .parse_env("RUST_LOG")
         .format_target(false)
         .init();

@@ -231,3 +231,42 @@ impl Link {
         format!("fd00:{}::2", self.net)
     }
 }
+
+/// Sends raw Ethernet frames out of `iface` (from inside the caller's namespace) through an
+/// AF_PACKET socket.
+pub fn send_raw_frames(iface: &str, frames: &[Vec<u8>]) {
+    let name = std::ffi::CString::new(iface).expect("interface name");
+    // SAFETY: plain socket/bind/sendto calls on a socket this function owns and closes;
+    // every pointer passed points to a live, correctly sized value.
+    unsafe {
+        let ifindex = libc::if_nametoindex(name.as_ptr());
+        assert_ne!(ifindex, 0, "no interface {iface}");
+        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+        assert!(
+            fd >= 0,
+            "AF_PACKET socket: {}",
+            std::io::Error::last_os_error()
+        );
+        let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_ifindex = ifindex as i32;
+        addr.sll_halen = 6;
+        for frame in frames {
+            let sent = libc::sendto(
+                fd,
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&raw const addr).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            );
+            assert_eq!(
+                sent,
+                frame.len() as isize,
+                "sendto: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        libc::close(fd);
+    }
+}

@@ -1,0 +1,367 @@
+//! Tier 3: the `tcpscope` binary attached to a veth in a test namespace, with real TCP between
+//! two namespaces. What the hooks count must equal what the kernel's own TCP counters report
+//! for the same traffic, per direction; on SIGTERM everything is detached.
+
+mod common;
+
+use std::{
+    collections::HashMap,
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use common::{Link, NetNs};
+
+const PORT: u16 = 8080;
+const CLOSED_PORT: u16 = 8081;
+const CONNECTIONS_PER_FAMILY: usize = 20;
+const REQUEST_BYTES: usize = 20_000;
+
+/// The agent running in a namespace; killed on drop if still running.
+struct Agent {
+    child: Child,
+    stderr: mpsc::Receiver<String>,
+    log: Vec<String>,
+}
+
+impl Agent {
+    fn start(ns: &NetNs, args: &[&str]) -> Self {
+        let mut child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns.name,
+                env!("CARGO_BIN_EXE_tcpscope"),
+                "run",
+            ])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting tcpscope");
+        let stderr = child.stderr.take().expect("piped");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            child,
+            stderr: rx,
+            log: Vec::new(),
+        }
+    }
+
+    /// Waits (bounded) for a log line containing `needle`; returns it.
+    fn wait_for(&mut self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.stderr.recv_timeout(left) {
+                Ok(line) => {
+                    self.log.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        panic!(
+            "tcpscope never logged {needle:?}; log so far:\n{}",
+            self.log.join("\n")
+        );
+    }
+
+    /// SIGTERM, then the summary lines it printed, by hook.
+    fn stop(mut self) -> HashMap<String, HashMap<String, u64>> {
+        // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
+        let rc = unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        assert_eq!(rc, 0, "SIGTERM to tcpscope");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("waiting for tcpscope") {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "tcpscope did not exit within 20 s of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        while let Ok(line) = self.stderr.recv_timeout(Duration::from_millis(200)) {
+            self.log.push(line);
+        }
+        let mut out = String::new();
+        self.child
+            .stdout
+            .take()
+            .expect("piped")
+            .read_to_string(&mut out)
+            .expect("stdout");
+        assert!(
+            status.success(),
+            "tcpscope exited with {status}; log:\n{}",
+            self.log.join("\n")
+        );
+        out.lines()
+            .filter_map(|l| {
+                let mut words = l.split_whitespace();
+                let hook = words.next()?.to_owned();
+                let kv = words
+                    .filter_map(|w| {
+                        let (k, v) = w.split_once('=')?;
+                        Some((k.to_owned(), v.parse().ok()?))
+                    })
+                    .collect();
+                Some((hook, kv))
+            })
+            .collect()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Serves `count` connections: reads each request to its end, answers, closes.
+fn serve(listener: TcpListener, count: usize) {
+    for _ in 0..count {
+        let (mut s, _) = listener.accept().expect("accept");
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).expect("read request");
+        assert_eq!(buf.len(), REQUEST_BYTES);
+        s.write_all(b"done").expect("answer");
+    }
+}
+
+/// One client connection: request, half-close, read the answer to EOF.
+fn request(addr: SocketAddr) {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+    s.write_all(&vec![7u8; REQUEST_BYTES]).expect("send");
+    s.shutdown(Shutdown::Write).expect("half-close");
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer).expect("answer");
+    assert_eq!(answer, b"done");
+}
+
+fn xdp_attached(ns: &NetNs, iface: &str) -> bool {
+    ns.sh(&["ip", "link", "show", "dev", iface])
+        .contains("prog/xdp")
+}
+
+#[test]
+fn hooks_count_exactly_what_the_kernel_tcp_stack_counts() {
+    common::require_root();
+    let link = Link::new();
+    let mut agent = Agent::start(&link.server, &["--iface", &link.server_if]);
+    let attached = agent.wait_for("attached ");
+    assert!(attached.contains("XDP ingress (native)"), "{attached}");
+    assert!(attached.contains("TC egress (TCX)"), "{attached}");
+    assert!(
+        xdp_attached(&link.server, &link.server_if),
+        "ip link shows no XDP program"
+    );
+
+    let total = 2 * CONNECTIONS_PER_FAMILY;
+    let server = link.server.spawn(move || {
+        let listener = TcpListener::bind(("::", PORT)).expect("dual-stack listener");
+        serve(listener, total);
+    });
+    // Wait until the listener is up (bounded).
+    let v4: SocketAddr = format!("{}:{PORT}", link.server_v4()).parse().expect("v4");
+    let v6: SocketAddr = format!("[{}]:{PORT}", link.server_v6())
+        .parse()
+        .expect("v6");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !link
+        .server
+        .sh(&["ss", "-Htln"])
+        .contains(&format!(":{PORT}"))
+    {
+        assert!(Instant::now() < deadline, "listener never came up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let client_before = link.client.tcp_counters();
+    let server_before = link.server.tcp_counters();
+    link.client.enter(move || {
+        for _ in 0..CONNECTIONS_PER_FAMILY {
+            request(v4);
+            request(v6);
+        }
+        for addr in [v4, v6] {
+            let mut refused = addr;
+            refused.set_port(CLOSED_PORT);
+            let err = TcpStream::connect_timeout(&refused, Duration::from_secs(5))
+                .expect_err("closed port");
+            assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
+        }
+    });
+    server.join().expect("server");
+    // Let the last FIN/ACK exchanges and delayed ACKs finish before reading the counters.
+    std::thread::sleep(Duration::from_millis(500));
+    let client = link.client.tcp_counters();
+    let srv = link.server.tcp_counters();
+    let summary = agent.stop();
+    assert!(
+        !xdp_attached(&link.server, &link.server_if),
+        "XDP still attached after SIGTERM"
+    );
+
+    let xdp = &summary["xdp_ingress"];
+    let tc = &summary["tc_egress"];
+    let d =
+        |after: &common::TcpCounters, before: &common::TcpCounters, k: &str| after.delta(before, k);
+    // Ingress of the server = what the client sent = what the server's TCP received.
+    assert_eq!(
+        xdp["tcp"],
+        d(&srv, &server_before, "Tcp.InSegs"),
+        "XDP vs server InSegs"
+    );
+    assert_eq!(
+        xdp["tcp"],
+        d(&client, &client_before, "Tcp.OutSegs"),
+        "XDP vs client OutSegs"
+    );
+    // Egress of the server = what the server sent = what the client's TCP received.
+    assert_eq!(
+        tc["tcp"],
+        d(&srv, &server_before, "Tcp.OutSegs"),
+        "TC vs server OutSegs"
+    );
+    assert_eq!(
+        tc["tcp"],
+        d(&client, &client_before, "Tcp.InSegs"),
+        "TC vs client InSegs"
+    );
+    // Every connect() sends one SYN, plus retransmissions.
+    let syns = d(&client, &client_before, "Tcp.ActiveOpens")
+        + d(&client, &client_before, "TcpExt.TCPSynRetrans");
+    assert_eq!(
+        xdp["syn"], syns,
+        "XDP SYNs vs client ActiveOpens + SYN retransmissions"
+    );
+    // Every accepted connection got one SYN-ACK, plus retransmissions.
+    let synacks = d(&srv, &server_before, "Tcp.PassiveOpens")
+        + d(&srv, &server_before, "TcpExt.TCPSynRetrans");
+    assert_eq!(
+        tc["syn_ack"], synacks,
+        "TC SYN-ACKs vs server PassiveOpens + retransmissions"
+    );
+    assert_eq!(
+        tc["rst"],
+        d(&srv, &server_before, "Tcp.OutRsts"),
+        "TC RSTs vs server OutRsts"
+    );
+    // Both families crossed both hooks; every connection closed with FINs both ways.
+    for (hook, c) in [("xdp", xdp), ("tc", tc)] {
+        assert!(
+            c["tcp_v4"] > 0 && c["tcp_v6"] > 0,
+            "{hook} saw both families: {c:?}"
+        );
+        assert!(
+            c["fin"] >= total as u64,
+            "{hook} saw a FIN per connection: {c:?}"
+        );
+        assert_eq!(
+            c["malformed"] + c["truncated"] + c["unsupported"],
+            0,
+            "{hook}: {c:?}"
+        );
+    }
+    assert_eq!(
+        xdp["syn"],
+        total as u64 + 2,
+        "one SYN per connection and per refused attempt"
+    );
+    assert_eq!(tc["rst"], 2, "one RST per refused attempt");
+
+    // Traffic still flows after detach.
+    let again = link.server.spawn(move || {
+        let listener = TcpListener::bind(("::", PORT)).expect("listener again");
+        serve(listener, 1);
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    link.client.enter(move || request(v4));
+    again.join().expect("server again");
+}
+
+#[test]
+fn mirror_mode_attaches_xdp_only_and_skb_mode_is_generic() {
+    common::require_root();
+    let link = Link::new();
+    let mut agent = Agent::start(
+        &link.server,
+        &[
+            "--iface",
+            &link.server_if,
+            "--mode",
+            "mirror",
+            "--xdp-mode",
+            "skb",
+        ],
+    );
+    let attached = agent.wait_for("attached ");
+    assert!(
+        attached.contains("XDP ingress (generic (skb))"),
+        "{attached}"
+    );
+    assert!(attached.contains("no egress hook"), "{attached}");
+    let summary = agent.stop();
+    assert_eq!(
+        summary["tc_egress"]["packets"], 0,
+        "no egress hook in mirror mode"
+    );
+}
+
+#[test]
+fn unknown_interface_is_a_one_line_error() {
+    common::require_root();
+    let ns = NetNs::new("tsu");
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns.name,
+            env!("CARGO_BIN_EXE_tcpscope"),
+            "run",
+            "--iface",
+            "nosuch0",
+        ])
+        .output()
+        .expect("run tcpscope");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    assert!(errors[0].contains("nosuch0"), "{stderr}");
+}
+
+#[test]
+fn ebpf_log_lines_reach_the_agent_log_at_debug_level() {
+    common::require_root();
+    let link = Link::new();
+    let mut agent = Agent::start(
+        &link.server,
+        &["--iface", &link.server_if, "--log-level", "debug"],
+    );
+    agent.wait_for("attached ");
+    let mut frame =
+        tcp_common::frames::FrameSpec::tcp_v4([10, 9, 9, 1], [10, 9, 9, 2], (1, 2), 0x02).build();
+    frame[14] = 0x44; // IHL 4: malformed
+    let iface = link.client_if.clone();
+    link.client
+        .enter(move || common::send_raw_frames(&iface, &[frame]));
+    let line = agent.wait_for("malformed frame");
+    assert!(line.contains("xdp_ingress"), "{line}");
+    let summary = agent.stop();
+    assert_eq!(summary["xdp_ingress"]["malformed"], 1);
+}
