@@ -62,7 +62,7 @@ pub fn build_ebpf() -> Result<PathBuf> {
 /// Builds the eBPF object, then the agent embedding it; returns the agent binary's path.
 pub fn build(opts: &Options) -> Result<PathBuf> {
     let object = build_ebpf()?;
-    let mut c = cmd::cargo();
+    let mut c = cmd::cargo_stable()?;
     c.args(["build", "--package", "tcp-user", "--bin", "tcpscope"])
         .env("TCPSCOPE_EBPF_OBJ", &object);
     if opts.release {

@@ -93,7 +93,7 @@ pub fn test(opts: &Options) -> Result<()> {
     ensure_packages()?;
     ensure_bpffs()?;
     let object = build::build_ebpf()?;
-    let mut c = cmd::cargo();
+    let mut c = cmd::cargo_stable()?;
     c.args(["test", "--no-fail-fast"])
         .env("TCPSCOPE_EBPF_OBJ", &object);
     if !cmd::is_root() {

@@ -22,6 +22,8 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::cmd;
 
+/// Stable toolchain for the agent and tests (aya 0.16 needs 1.98).
+pub const STABLE: &str = "1.98.0";
 /// Nightly used for the eBPF crate (build-std, bpfel target).
 pub const NIGHTLY: &str = "nightly-2026-10-30";
 /// bpf-linker release.
@@ -153,7 +155,8 @@ fn ensure_bpf_linker(sysroot: &Path) -> Result<PathBuf> {
         // Build outside the workspace so its rust-toolchain.toml and target dir stay ours.
         .current_dir(&root);
     // The stable toolchain pinned for userspace builds it.
-    install.env("RUSTUP_TOOLCHAIN", stable_toolchain()?);
+    ensure_stable()?;
+    install.env("RUSTUP_TOOLCHAIN", STABLE);
     cmd::run(&mut install)?;
     if cmd::stdout_of(Command::new(&bin).arg("--version")).is_none() {
         bail!("bpf-linker was built but does not run: {}", bin.display());
@@ -161,16 +164,27 @@ fn ensure_bpf_linker(sysroot: &Path) -> Result<PathBuf> {
     Ok(bin_dir)
 }
 
-/// The userspace toolchain pinned in rust-toolchain.toml.
-pub fn stable_toolchain() -> Result<String> {
-    let path = cmd::workspace_root().join("rust-toolchain.toml");
-    let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    text.lines()
-        .find_map(|l| {
-            let v = l.trim().strip_prefix("channel")?.trim().strip_prefix('=')?;
-            Some(v.trim().trim_matches('"').to_owned())
-        })
-        .with_context(|| format!("no channel in {}", path.display()))
+/// Installs the pinned stable toolchain when missing.
+///
+/// The pin lives here rather than in a `rust-toolchain.toml`: rustup may be configured not to
+/// install toolchains on demand (`RUSTUP_AUTO_INSTALL=0`), and then a pinned file would make
+/// the very first `cargo xtask` fail before xtask could install anything. xtask itself builds
+/// with whatever toolchain is the default; everything else builds with this one.
+pub fn ensure_stable() -> Result<()> {
+    let mut probe = Command::new("rustup");
+    probe.args(["run", STABLE, "rustc", "--version"]);
+    if cmd::stdout_of(&mut probe).is_none() {
+        cmd::run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            STABLE,
+            "--profile",
+            "minimal",
+            "--component",
+            "clippy,rustfmt",
+        ]))?;
+    }
+    Ok(())
 }
 
 /// Ensures the nightly, rust-src and bpf-linker are in place (fast when they are).
