@@ -9,9 +9,12 @@
 extern crate std;
 
 pub mod counters;
+pub mod flow;
 #[cfg(any(test, feature = "user"))]
 pub mod frames;
 pub mod parse;
+pub mod state;
+pub mod track;
 
 /// Layout version of everything the agent reads from the kernel (map keys and values).
 /// Bumped whenever a shared `#[repr(C)]` type changes, so that an agent never misreads

@@ -17,6 +17,7 @@
 //! The same function runs in the kernel (through a bounds-checked packet accessor) and in
 //! userspace (over a byte slice), so kernel and offline results agree by construction.
 
+use crate::flow::NO_WSCALE;
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -144,6 +145,10 @@ pub struct Segment {
     pub flags: u8,
     /// Whether the segment came over IPv6.
     pub ipv6: bool,
+    /// Window scale shift from the TCP options of a SYN, else [`crate::flow::NO_WSCALE`].
+    pub wscale: u8,
+    /// Outermost VLAN id (0: untagged).
+    pub vlan: u16,
 }
 
 impl Segment {
@@ -192,7 +197,10 @@ pub fn parse<F: Frame + ?Sized>(frame: &F) -> Parsed {
     let mut parsed = Parsed {
         class: PacketClass::Truncated,
         notes: 0,
-        segment: Segment::default(),
+        segment: Segment {
+            wscale: NO_WSCALE,
+            ..Segment::default()
+        },
     };
     parsed.class = match parse_into(frame, &mut parsed.notes, &mut parsed.segment) {
         Ok(()) => PacketClass::Tcp,
@@ -213,6 +221,9 @@ fn parse_into<F: Frame + ?Sized>(
     let mut tags = 0;
     while tags < MAX_VLAN_TAGS && is_vlan(ethertype) {
         let tag: VlanHdr = frame.load(off).ok_or(PacketClass::Truncated)?;
+        if tags == 0 {
+            seg.vlan = u16::from_be_bytes(tag.tci) & 0x0fff;
+        }
         ethertype = u16::from_be(tag.ether_type);
         off += VlanHdr::LEN;
         tags += 1;
@@ -377,7 +388,54 @@ fn parse_tcp<F: Frame + ?Sized>(
         }
     }
     seg.flags = flags;
+    seg.wscale = if flags & tcp_flags::SYN != 0 && doff > TcpHdr::LEN {
+        window_scale(frame, l4 + TcpHdr::LEN, doff - TcpHdr::LEN)
+    } else {
+        NO_WSCALE
+    };
     Ok(())
+}
+
+/// The shift of a window scale option (RFC 7323 §2) among `len` bytes of TCP options at
+/// `off`, or [`NO_WSCALE`]. Only SYN segments carry it, so this stays off the hot path. The
+/// options are first copied to the stack in 4-byte words (their length is a multiple of 4),
+/// then walked with bounds-checked indexing.
+#[inline(always)]
+fn window_scale<F: Frame + ?Sized>(frame: &F, off: usize, len: usize) -> u8 {
+    const MAX_OPTIONS: usize = 40;
+    let mut buf = [0u8; MAX_OPTIONS];
+    let len = len.min(MAX_OPTIONS);
+    let mut word = 0;
+    while word < MAX_OPTIONS / 4 && word * 4 < len {
+        let Some(bytes) = frame.load::<[u8; 4]>(off + word * 4) else {
+            break;
+        };
+        if let Some(dst) = buf.get_mut(word * 4..word * 4 + 4) {
+            dst.copy_from_slice(&bytes);
+        }
+        word += 1;
+    }
+    let mut at = 0;
+    let mut steps = 0;
+    while steps < MAX_OPTIONS && at < len {
+        steps += 1;
+        let kind = buf.get(at).copied().unwrap_or(0);
+        match kind {
+            0 => break,
+            1 => at += 1,
+            _ => {
+                let opt_len = usize::from(buf.get(at + 1).copied().unwrap_or(0));
+                if kind == 3 && opt_len == 3 {
+                    return buf.get(at + 2).copied().map_or(NO_WSCALE, |s| s.min(14));
+                }
+                if opt_len < 2 {
+                    break;
+                }
+                at += opt_len;
+            }
+        }
+    }
+    NO_WSCALE
 }
 
 #[cfg(test)]

@@ -1,0 +1,452 @@
+//! The observer state machine: one segment in, both endpoints' RFC 793 states updated.
+//!
+//! A pure function of (flow record, segment, direction, side, time). For a segment sent by
+//! endpoint S to endpoint R it applies RFC 793 §3.2 twice: to S, for what it sent, and to R,
+//! for what it receives; the segment's ACK field tells what S had already received from R
+//! when it sent the segment, which is what separates a FIN answered by FIN+ACK (the common
+//! Linux three-way close) from a simultaneous close, where neither FIN acknowledges the other.
+//!
+//! Validation follows netfilter's `tcp_in_window` in spirit: a RST or FIN whose sequence number
+//! lies outside what the receiver can accept changes nothing and is reported as invalid, so a
+//! spoofed RST cannot close a flow the real endpoints keep open. A RST answering a SYN must
+//! acknowledge that SYN exactly (RFC 793 p. 66).
+//!
+//! Segments are assumed to reach their receiver: true at the host's own hooks, and the
+//! usual assumption for a mirror port.
+
+use crate::{
+    flow::{CLIENT_UNKNOWN, Flow, NO_WSCALE, endpoint_flags as ef, flow_flags as ff},
+    parse::{Segment, tcp_flags},
+    state::{Side, TcpState as S, events as ev, seq},
+};
+
+/// Largest window shift allowed by RFC 7323.
+const MAX_WSCALE: u8 = 14;
+
+/// Window assumed for a receiver whose advertised window is not known yet.
+const UNKNOWN_WINDOW: u32 = 1 << 30;
+
+/// Updates `flow` with one segment sent by endpoint `dir` (0 or 1, see
+/// [`crate::flow::FlowKey::of`]) observed at time `now` (ns). `side` is where the sender lives
+/// ([`Side::Unknown`] in mirror mode). Returns the [`crate::state::events`] bits.
+///
+/// A fresh record ([`Flow::EMPTY`]) is started only by a SYN, a SYN-ACK, or a mid-stream
+/// segment that carries ACK; otherwise the result has [`ev::UNTRACKED`] and the caller must not
+/// store the record.
+#[inline(always)]
+pub fn track(flow: &mut Flow, seg: &Segment, dir: usize, side: Side, now: u64) -> u32 {
+    let d = dir & 1;
+    let flags = seg.flags;
+    let syn = flags & tcp_flags::SYN != 0;
+    let ack = flags & tcp_flags::ACK != 0;
+    let fin = flags & tcp_flags::FIN != 0;
+    let rst = flags & tcp_flags::RST != 0;
+    let fresh = !flow.has(ff::SEEN);
+
+    if (syn && (fin || rst)) || (!syn && !ack && !rst) {
+        return ev::INVALID_FLAGS | if fresh { ev::UNTRACKED } else { 0 };
+    }
+
+    let mut out = 0;
+    if syn {
+        out |= if ack {
+            on_syn_ack(flow, seg, d, fresh, now)
+        } else {
+            on_syn(flow, seg, d, fresh, now)
+        };
+    } else if rst {
+        out |= on_rst(flow, seg, d, fresh, now);
+    } else {
+        if fresh {
+            pick_up(flow, seg, d);
+            out |= ev::PICKED_UP | ev::NEW_FLOW;
+        }
+        out |= on_ack(flow, seg, d, now);
+    }
+    if out & (ev::UNTRACKED | ev::INVALID) == 0 {
+        record_sent(flow, seg, d, side);
+        flow.flags |= ff::SEEN;
+        flow.last_ns = now;
+    }
+    out
+}
+
+/// Bookkeeping of what the sender has sent and received.
+#[inline(always)]
+fn record_sent(flow: &mut Flow, seg: &Segment, d: usize, side: Side) {
+    let syn = seg.has(tcp_flags::SYN);
+    let fin = seg.has(tcp_flags::FIN);
+    let end = seg
+        .seq
+        .wrapping_add(seg.payload_len)
+        .wrapping_add(u32::from(syn))
+        .wrapping_add(u32::from(fin));
+    let peer_wscale = flow.ep[1 - d].wscale;
+    let s = &mut flow.ep[d];
+    if !seg.has(tcp_flags::RST) {
+        s.next_seq = if s.has(ef::SENT_ANY) {
+            seq::max(s.next_seq, end)
+        } else {
+            end
+        };
+        // Windows of SYN segments are never scaled; others are, once both sides offered it.
+        let shift = if !syn && s.wscale != NO_WSCALE && peer_wscale != NO_WSCALE {
+            s.wscale.min(MAX_WSCALE)
+        } else {
+            0
+        };
+        s.window = u32::from(seg.window) << shift;
+        s.flags |= ef::SENT_ANY;
+    }
+    if seg.has(tcp_flags::ACK) {
+        s.ack = if s.has(ef::SENT_ACK) {
+            seq::max(s.ack, seg.ack)
+        } else {
+            seg.ack
+        };
+        s.flags |= ef::SENT_ACK;
+    }
+    if side != Side::Unknown {
+        s.side = side as u8;
+        flow.ep[1 - d].side = side.opposite() as u8;
+    }
+}
+
+/// Starts a new connection attempt from a SYN sent by `d`.
+#[inline(always)]
+fn start(flow: &mut Flow, seg: &Segment, d: usize, now: u64) {
+    let sides = [flow.ep[0].side, flow.ep[1].side];
+    *flow = Flow::EMPTY;
+    flow.ep[0].side = sides[0];
+    flow.ep[1].side = sides[1];
+    flow.client = d as u8;
+    flow.syn_ns = now;
+    let s = &mut flow.ep[d];
+    s.state = S::SynSent as u8;
+    s.isn = seg.seq;
+    s.wscale = seg.wscale;
+    s.flags = ef::SENT_SYN;
+    flow.ep[1 - d].state = S::Listen as u8;
+}
+
+#[inline(always)]
+fn on_syn(flow: &mut Flow, seg: &Segment, d: usize, fresh: bool, now: u64) -> u32 {
+    let s_state = flow.ep[d].state();
+    let r_state = flow.ep[1 - d].state();
+    let same_isn = flow.ep[d].has(ef::SENT_SYN) && flow.ep[d].isn == seg.seq;
+    if fresh {
+        start(flow, seg, d, now);
+        return ev::SYN | ev::NEW_FLOW;
+    }
+    // A repeated SYN of the attempt in progress, or a late copy of it.
+    if same_isn && (s_state == S::SynSent || !matches!(s_state, S::Closed | S::TimeWait)) {
+        return ev::SYN | ev::SYN_RETRANSMIT;
+    }
+    // Simultaneous open: the peer's SYN is out, ours crosses it (it does not ACK theirs).
+    if r_state == S::SynSent
+        && matches!(s_state, S::Listen | S::Closed)
+        && flow.client as usize != d
+    {
+        let s = &mut flow.ep[d];
+        s.isn = seg.seq;
+        s.wscale = seg.wscale;
+        s.flags |= ef::SENT_SYN;
+        s.state = S::SynReceived as u8;
+        flow.ep[1 - d].state = S::SynReceived as u8;
+        flow.flags |= ff::SIMULTANEOUS_OPEN;
+        return ev::SYN | ev::SIMULTANEOUS_OPEN;
+    }
+    // A new attempt on this 4-tuple: after TIME-WAIT (reuse), after a close or reset, or a
+    // SYN with a new ISN replacing an attempt that got no answer.
+    let reusable = matches!(s_state, S::Closed | S::TimeWait | S::SynSent)
+        && matches!(r_state, S::Closed | S::TimeWait | S::Listen);
+    if reusable {
+        let reuse = s_state == S::TimeWait || r_state == S::TimeWait;
+        start(flow, seg, d, now);
+        return ev::SYN | ev::NEW_FLOW | if reuse { ev::TIME_WAIT_REUSE } else { 0 };
+    }
+    // A SYN with a new ISN inside a live connection: the endpoint would answer with a
+    // challenge ACK; nothing changes.
+    ev::SYN | ev::INVALID_FLAGS
+}
+
+#[inline(always)]
+fn on_syn_ack(flow: &mut Flow, seg: &Segment, d: usize, fresh: bool, now: u64) -> u32 {
+    let r = 1 - d;
+    if fresh {
+        // The SYN was not seen (agent started mid-handshake, asymmetric capture, or
+        // backscatter): the receiver must have sent one whose ISN the ACK field gives.
+        flow.client = r as u8;
+        flow.synack_ns = now;
+        flow.flags |= ff::PICKED_UP;
+        let s = &mut flow.ep[d];
+        s.state = S::SynReceived as u8;
+        s.isn = seg.seq;
+        s.wscale = seg.wscale;
+        s.flags |= ef::SENT_SYN;
+        let rcv = &mut flow.ep[r];
+        rcv.state = S::SynSent as u8;
+        rcv.isn = seg.ack.wrapping_sub(1);
+        rcv.next_seq = seg.ack;
+        rcv.flags |= ef::SENT_SYN | ef::SENT_ANY;
+        return ev::SYN_ACK | ev::NEW_FLOW | ev::PICKED_UP;
+    }
+    let r_state = flow.ep[r].state();
+    let s_state = flow.ep[d].state();
+    let acks_syn = flow.ep[r].has(ef::SENT_SYN) && seg.ack == flow.ep[r].isn.wrapping_add(1);
+    if !acks_syn {
+        return ev::SYN_ACK | ev::INVALID_ACK;
+    }
+    let repeat = flow.ep[d].has(ef::SENT_SYN) && flow.ep[d].isn == seg.seq;
+    match (s_state, r_state) {
+        // The answer to the SYN: server SYN-RECEIVED, client (on receipt) ESTABLISHED.
+        (S::Listen | S::Closed, S::SynSent) => {
+            let s = &mut flow.ep[d];
+            s.state = S::SynReceived as u8;
+            s.isn = seg.seq;
+            s.wscale = seg.wscale;
+            s.flags |= ef::SENT_SYN;
+            flow.ep[r].state = S::Established as u8;
+            if flow.synack_ns == 0 {
+                flow.synack_ns = now;
+            }
+            ev::SYN_ACK
+        }
+        // Simultaneous open: each side's SYN-ACK acknowledges the other's SYN.
+        (S::SynReceived, S::SynReceived) if repeat => {
+            flow.ep[r].state = S::Established as u8;
+            if flow.synack_ns == 0 {
+                flow.synack_ns = now;
+            }
+            ev::SYN_ACK
+        }
+        // A retransmitted SYN-ACK (the client's ACK was lost, or is still on its way).
+        _ if repeat => ev::SYN_ACK,
+        _ => ev::SYN_ACK | ev::INVALID_ACK,
+    }
+}
+
+/// Whether a RST or FIN at `seg.seq`, sent by `d`, is acceptable to the receiver: inside the
+/// window the receiver advertised after the data it has acknowledged, with one window of
+/// slack below for segments the observer did not see acknowledged.
+#[inline(always)]
+fn in_window(flow: &Flow, seg: &Segment, d: usize) -> bool {
+    let rcv = &flow.ep[1 - d];
+    if !rcv.has(ef::SENT_ACK) {
+        return true;
+    }
+    let window = if rcv.has(ef::SENT_ANY) {
+        rcv.window.max(1)
+    } else {
+        UNKNOWN_WINDOW
+    };
+    let lo = rcv.ack.wrapping_sub(window);
+    let hi = rcv.ack.wrapping_add(window);
+    seq::ge(seg.seq, lo) && seq::le(seg.seq, hi)
+}
+
+#[inline(always)]
+fn on_rst(flow: &mut Flow, seg: &Segment, d: usize, fresh: bool, now: u64) -> u32 {
+    if fresh {
+        return ev::UNTRACKED;
+    }
+    let r = 1 - d;
+    let r_state = flow.ep[r].state();
+    if r_state == S::SynSent {
+        // RFC 793: in SYN-SENT a RST is acceptable only if it acknowledges the SYN.
+        let acks_syn = seg.has(tcp_flags::ACK) && seg.ack == flow.ep[r].isn.wrapping_add(1);
+        if !acks_syn {
+            return ev::INVALID_RST;
+        }
+    } else if !in_window(flow, seg, d) {
+        return ev::INVALID_RST;
+    }
+    let opening = flow.ep[0].state().is_opening() || flow.ep[1].state().is_opening();
+    let out = if flow.is_closed() {
+        0
+    } else if opening && !flow.has(ff::HANDSHAKE_DONE) {
+        ev::HANDSHAKE_FAILED_RST
+    } else if flow.has(ff::CLOSED_BY_FIN) {
+        0
+    } else {
+        flow.flags |= ff::CLOSED_BY_RST;
+        ev::RESET
+    };
+    flow.ep[0].state = S::Closed as u8;
+    flow.ep[1].state = S::Closed as u8;
+    flow.closed_ns = now;
+    out
+}
+
+/// Starts a record from a mid-stream segment: both endpoints ESTABLISHED. The role comes from
+/// the ports: the lower one is taken for the server's (well-known or registered ports sit
+/// below ephemeral ones).
+#[inline(always)]
+fn pick_up(flow: &mut Flow, seg: &Segment, d: usize) {
+    flow.flags |= ff::PICKED_UP;
+    flow.ep[0].state = S::Established as u8;
+    flow.ep[1].state = S::Established as u8;
+    flow.client = match seg.sport.cmp(&seg.dport) {
+        core::cmp::Ordering::Greater => d as u8,
+        core::cmp::Ordering::Less => (1 - d) as u8,
+        core::cmp::Ordering::Equal => CLIENT_UNKNOWN,
+    };
+    // The receiver has sent everything the ACK field acknowledges.
+    let rcv = &mut flow.ep[1 - d];
+    rcv.next_seq = seg.ack;
+    rcv.flags |= ef::SENT_ANY;
+    rcv.window = UNKNOWN_WINDOW;
+}
+
+#[inline(always)]
+fn on_ack(flow: &mut Flow, seg: &Segment, d: usize, now: u64) -> u32 {
+    let r = 1 - d;
+    let mut out = 0;
+
+    // Handshake completion: the receiver is SYN-RECEIVED and this acknowledges its SYN.
+    if flow.ep[r].state() == S::SynReceived {
+        let acks_syn = seq::ge(seg.ack, flow.ep[r].isn.wrapping_add(1));
+        if !acks_syn {
+            return ev::INVALID_ACK;
+        }
+        flow.ep[r].state = S::Established as u8;
+        if matches!(flow.ep[d].state(), S::SynSent | S::SynReceived) {
+            flow.ep[d].state = S::Established as u8;
+        }
+        if !flow.has(ff::HANDSHAKE_DONE) {
+            flow.flags |= ff::HANDSHAKE_DONE;
+            flow.established_ns = now;
+            out |= ev::HANDSHAKE_COMPLETED;
+        }
+    } else if flow.ep[d].state() == S::SynSent && flow.ep[r].state() == S::Established {
+        // Cannot happen when every segment is seen; keep the states consistent anyway.
+        flow.ep[d].state = S::Established as u8;
+    }
+
+    let fin = seg.has(tcp_flags::FIN);
+    let acks_peer_fin =
+        flow.ep[r].has(ef::SENT_FIN) && seq::ge(seg.ack, flow.ep[r].fin_seq.wrapping_add(1));
+
+    if fin && !flow.ep[d].has(ef::SENT_FIN) {
+        if !in_window(flow, seg, d) {
+            return out | ev::INVALID_FIN;
+        }
+        flow.ep[d].fin_seq = seg.seq.wrapping_add(seg.payload_len);
+        flow.ep[d].flags |= ef::SENT_FIN;
+        if flow.ep[r].has(ef::SENT_FIN) {
+            if acks_peer_fin {
+                // It had received the peer's FIN: CLOSE-WAIT -> LAST-ACK. The peer gets this
+                // FIN with the ACK of its own: FIN-WAIT-1/2 -> TIME-WAIT.
+                flow.ep[d].state = S::LastAck as u8;
+                enter_time_wait(flow, r, now);
+            } else {
+                // Sent before the peer's FIN arrived: both CLOSING.
+                flow.ep[d].state = S::Closing as u8;
+                flow.ep[r].state = S::Closing as u8;
+                flow.flags |= ff::SIMULTANEOUS_CLOSE;
+                out |= ev::SIMULTANEOUS_CLOSE;
+            }
+        } else {
+            flow.ep[d].state = S::FinWait1 as u8;
+            flow.ep[r].state = S::CloseWait as u8;
+        }
+        return out;
+    }
+
+    // Data from the side that has the peer's FIN but has not sent its own.
+    if seg.payload_len > 0 && flow.ep[r].has(ef::SENT_FIN) && !flow.ep[d].has(ef::SENT_FIN) {
+        out |= ev::HALF_CLOSE_DATA;
+    }
+
+    // The receiver learns that its FIN arrived.
+    if acks_peer_fin {
+        match flow.ep[r].state() {
+            S::FinWait1 => flow.ep[r].state = S::FinWait2 as u8,
+            S::Closing => enter_time_wait(flow, r, now),
+            S::LastAck => {
+                flow.ep[r].state = S::Closed as u8;
+                if !flow.has(ff::CLOSED_BY_FIN) {
+                    flow.flags |= ff::CLOSED_BY_FIN;
+                    out |= ev::CLOSED_BY_FIN;
+                }
+                flow.closed_ns = if flow.closed_ns == 0 {
+                    now
+                } else {
+                    flow.closed_ns
+                };
+            }
+            _ => {}
+        }
+        // Simultaneous close ends when both CLOSING endpoints got their ACK.
+        if flow.ep[d].state() == S::TimeWait
+            && flow.ep[r].state() == S::TimeWait
+            && !flow.has(ff::CLOSED_BY_FIN)
+        {
+            flow.flags |= ff::CLOSED_BY_FIN;
+            out |= ev::CLOSED_BY_FIN;
+        }
+    }
+    out
+}
+
+#[inline(always)]
+fn enter_time_wait(flow: &mut Flow, i: usize, now: u64) {
+    flow.ep[i].state = S::TimeWait as u8;
+    if flow.closed_ns == 0 {
+        flow.closed_ns = now;
+    }
+}
+
+/// Timeouts after which a record is removed, in ns of the caller's clock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    /// TIME-WAIT (Linux `TCP_TIMEWAIT_LEN`: 60 s).
+    pub time_wait: u64,
+    /// Records with both endpoints CLOSED (RST, completed close).
+    pub closed: u64,
+    /// Half-open records (handshake in progress), since the last segment.
+    pub half_open: u64,
+    /// Established records without traffic.
+    pub established: u64,
+    /// Records in the closing states other than TIME-WAIT, without traffic.
+    pub closing: u64,
+}
+
+impl Timeouts {
+    /// Defaults: TIME-WAIT 60 s (Linux), closed 10 s, half-open 75 s (Linux gives up on a
+    /// SYN after 6 retransmissions, 127 s, but a server drops SYN-RECV after 5 SYN-ACK
+    /// retransmissions, ~63 s), established 5 days (netfilter's
+    /// `nf_conntrack_tcp_timeout_established`), closing states 120 s.
+    pub const DEFAULT: Self = Self {
+        time_wait: 60 * NS,
+        closed: 10 * NS,
+        half_open: 75 * NS,
+        established: 5 * 24 * 3600 * NS,
+        closing: 120 * NS,
+    };
+}
+
+const NS: u64 = 1_000_000_000;
+
+/// Whether a record has outlived its timeout at `now`. TIME-WAIT counts from the moment the
+/// first endpoint entered it, like the kernel's timer; the others from the last segment.
+#[must_use]
+pub fn expired(flow: &Flow, now: u64, t: &Timeouts) -> bool {
+    let idle = now.saturating_sub(flow.last_ns);
+    let states = [flow.ep[0].state(), flow.ep[1].state()];
+    if flow.is_closed() {
+        return now.saturating_sub(flow.closed_ns.max(flow.last_ns)) >= t.closed;
+    }
+    if states.contains(&S::TimeWait) {
+        let since = now.saturating_sub(flow.closed_ns);
+        let others_done = states.iter().all(|s| matches!(s, S::TimeWait | S::Closed));
+        return since >= t.time_wait && (others_done || idle >= t.closing);
+    }
+    if flow.is_half_open() {
+        return idle >= t.half_open;
+    }
+    if states.iter().any(|s| s.fin_sent() || *s == S::CloseWait) {
+        return idle >= t.closing;
+    }
+    idle >= t.established
+}
