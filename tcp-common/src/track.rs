@@ -191,39 +191,42 @@ fn on_syn_ack(flow: &mut Flow, seg: &Segment, d: usize, fresh: bool, now: u64) -
         rcv.flags |= ef::SENT_SYN | ef::SENT_ANY;
         return ev::SYN_ACK | ev::NEW_FLOW | ev::PICKED_UP;
     }
-    let r_state = flow.ep[r].state();
-    let s_state = flow.ep[d].state();
     let acks_syn = flow.ep[r].has(ef::SENT_SYN) && seg.ack == flow.ep[r].isn.wrapping_add(1);
     if !acks_syn {
         return ev::SYN_ACK | ev::INVALID_ACK;
     }
     let repeat = flow.ep[d].has(ef::SENT_SYN) && flow.ep[d].isn == seg.seq;
-    match (s_state, r_state) {
-        // The answer to the SYN: server SYN-RECEIVED, client (on receipt) ESTABLISHED.
-        (S::Listen | S::Closed, S::SynSent) => {
+    match flow.ep[d].state() {
+        // The answer to a SYN: the sender becomes SYN-RECEIVED.
+        S::Listen | S::Closed => {
             let s = &mut flow.ep[d];
             s.state = S::SynReceived as u8;
             s.isn = seg.seq;
             s.wscale = seg.wscale;
             s.flags |= ef::SENT_SYN;
-            flow.ep[r].state = S::Established as u8;
-            if flow.synack_ns == 0 {
-                flow.synack_ns = now;
-            }
-            ev::SYN_ACK
         }
-        // Simultaneous open: each side's SYN-ACK acknowledges the other's SYN.
-        (S::SynReceived, S::SynReceived) if repeat => {
-            flow.ep[r].state = S::Established as u8;
-            if flow.synack_ns == 0 {
-                flow.synack_ns = now;
-            }
-            ev::SYN_ACK
-        }
-        // A retransmitted SYN-ACK (the client's ACK was lost, or is still on its way).
-        _ if repeat => ev::SYN_ACK,
-        _ => ev::SYN_ACK | ev::INVALID_ACK,
+        // A retransmission, or the second SYN-ACK of a simultaneous open.
+        _ if repeat => {}
+        _ => return ev::SYN_ACK | ev::INVALID_ACK,
     }
+    if flow.synack_ns == 0 {
+        flow.synack_ns = now;
+    }
+    // The receiver gets the ACK of its SYN: ESTABLISHED (the client in a normal open,
+    // either side in a simultaneous one).
+    if matches!(flow.ep[r].state(), S::SynSent | S::SynReceived) {
+        flow.ep[r].state = S::Established as u8;
+    }
+    let mut out = ev::SYN_ACK;
+    if flow.ep[d].state() == S::Established
+        && flow.ep[r].state() == S::Established
+        && !flow.has(ff::HANDSHAKE_DONE)
+    {
+        flow.flags |= ff::HANDSHAKE_DONE;
+        flow.established_ns = now;
+        out |= ev::HANDSHAKE_COMPLETED;
+    }
+    out
 }
 
 /// Whether a RST or FIN at `seg.seq`, sent by `d`, is acceptable to the receiver: inside the
@@ -302,6 +305,11 @@ fn pick_up(flow: &mut Flow, seg: &Segment, d: usize) {
 fn on_ack(flow: &mut Flow, seg: &Segment, d: usize, now: u64) -> u32 {
     let r = 1 - d;
     let mut out = 0;
+    let fin = seg.has(tcp_flags::FIN);
+    // A new FIN the receiver could not accept voids the whole segment.
+    if fin && !flow.ep[d].has(ef::SENT_FIN) && !in_window(flow, seg, d) {
+        return ev::INVALID_FIN;
+    }
 
     // Handshake completion: the receiver is SYN-RECEIVED and this acknowledges its SYN.
     if flow.ep[r].state() == S::SynReceived {
@@ -323,12 +331,23 @@ fn on_ack(flow: &mut Flow, seg: &Segment, d: usize, now: u64) -> u32 {
         flow.ep[d].state = S::Established as u8;
     }
 
-    let fin = seg.has(tcp_flags::FIN);
+    // What the sender has received: the highest ACK it ever sent (a reordered segment may
+    // carry an older one).
+    let acked = if flow.ep[d].has(ef::SENT_ACK) {
+        seq::max(flow.ep[d].ack, seg.ack)
+    } else {
+        seg.ack
+    };
     let acks_peer_fin =
-        flow.ep[r].has(ef::SENT_FIN) && seq::ge(seg.ack, flow.ep[r].fin_seq.wrapping_add(1));
+        flow.ep[r].has(ef::SENT_FIN) && seq::ge(acked, flow.ep[r].fin_seq.wrapping_add(1));
 
     if fin && !flow.ep[d].has(ef::SENT_FIN) {
-        if !in_window(flow, seg, d) {
+        // RFC 793 gives a FIN meaning only from a synchronized endpoint; one from SYN-SENT,
+        // LISTEN or CLOSED is ignored (nothing above changed state in that case).
+        if !matches!(
+            flow.ep[d].state(),
+            S::Established | S::SynReceived | S::CloseWait
+        ) {
             return out | ev::INVALID_FIN;
         }
         flow.ep[d].fin_seq = seg.seq.wrapping_add(seg.payload_len);
@@ -348,7 +367,10 @@ fn on_ack(flow: &mut Flow, seg: &Segment, d: usize, now: u64) -> u32 {
             }
         } else {
             flow.ep[d].state = S::FinWait1 as u8;
-            flow.ep[r].state = S::CloseWait as u8;
+            // A receiver that has not synchronized does not process a FIN (RFC 793 p. 75).
+            if flow.ep[r].state() == S::Established {
+                flow.ep[r].state = S::CloseWait as u8;
+            }
         }
         return out;
     }
@@ -450,3 +472,6 @@ pub fn expired(flow: &Flow, now: u64, t: &Timeouts) -> bool {
     }
     idle >= t.established
 }
+
+#[cfg(test)]
+mod tests;
