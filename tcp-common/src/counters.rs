@@ -194,6 +194,12 @@ impl HookCounters {
     }
 }
 
+impl Default for HookCounters {
+    fn default() -> Self {
+        Self::ZERO
+    }
+}
+
 const _: () = assert!(Counter::ALL.len() <= COUNTER_SLOTS);
 const _: () = assert!(core::mem::size_of::<HookCounters>() == COUNTER_SLOTS * 8);
 

@@ -90,10 +90,14 @@ fn record_sent(flow: &mut Flow, seg: &Segment, d: usize, side: Side) {
             end
         };
         // Windows of SYN segments are never scaled; others are, once both sides offered it.
-        let shift = if !syn && s.wscale != NO_WSCALE && peer_wscale != NO_WSCALE {
-            s.wscale.min(MAX_WSCALE)
-        } else {
-            0
+        // When neither scale is known (the parser does not read the option yet, or the
+        // handshake was not seen) the largest shift is assumed: validation stays permissive
+        // rather than rejecting real RSTs and FINs sent with data in flight.
+        let shift = match (syn, s.wscale, peer_wscale) {
+            (true, _, _) => 0,
+            (false, NO_WSCALE, NO_WSCALE) => MAX_WSCALE,
+            (false, NO_WSCALE, _) | (false, _, NO_WSCALE) => 0,
+            (false, own, _) => own.min(MAX_WSCALE),
         };
         s.window = u32::from(seg.window) << shift;
         s.flags |= ef::SENT_ANY;
@@ -271,6 +275,11 @@ fn on_rst(flow: &mut Flow, seg: &Segment, d: usize, fresh: bool, now: u64) -> u3
         ev::HANDSHAKE_FAILED_RST
     } else if flow.has(ff::CLOSED_BY_FIN) {
         0
+    } else if flow.ep[0].has(ef::SENT_FIN) && flow.ep[1].has(ef::SENT_FIN) {
+        // Both FINs were out: the FIN exchange closed the connection, the RST only ends
+        // the wait for its last ACK.
+        flow.flags |= ff::CLOSED_BY_FIN;
+        ev::CLOSED_BY_FIN
     } else {
         flow.flags |= ff::CLOSED_BY_RST;
         ev::RESET
@@ -306,9 +315,23 @@ fn on_ack(flow: &mut Flow, seg: &Segment, d: usize, now: u64) -> u32 {
     let r = 1 - d;
     let mut out = 0;
     let fin = seg.has(tcp_flags::FIN);
-    // A new FIN the receiver could not accept voids the whole segment.
-    if fin && !flow.ep[d].has(ef::SENT_FIN) && !in_window(flow, seg, d) {
-        return ev::INVALID_FIN;
+    if fin && !flow.ep[d].has(ef::SENT_FIN) {
+        // A new FIN the receiver could not accept voids the whole segment.
+        if !in_window(flow, seg, d) {
+            return ev::INVALID_FIN;
+        }
+        // RFC 793 gives a FIN meaning only from a synchronized endpoint (or one this very
+        // segment synchronizes); one from SYN-SENT, LISTEN or CLOSED is ignored.
+        let completes = flow.ep[r].state() == S::SynReceived
+            && seq::ge(seg.ack, flow.ep[r].isn.wrapping_add(1));
+        let synchronized = match flow.ep[d].state() {
+            S::Established | S::SynReceived | S::CloseWait => true,
+            S::SynSent => completes,
+            _ => false,
+        };
+        if !synchronized {
+            return ev::INVALID_FIN;
+        }
     }
 
     // Handshake completion: the receiver is SYN-RECEIVED and this acknowledges its SYN.
@@ -338,18 +361,12 @@ fn on_ack(flow: &mut Flow, seg: &Segment, d: usize, now: u64) -> u32 {
     } else {
         seg.ack
     };
-    let acks_peer_fin =
-        flow.ep[r].has(ef::SENT_FIN) && seq::ge(acked, flow.ep[r].fin_seq.wrapping_add(1));
+    // FIN-WAIT-2 means an earlier ACK already covered the receiver's FIN.
+    let acks_peer_fin = flow.ep[r].has(ef::SENT_FIN)
+        && (flow.ep[r].state() == S::FinWait2
+            || seq::ge(acked, flow.ep[r].fin_seq.wrapping_add(1)));
 
     if fin && !flow.ep[d].has(ef::SENT_FIN) {
-        // RFC 793 gives a FIN meaning only from a synchronized endpoint; one from SYN-SENT,
-        // LISTEN or CLOSED is ignored (nothing above changed state in that case).
-        if !matches!(
-            flow.ep[d].state(),
-            S::Established | S::SynReceived | S::CloseWait
-        ) {
-            return out | ev::INVALID_FIN;
-        }
         flow.ep[d].fin_seq = seg.seq.wrapping_add(seg.payload_len);
         flow.ep[d].flags |= ef::SENT_FIN;
         if flow.ep[r].has(ef::SENT_FIN) {

@@ -2,10 +2,13 @@
 //! maps. The `tcpscope` binary (src/main.rs) is a thin CLI over it; integration tests use it
 //! directly.
 
+pub mod capture;
 pub mod counters;
 pub mod error;
 pub mod iface;
 pub mod loader;
+pub mod replay;
+pub mod report;
 
 /// The eBPF object built by xtask (release, with BTF), embedded at compile time.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("TCPSCOPE_EBPF_OBJ"));

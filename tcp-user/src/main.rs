@@ -5,7 +5,10 @@ use std::{io::Write as _, process::ExitCode, time::Duration};
 use anyhow::{Context as _, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use log::{debug, info, warn};
-use tcp_common::counters::{Counter, Hook};
+use tcp_common::{
+    counters::{Counter, Hook},
+    track::Timeouts,
+};
 use tcp_user::{
     counters::Totals,
     iface,
@@ -32,6 +35,29 @@ struct Cli {
 enum Command {
     /// Attach the tracker to network interfaces and run until SIGINT or SIGTERM.
     Run(RunArgs),
+    /// Run the state machine over a capture file (pcap or pcapng, Ethernet) and print the
+    /// final state; packet timestamps are the clock. Needs no privileges.
+    Replay(ReplayArgs),
+}
+
+#[derive(Debug, Args)]
+struct ReplayArgs {
+    /// The capture file.
+    capture: std::path::PathBuf,
+    /// Seconds an endpoint stays in TIME-WAIT (Linux: 60).
+    #[arg(long, default_value_t = 60, value_name = "SECS")]
+    time_wait_secs: u64,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Prometheus)]
+    format: Format,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Format {
+    /// Prometheus text exposition, the exporter's metric names.
+    Prometheus,
+    /// JSON: counters, endpoints per state, and every flow.
+    Json,
 }
 
 #[derive(Debug, Args)]
@@ -80,6 +106,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Run(args) => run(args).await,
+            Command::Replay(args) => replay(&args),
         }
     });
     match result {
@@ -194,4 +221,44 @@ fn summary(totals: &Totals) -> Vec<String> {
             line
         })
         .collect()
+}
+
+fn replay(args: &ReplayArgs) -> Result<()> {
+    let timeouts = Timeouts {
+        time_wait: args.time_wait_secs.saturating_mul(1_000_000_000),
+        ..Timeouts::DEFAULT
+    };
+    let replay = tcp_user::replay::replay_file(&args.capture, timeouts)?;
+    let text = match args.format {
+        Format::Prometheus => replay
+            .report
+            .prometheus_text("replay")
+            .context("rendering metrics")?,
+        Format::Json => {
+            let endpoints: Vec<_> = replay
+                .report
+                .endpoints
+                .iter()
+                .map(|((state, role, side), n)| {
+                    serde_json::json!({"state": state.name(), "role": role.name(), "side": side.name(), "count": n})
+                })
+                .collect();
+            let flows: Vec<_> = replay
+                .flows()
+                .iter()
+                .map(|(k, f)| tcp_user::replay::FlowJson::new(k, f))
+                .collect();
+            let doc = serde_json::json!({
+                "counters": replay.report,
+                "endpoints": endpoints,
+                "flows": flows,
+            });
+            serde_json::to_string_pretty(&doc).context("rendering JSON")? + "\n"
+        }
+    };
+    std::io::stdout()
+        .lock()
+        .write_all(text.as_bytes())
+        .context("writing the report")?;
+    Ok(())
 }

@@ -32,7 +32,10 @@ struct Conv {
 
 impl Conv {
     fn new() -> Self {
-        Self { flow: Flow::EMPTY, now: 1_000 }
+        Self {
+            flow: Flow::EMPTY,
+            now: 1_000,
+        }
     }
 
     fn segment(who: Who, flags: u8, seq: u32, ack: u32, len: u32) -> Segment {
@@ -51,7 +54,8 @@ impl Conv {
             window: 64_000,
             flags,
             ipv6: false,
-            wscale: NO_WSCALE,
+            // An explicit shift of 0: windows are exact, so window checks are exercised.
+            wscale: 0,
             vlan: 0,
         }
     }
@@ -61,7 +65,11 @@ impl Conv {
         self.now += 1_000_000;
         let seg = Self::segment(who, flags, seq, ack, len);
         let (_, dir) = FlowKey::of(&seg);
-        let side = if who == Who::B { Side::Local } else { Side::Remote };
+        let side = if who == Who::B {
+            Side::Local
+        } else {
+            Side::Remote
+        };
         track(&mut self.flow, &seg, dir, side, self.now)
     }
 
@@ -97,7 +105,10 @@ fn normal_open() {
     assert_eq!(c.states(), (Established, SynReceived));
     assert_eq!(c.send(Who::A, ACK, 101, 301, 0), E::HANDSHAKE_COMPLETED);
     assert_eq!(c.states(), (Established, Established));
-    assert_eq!((c.role(Who::A), c.role(Who::B)), (Role::Client, Role::Server));
+    assert_eq!(
+        (c.role(Who::A), c.role(Who::B)),
+        (Role::Client, Role::Server)
+    );
     assert_eq!(c.flow.syn_ns, 1_000 + 1_000_000);
     assert_eq!(c.flow.synack_ns, 1_000 + 2_000_000);
     assert_eq!(c.flow.established_ns, 1_000 + 3_000_000);
@@ -107,11 +118,17 @@ fn normal_open() {
 fn simultaneous_open() {
     let mut c = Conv::new();
     c.send(Who::A, SYN, 100, 0, 0);
-    assert_eq!(c.send(Who::B, SYN, 300, 0, 0), E::SYN | E::SIMULTANEOUS_OPEN);
+    assert_eq!(
+        c.send(Who::B, SYN, 300, 0, 0),
+        E::SYN | E::SIMULTANEOUS_OPEN
+    );
     assert_eq!(c.states(), (SynReceived, SynReceived));
     assert_eq!(c.send(Who::A, SYN | ACK, 100, 301, 0), E::SYN_ACK);
     assert_eq!(c.states(), (SynReceived, Established));
-    assert_eq!(c.send(Who::B, SYN | ACK, 300, 101, 0), E::SYN_ACK | E::HANDSHAKE_COMPLETED);
+    assert_eq!(
+        c.send(Who::B, SYN | ACK, 300, 101, 0),
+        E::SYN_ACK | E::HANDSHAKE_COMPLETED
+    );
     assert_eq!(c.states(), (Established, Established));
 }
 
@@ -122,7 +139,10 @@ fn syn_retransmission_is_not_a_new_handshake() {
     let first = c.flow.syn_ns;
     assert_eq!(c.send(Who::A, SYN, 100, 0, 0), E::SYN | E::SYN_RETRANSMIT);
     assert_eq!(c.send(Who::A, SYN, 100, 0, 0), E::SYN | E::SYN_RETRANSMIT);
-    assert_eq!(c.flow.syn_ns, first, "latency is measured from the first SYN");
+    assert_eq!(
+        c.flow.syn_ns, first,
+        "latency is measured from the first SYN"
+    );
     c.send(Who::B, SYN | ACK, 300, 101, 0);
     assert_eq!(c.send(Who::A, ACK, 101, 301, 0), E::HANDSHAKE_COMPLETED);
 }
@@ -131,7 +151,10 @@ fn syn_retransmission_is_not_a_new_handshake() {
 fn refused_connection() {
     let mut c = Conv::new();
     c.send(Who::A, SYN, 100, 0, 0);
-    assert_eq!(c.send(Who::B, RST | ACK, 0, 101, 0), E::HANDSHAKE_FAILED_RST);
+    assert_eq!(
+        c.send(Who::B, RST | ACK, 0, 101, 0),
+        E::HANDSHAKE_FAILED_RST
+    );
     assert_eq!(c.states(), (Closed, Closed));
 }
 
@@ -195,7 +218,10 @@ fn simultaneous_close() {
     let mut c = Conv::open();
     c.send(Who::A, FIN | ACK, 101, 301, 0);
     // B's FIN crossed A's: it does not acknowledge it.
-    assert_eq!(c.send(Who::B, FIN | ACK, 301, 101, 0), E::SIMULTANEOUS_CLOSE);
+    assert_eq!(
+        c.send(Who::B, FIN | ACK, 301, 101, 0),
+        E::SIMULTANEOUS_CLOSE
+    );
     assert_eq!(c.states(), (Closing, Closing));
     c.send(Who::A, ACK, 102, 302, 0);
     assert_eq!(c.states(), (Closing, TimeWait));
@@ -208,8 +234,14 @@ fn half_close_with_data_from_the_close_wait_side() {
     let mut c = Conv::open();
     c.send(Who::A, FIN | ACK, 101, 301, 0);
     c.send(Who::B, ACK, 301, 102, 0);
-    assert_eq!(c.send(Who::B, ACK | PSH, 301, 102, 1000), E::HALF_CLOSE_DATA);
-    assert_eq!(c.send(Who::B, ACK | PSH, 1301, 102, 1000), E::HALF_CLOSE_DATA);
+    assert_eq!(
+        c.send(Who::B, ACK | PSH, 301, 102, 1000),
+        E::HALF_CLOSE_DATA
+    );
+    assert_eq!(
+        c.send(Who::B, ACK | PSH, 1301, 102, 1000),
+        E::HALF_CLOSE_DATA
+    );
     assert_eq!(c.states(), (FinWait2, CloseWait));
     c.send(Who::A, ACK, 102, 2301, 0);
     c.send(Who::B, FIN | ACK, 2301, 102, 0);
@@ -241,7 +273,10 @@ fn rst_outside_the_window_changes_nothing() {
     let mut c = Conv::open();
     let before = c.flow;
     assert_eq!(c.send(Who::B, RST, 301 + 3_000_000, 0, 0), E::INVALID_RST);
-    assert_eq!(c.send(Who::B, RST, 301u32.wrapping_sub(3_000_000), 0, 0), E::INVALID_RST);
+    assert_eq!(
+        c.send(Who::B, RST, 301u32.wrapping_sub(3_000_000), 0, 0),
+        E::INVALID_RST
+    );
     assert_eq!(c.flow, before);
     // In-window, not exact: accepted (an observer cannot know the exact next sequence).
     assert_eq!(c.send(Who::B, RST, 301 + 1000, 0, 0), E::RESET);
@@ -251,7 +286,10 @@ fn rst_outside_the_window_changes_nothing() {
 fn fin_outside_the_window_changes_nothing() {
     let mut c = Conv::open();
     let before = c.flow;
-    assert_eq!(c.send(Who::A, FIN | ACK, 101 + 5_000_000, 301, 0), E::INVALID_FIN);
+    assert_eq!(
+        c.send(Who::A, FIN | ACK, 101 + 5_000_000, 301, 0),
+        E::INVALID_FIN
+    );
     assert_eq!(c.flow, before);
 }
 
@@ -262,22 +300,38 @@ fn new_syn_on_time_wait_is_reuse() {
     c.send(Who::B, FIN | ACK, 301, 102, 0);
     c.send(Who::A, ACK, 102, 302, 0);
     assert_eq!(c.states(), (TimeWait, Closed));
-    assert_eq!(c.send(Who::A, SYN, 90_000, 0, 0), E::SYN | E::NEW_FLOW | E::TIME_WAIT_REUSE);
+    assert_eq!(
+        c.send(Who::A, SYN, 90_000, 0, 0),
+        E::SYN | E::NEW_FLOW | E::TIME_WAIT_REUSE
+    );
     assert_eq!(c.states(), (SynSent, Listen));
     c.send(Who::B, SYN | ACK, 7_000, 90_001, 0);
-    assert_eq!(c.send(Who::A, ACK, 90_001, 7_001, 0), E::HANDSHAKE_COMPLETED);
+    assert_eq!(
+        c.send(Who::A, ACK, 90_001, 7_001, 0),
+        E::HANDSHAKE_COMPLETED
+    );
 }
 
 #[test]
 fn mid_stream_pick_up() {
     let mut c = Conv::new();
-    assert_eq!(c.send(Who::B, ACK | PSH, 5_000, 9_000, 100), E::PICKED_UP | E::NEW_FLOW);
+    assert_eq!(
+        c.send(Who::B, ACK | PSH, 5_000, 9_000, 100),
+        E::PICKED_UP | E::NEW_FLOW
+    );
     assert_eq!(c.states(), (Established, Established));
     assert!(c.flow.has(ff::PICKED_UP));
-    assert_eq!(c.role(Who::B), Role::Server, "the lower port is taken for the server's");
+    assert_eq!(
+        c.role(Who::B),
+        Role::Server,
+        "the lower port is taken for the server's"
+    );
     // A FIN+ACK mid-stream starts a record too, and closes from there.
     let mut c = Conv::new();
-    assert_eq!(c.send(Who::A, FIN | ACK, 100, 200, 0), E::PICKED_UP | E::NEW_FLOW);
+    assert_eq!(
+        c.send(Who::A, FIN | ACK, 100, 200, 0),
+        E::PICKED_UP | E::NEW_FLOW
+    );
     assert_eq!(c.states(), (FinWait1, CloseWait));
 }
 
@@ -296,7 +350,11 @@ fn impossible_flags_are_invalid() {
     let mut c = Conv::open();
     let before = c.flow;
     for flags in [SYN | FIN, SYN | RST, SYN | FIN | ACK, 0, PSH] {
-        assert_ne!(c.send(Who::A, flags, 101, 301, 0) & E::INVALID_FLAGS, 0, "{flags:#x}");
+        assert_ne!(
+            c.send(Who::A, flags, 101, 301, 0) & E::INVALID_FLAGS,
+            0,
+            "{flags:#x}"
+        );
     }
     assert_eq!(c.flow.ep, before.ep);
 }
@@ -304,7 +362,10 @@ fn impossible_flags_are_invalid() {
 #[test]
 fn synack_without_syn_is_tracked_half_open() {
     let mut c = Conv::new();
-    assert_eq!(c.send(Who::B, SYN | ACK, 300, 101, 0), E::SYN_ACK | E::NEW_FLOW | E::PICKED_UP);
+    assert_eq!(
+        c.send(Who::B, SYN | ACK, 300, 101, 0),
+        E::SYN_ACK | E::NEW_FLOW | E::PICKED_UP
+    );
     assert_eq!(c.states(), (SynSent, SynReceived));
     assert!(c.flow.is_half_open());
     assert_eq!(c.role(Who::A), Role::Client);
@@ -336,14 +397,39 @@ fn window_scale_widens_the_accepted_window() {
         s.window = 1000;
         s
     };
-    for (wscale, accepted) in [(NO_WSCALE, false), (7, true)] {
+    for (wscale, accepted) in [(0, false), (7, true), (NO_WSCALE, true)] {
         let mut f = Flow::EMPTY;
         let (_, a) = FlowKey::of(&seg(Who::A, SYN, 0, 0, wscale));
-        track(&mut f, &seg(Who::A, SYN, 100, 0, wscale), a, Side::Unknown, 1);
-        track(&mut f, &seg(Who::B, SYN | ACK, 300, 101, wscale), 1 - a, Side::Unknown, 2);
-        track(&mut f, &seg(Who::A, ACK, 101, 301, wscale), a, Side::Unknown, 3);
-        // 1000 << 7 = 128000: a RST 50000 past A's ACK point is inside only when scaled.
-        let e = track(&mut f, &seg(Who::B, RST, 301 + 50_000, 0, wscale), 1 - a, Side::Unknown, 4);
+        track(
+            &mut f,
+            &seg(Who::A, SYN, 100, 0, wscale),
+            a,
+            Side::Unknown,
+            1,
+        );
+        track(
+            &mut f,
+            &seg(Who::B, SYN | ACK, 300, 101, wscale),
+            1 - a,
+            Side::Unknown,
+            2,
+        );
+        track(
+            &mut f,
+            &seg(Who::A, ACK, 101, 301, wscale),
+            a,
+            Side::Unknown,
+            3,
+        );
+        // 1000 << 7 = 128000: a RST 50000 past A's ACK point is inside only when scaled;
+        // an unknown scale is taken as the largest.
+        let e = track(
+            &mut f,
+            &seg(Who::B, RST, 301 + 50_000, 0, wscale),
+            1 - a,
+            Side::Unknown,
+            4,
+        );
         assert_eq!(e == E::RESET, accepted, "wscale {wscale}");
     }
 }
@@ -366,7 +452,10 @@ fn time_wait_expires_after_its_timeout() {
     let t = Timeouts::DEFAULT;
     assert!(!expired(&c.flow, entered + t.time_wait - 1, &t));
     assert!(expired(&c.flow, entered + t.time_wait, &t));
-    let short = Timeouts { time_wait: 2_000_000_000, ..t };
+    let short = Timeouts {
+        time_wait: 2_000_000_000,
+        ..t
+    };
     assert!(expired(&c.flow, entered + 2_000_000_000, &short));
 }
 
@@ -388,7 +477,8 @@ fn allowed(from: TcpState, to: TcpState) -> bool {
     if from == to || to == Closed {
         return true;
     }
-    let restart = matches!(from, Closed | TimeWait | SynSent | Listen) && matches!(to, SynSent | Listen);
+    let restart =
+        matches!(from, Closed | TimeWait | SynSent | Listen) && matches!(to, SynSent | Listen);
     restart
         || match from {
             Closed => matches!(to, SynReceived | Established | FinWait1 | CloseWait),
@@ -487,8 +577,21 @@ proptest! {
 #[test]
 fn allowed_edges_table_is_not_trivial() {
     let all: Vec<_> = TcpState::ALL.to_vec();
-    let edges = all.iter().flat_map(|f| all.iter().map(move |t| (*f, *t))).filter(|(f, t)| allowed(*f, *t)).count();
+    let edges = all
+        .iter()
+        .flat_map(|f| all.iter().map(move |t| (*f, *t)))
+        .filter(|(f, t)| allowed(*f, *t))
+        .count();
     assert!(edges < all.len() * all.len() / 2, "{edges} edges");
     assert!(!allowed(TimeWait, Established));
     assert!(!allowed(Established, SynSent));
+}
+
+#[test]
+fn rst_after_both_fins_counts_as_a_fin_close() {
+    let mut c = Conv::open();
+    c.send(Who::A, FIN | ACK, 101, 301, 0);
+    c.send(Who::B, FIN | ACK, 301, 102, 0);
+    assert_eq!(c.send(Who::A, RST, 102, 0, 0), E::CLOSED_BY_FIN);
+    assert_eq!(c.states(), (Closed, Closed));
 }
