@@ -176,6 +176,14 @@ impl HookCounters {
         }
     }
 
+    /// Adds one to the counter in `slot` (ignored when out of range).
+    #[inline(always)]
+    pub fn bump_slot(&mut self, slot: usize) {
+        if let Some(s) = self.slots.get_mut(slot) {
+            *s = s.wrapping_add(1);
+        }
+    }
+
     /// Adds another CPU's counters to these.
     pub fn accumulate(&mut self, other: &Self) {
         for (a, b) in self.slots.iter_mut().zip(other.slots.iter()) {
@@ -242,3 +250,76 @@ mod tests {
         }
     }
 }
+
+/// Slots of the event counters map (one [`EventCounters`] per CPU): one per bit of
+/// [`crate::state::events`] (slot = bit position), then table pressure.
+pub mod event_slots {
+    /// A new record could not be stored in the established table (full).
+    pub const FLOWS_INSERT_FAILED: usize = 24;
+    /// A new record could not be stored in the half-open table (full).
+    pub const HALF_OPEN_INSERT_FAILED: usize = 25;
+    /// Half-open records moved to the established table.
+    pub const PROMOTIONS: usize = 26;
+    /// Segments of a flow whose record could not be stored.
+    pub const UNTRACKED_SEGMENTS: usize = 27;
+}
+
+/// Per-CPU tally of state-machine events and table pressure.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EventCounters {
+    /// See [`event_slots`].
+    pub slots: [u64; 32],
+}
+
+impl Default for EventCounters {
+    fn default() -> Self {
+        Self { slots: [0; 32] }
+    }
+}
+
+impl EventCounters {
+    /// Adds one to the slot of every bit set in `events`.
+    #[inline(always)]
+    pub fn add_events(&mut self, events: u32) {
+        let mut bit = 0;
+        while bit < 24 {
+            if events & (1 << bit) != 0 {
+                if let Some(slot) = self.slots.get_mut(bit) {
+                    *slot = slot.wrapping_add(1);
+                }
+            }
+            bit += 1;
+        }
+    }
+
+    /// Adds one to `slot`.
+    #[inline(always)]
+    pub fn bump(&mut self, slot: usize) {
+        if let Some(s) = self.slots.get_mut(slot) {
+            *s = s.wrapping_add(1);
+        }
+    }
+
+    /// Count of the event `bit` (a single bit of [`crate::state::events`]).
+    #[must_use]
+    pub fn event(&self, bit: u32) -> u64 {
+        self.slots
+            .get(bit.trailing_zeros() as usize)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Adds another CPU's counters to these.
+    pub fn accumulate(&mut self, other: &Self) {
+        for (a, b) in self.slots.iter_mut().zip(other.slots.iter()) {
+            *a = a.wrapping_add(*b);
+        }
+    }
+}
+
+const _: () = assert!(crate::state::events::SIMULTANEOUS_OPEN < (1 << 24));
+
+#[cfg(feature = "user")]
+// SAFETY: `repr(C)`, `u64`s only.
+unsafe impl aya::Pod for EventCounters {}

@@ -237,3 +237,45 @@ unsafe impl aya::Pod for FlowKey {}
 #[cfg(feature = "user")]
 // SAFETY: as above: `repr(C)`, explicit padding, integer fields only.
 unsafe impl aya::Pod for Flow {}
+
+/// The verifier recognizes a map value's lock by this exact type name, and only as a direct
+/// field of the value (not wrapped in another struct).
+#[allow(non_camel_case_types, reason = "the kernel's BTF type name")]
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct bpf_spin_lock {
+    /// Owned by the kernel; reads as zero from userspace.
+    pub val: u32,
+}
+
+/// Value of the flow tables: the record and the per-flow spin lock that serializes the two
+/// directions of a connection when they are handled on two CPUs at once.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowEntry {
+    /// Taken around every update of `flow` in the kernel.
+    pub lock: bpf_spin_lock,
+    /// Always zero.
+    pub pad: u32,
+    /// The record.
+    pub flow: Flow,
+}
+
+const _: () = assert!(core::mem::size_of::<FlowEntry>() == 104);
+
+impl FlowEntry {
+    /// An entry holding `flow`, lock released.
+    #[must_use]
+    #[inline(always)]
+    pub const fn new(flow: Flow) -> Self {
+        Self {
+            lock: bpf_spin_lock { val: 0 },
+            pad: 0,
+            flow,
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+// SAFETY: `repr(C)`, integer fields and explicit padding only.
+unsafe impl aya::Pod for FlowEntry {}

@@ -170,6 +170,28 @@ pub struct Parsed {
     pub segment: Segment,
 }
 
+impl Parsed {
+    /// A frame not parsed yet.
+    pub const EMPTY: Self = Self {
+        class: PacketClass::Truncated,
+        notes: 0,
+        segment: Segment {
+            src: [0; 16],
+            dst: [0; 16],
+            sport: 0,
+            dport: 0,
+            seq: 0,
+            ack: 0,
+            payload_len: 0,
+            window: 0,
+            flags: 0,
+            ipv6: false,
+            wscale: NO_WSCALE,
+            vlan: 0,
+        },
+    };
+}
+
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_8021Q: u16 = 0x8100;

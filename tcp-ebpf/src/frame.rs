@@ -2,7 +2,11 @@
 
 use core::mem::size_of;
 
-use aya_ebpf::programs::{TcContext, XdpContext};
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::__sk_buff,
+    programs::{TcContext, XdpContext},
+};
 use tcp_common::parse::Frame;
 
 /// Largest offset a header may start at. The parser's offsets are sums of bounded terms
@@ -38,15 +42,34 @@ impl<'a> XdpFrame<'a> {
     }
 }
 
+impl XdpFrame<'_> {
+    /// `(data, data_end)`, read with volatile loads: the parser runs as a BPF-to-BPF call, and
+    /// plain loads let LLVM hoist them into the caller and pass packet pointers in a form the
+    /// verifier rejects ("pointer arithmetic on pkt_end prohibited").
+    #[inline(always)]
+    fn bounds(&self) -> (usize, usize) {
+        let md = self.ctx.ctx;
+        // SAFETY: `md` is the program's context pointer, valid for the whole run.
+        unsafe {
+            (
+                core::ptr::read_volatile(&raw const (*md).data) as usize,
+                core::ptr::read_volatile(&raw const (*md).data_end) as usize,
+            )
+        }
+    }
+}
+
 impl Frame for XdpFrame<'_> {
     #[inline(always)]
     fn load<T: Copy>(&self, offset: usize) -> Option<T> {
-        read_direct(self.ctx.data(), self.ctx.data_end(), offset)
+        let (data, end) = self.bounds();
+        read_direct(data, end, offset)
     }
 
     #[inline(always)]
     fn len(&self) -> usize {
-        self.ctx.data_end() - self.ctx.data()
+        let (data, end) = self.bounds();
+        end - data
     }
 }
 
@@ -64,10 +87,26 @@ impl<'a> SkbFrame<'a> {
     }
 }
 
+impl SkbFrame<'_> {
+    /// `(data, data_end)` through volatile loads, for the reason given at [`XdpFrame`].
+    #[inline(always)]
+    fn bounds(&self) -> (usize, usize) {
+        let skb = self.ctx.as_ptr().cast::<__sk_buff>();
+        // SAFETY: `skb` is the program's context pointer, valid for the whole run.
+        unsafe {
+            (
+                core::ptr::read_volatile(&raw const (*skb).data) as usize,
+                core::ptr::read_volatile(&raw const (*skb).data_end) as usize,
+            )
+        }
+    }
+}
+
 impl Frame for SkbFrame<'_> {
     #[inline(always)]
     fn load<T: Copy>(&self, offset: usize) -> Option<T> {
-        if let Some(v) = read_direct(self.ctx.data(), self.ctx.data_end(), offset) {
+        let (data, end) = self.bounds();
+        if let Some(v) = read_direct(data, end, offset) {
             return Some(v);
         }
         if offset > MAX_OFFSET {

@@ -8,6 +8,7 @@
 mod frame;
 mod maps;
 mod observe;
+mod tracker;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, xdp_action},

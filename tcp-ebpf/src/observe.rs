@@ -4,16 +4,34 @@ use aya_ebpf::EbpfContext;
 use aya_log_ebpf::debug;
 use tcp_common::{
     counters::{Counter, Hook},
-    parse::{Frame, PacketClass, notes, parse, tcp_flags},
+    parse::{Frame, PacketClass, Parsed, notes, parse, tcp_flags},
+    state::Side,
 };
 
-use crate::maps::COUNTERS;
+use crate::{
+    maps::{COUNTERS, MIRROR, PARSED},
+    tracker::track_segment,
+};
+
+/// The parser as a BPF-to-BPF call of its own: its many header temporaries then live in a
+/// frame that is gone before the tracker's frame is pushed (the verifier limits the stack of
+/// a whole call chain to 512 bytes).
+#[inline(never)]
+fn parse_frame<F: Frame>(frame: &F, out: &mut Parsed) {
+    *out = parse(frame);
+}
 
 /// Parses one packet and updates the hook's counters. Never fails: a packet that cannot be
 /// parsed is counted under its class and passed.
 #[inline(always)]
 pub fn observe<C: EbpfContext, F: Frame>(ctx: &C, frame: &F, hook: Hook) {
-    let parsed = parse(frame);
+    let Some(parsed) = PARSED.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's slot of a per-CPU array, used by nothing else while this program
+    // runs (BPF programs are not preempted on their CPU).
+    let parsed: &mut Parsed = unsafe { &mut *parsed };
+    parse_frame(frame, parsed);
     let Some(counters) = COUNTERS.get_ptr_mut(hook as u32) else {
         return;
     };
@@ -21,7 +39,12 @@ pub fn observe<C: EbpfContext, F: Frame>(ctx: &C, frame: &F, hook: Hook) {
     // this CPU's value, which nothing else writes while this program runs (BPF programs are
     // not preempted on their CPU).
     let counters = unsafe { &mut *counters };
-    counters.bump(parsed.class.into());
+    // The class comes back through memory from the parser's call: read it as a plain byte so
+    // that the compiler cannot drop the bounds check on the enum's assumed range (the
+    // verifier does not share that assumption).
+    // SAFETY: `PacketClass` is `repr(u8)`; reading its byte is always valid.
+    let class = unsafe { core::ptr::read_volatile((&raw const parsed.class).cast::<u8>()) };
+    counters.bump_slot(usize::from(class));
     if parsed.notes & notes::VLAN_SINGLE != 0 {
         counters.bump(Counter::VlanSingle);
     }
@@ -55,6 +78,14 @@ pub fn observe<C: EbpfContext, F: Frame>(ctx: &C, frame: &F, hook: Hook) {
             if seg.has(tcp_flags::RST) {
                 counters.bump(Counter::Rst);
             }
+            let side = if MIRROR.load() != 0 {
+                Side::Unknown
+            } else if hook == Hook::TcEgress {
+                Side::Local
+            } else {
+                Side::Remote
+            };
+            track_segment(seg, side);
         }
         PacketClass::Truncated | PacketClass::Malformed => {
             let counter = Counter::from(parsed.class);
