@@ -8,6 +8,23 @@ pub enum Error {
     /// The kernel rejected the eBPF object (verifier, BTF, missing privileges).
     #[error("loading the eBPF object failed")]
     Load(#[source] aya::EbpfError),
+    /// The directory for pinned maps cannot be created.
+    #[error("creating the pin directory {dir:?} failed (is bpffs mounted on /sys/fs/bpf?)")]
+    PinDir {
+        /// The directory.
+        dir: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// No tracker's maps are pinned where asked.
+    #[error("no flow table pinned at {path:?} (is `tcpscope run` running with the same --pin-dir?{})", if found.is_empty() { String::new() } else { format!(" found there: {found}") })]
+    NotPinned {
+        /// Where the table was looked for.
+        path: std::path::PathBuf,
+        /// What the pin directory holds instead.
+        found: String,
+    },
     /// A program or map the agent expects is not in the object.
     #[error("the eBPF object has no {kind} named {name}")]
     Missing {

@@ -5,6 +5,7 @@
 pub mod capture;
 pub mod counters;
 pub mod error;
+pub mod flows;
 pub mod iface;
 pub mod loader;
 pub mod replay;

@@ -7,7 +7,11 @@
 //!   filter; the fallback is logged.
 //! - Everything attached belongs to the [`Tracker`]: dropping it detaches every program.
 
-use std::{ffi::CString, fmt};
+use std::{
+    ffi::CString,
+    fmt,
+    path::{Path, PathBuf},
+};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -24,6 +28,45 @@ use crate::{EBPF_OBJECT, counters, error::Error};
 pub const XDP_PROGRAM: &str = "tcpscope_xdp";
 /// Name of the TC classifier in the object.
 pub const TC_PROGRAM: &str = "tcpscope_tc";
+/// Established-flow table.
+pub const FLOWS_MAP: &str = "FLOWS";
+/// Half-open flow table.
+pub const HALF_OPEN_MAP: &str = "HALF_OPEN";
+/// Maps pinned so that an agent restart keeps every tracked flow and counter.
+pub const PINNED_MAPS: [&str; 4] = ["FLOWS", "HALF_OPEN", "COUNTERS", "EVENTS"];
+/// Default bpffs directory for the pinned maps.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/tcpscope";
+
+/// Where the maps of this build's layout are pinned under `base`: a directory per layout
+/// version, so that an agent never opens maps written by an incompatible build.
+#[must_use]
+pub fn layout_dir(base: &Path) -> PathBuf {
+    base.join(format!("v{}", tcp_common::LAYOUT_VERSION))
+}
+
+/// How to load the programs.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Host or mirror mode (decides the endpoints' sides).
+    pub mode: Mode,
+    /// Pin (and reuse) the maps under this bpffs directory; `None`: no pinning.
+    pub pin_dir: Option<PathBuf>,
+    /// Capacity of the established-flow table.
+    pub flows_capacity: u32,
+    /// Capacity of the half-open table.
+    pub half_open_capacity: u32,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            mode: Mode::Host,
+            pin_dir: None,
+            flows_capacity: 262_144,
+            half_open_capacity: 65_536,
+        }
+    }
+}
 
 /// Where the tracker sees traffic.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -127,13 +170,32 @@ impl Tracker {
     /// Loads the embedded object and both programs into the kernel (nothing is attached yet).
     ///
     /// # Errors
-    /// When the kernel refuses the object or a program (verifier, privileges).
-    pub fn load() -> Result<Self, Error> {
+    /// When the kernel refuses the object or a program (verifier, privileges), or pinned maps
+    /// of an incompatible shape are in the way.
+    pub fn load(opts: &LoadOptions) -> Result<Self, Error> {
         let level = ebpf_log_level(log::max_level());
-        let mut ebpf = EbpfLoader::new()
+        let mirror = u8::from(opts.mode == Mode::Mirror);
+        let mut loader = EbpfLoader::new();
+        loader
             .override_global("AYA_LOG_LEVEL", &level, true)
-            .load(EBPF_OBJECT)
-            .map_err(Error::Load)?;
+            .override_global("MIRROR", &mirror, true)
+            .map_max_entries(FLOWS_MAP, opts.flows_capacity)
+            .map_max_entries(HALF_OPEN_MAP, opts.half_open_capacity);
+        let pins: Vec<(&'static str, PathBuf)> = match &opts.pin_dir {
+            Some(base) => {
+                let dir = layout_dir(base);
+                std::fs::create_dir_all(&dir).map_err(|source| Error::PinDir {
+                    dir: dir.clone(),
+                    source,
+                })?;
+                PINNED_MAPS.iter().map(|m| (*m, dir.join(m))).collect()
+            }
+            None => Vec::new(),
+        };
+        for (name, path) in &pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT).map_err(Error::Load)?;
         for name in [XDP_PROGRAM, TC_PROGRAM] {
             let program = ebpf.program_mut(name).ok_or(Error::Missing {
                 kind: "program",

@@ -1,18 +1,21 @@
 //! `tcpscope`: the agent's command line.
 
-use std::{io::Write as _, process::ExitCode, time::Duration};
+use std::{io::Write as _, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use log::{debug, info, warn};
 use tcp_common::{
     counters::{Counter, Hook},
+    flow::{FlowEntry, FlowKey},
+    state::TcpState,
     track::Timeouts,
 };
 use tcp_user::{
     counters::Totals,
+    flows::{self, FlowView},
     iface,
-    loader::{Mode, Tracker, XdpModeChoice, error_chain},
+    loader::{self, LoadOptions, Mode, Tracker, XdpModeChoice, error_chain},
 };
 use tokio::{
     io::{Interest, unix::AsyncFd},
@@ -35,6 +38,8 @@ struct Cli {
 enum Command {
     /// Attach the tracker to network interfaces and run until SIGINT or SIGTERM.
     Run(RunArgs),
+    /// List the flows tracked by the running agent (read from its pinned maps), like `ss -tan`.
+    Flows(FlowsArgs),
     /// Run the state machine over a capture file (pcap or pcapng, Ethernet) and print the
     /// final state; packet timestamps are the clock. Needs no privileges.
     Replay(ReplayArgs),
@@ -75,6 +80,73 @@ struct RunArgs {
     /// Log the packet counters every SECS seconds (0: only at exit).
     #[arg(long, default_value_t = 0, value_name = "SECS")]
     report_every: u64,
+    /// bpffs directory where the maps are pinned (per layout version), so that a restart
+    /// keeps every tracked flow and `tcpscope flows` can read them.
+    #[arg(long, default_value = loader::DEFAULT_PIN_DIR, value_name = "DIR")]
+    pin_dir: PathBuf,
+    #[command(flatten)]
+    timeouts: TimeoutArgs,
+    /// Capacity of the established-flow table.
+    #[arg(long, default_value_t = 262_144, value_name = "N")]
+    flows_capacity: u32,
+    /// Capacity of the half-open (handshake in progress) table.
+    #[arg(long, default_value_t = 65_536, value_name = "N")]
+    half_open_capacity: u32,
+}
+
+/// Record timeouts (the sweeper removes records past them).
+#[derive(Debug, Args)]
+struct TimeoutArgs {
+    /// Seconds an endpoint stays in TIME-WAIT (Linux: 60).
+    #[arg(long, default_value_t = 60, value_name = "SECS")]
+    time_wait_secs: u64,
+    /// Seconds a record with both endpoints CLOSED is kept (late segments of a reset
+    /// connection must not start a new one).
+    #[arg(long, default_value_t = 10, value_name = "SECS")]
+    closed_secs: u64,
+    /// Seconds without traffic after which a handshake in progress is dropped.
+    #[arg(long, default_value_t = 75, value_name = "SECS")]
+    half_open_secs: u64,
+    /// Seconds without traffic after which an established connection is dropped.
+    #[arg(long, default_value_t = 432_000, value_name = "SECS")]
+    established_secs: u64,
+    /// Seconds without traffic after which a closing connection (FIN sent, not in
+    /// TIME-WAIT) is dropped.
+    #[arg(long, default_value_t = 120, value_name = "SECS")]
+    closing_secs: u64,
+}
+
+impl TimeoutArgs {
+    fn timeouts(&self) -> Timeouts {
+        let ns = |s: u64| s.saturating_mul(1_000_000_000);
+        Timeouts {
+            time_wait: ns(self.time_wait_secs),
+            closed: ns(self.closed_secs),
+            half_open: ns(self.half_open_secs),
+            established: ns(self.established_secs),
+            closing: ns(self.closing_secs),
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+struct FlowsArgs {
+    /// bpffs directory the running agent pins its maps in.
+    #[arg(long, default_value = loader::DEFAULT_PIN_DIR, value_name = "DIR")]
+    pin_dir: PathBuf,
+    /// One JSON document instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Only flows with an endpoint in this state (time_wait, time-wait, established, ...).
+    #[arg(long, value_parser = parse_state_arg)]
+    state: Option<TcpState>,
+}
+
+fn parse_state_arg(s: &str) -> Result<TcpState, String> {
+    flows::parse_state(s).ok_or_else(|| {
+        let names: Vec<&str> = TcpState::ALL.iter().map(|s| s.name()).collect();
+        format!("unknown state {s:?}; one of {}", names.join(", "))
+    })
 }
 
 fn main() -> ExitCode {
@@ -107,6 +179,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run(args) => run(args).await,
             Command::Replay(args) => replay(&args),
+            Command::Flows(args) => list_flows(&args),
         }
     });
     match result {
@@ -142,7 +215,14 @@ async fn run(args: RunArgs) -> Result<()> {
     } else {
         args.ifaces
     };
-    let mut tracker = match Tracker::load() {
+    let options = LoadOptions {
+        mode: args.mode,
+        pin_dir: Some(args.pin_dir.clone()),
+        flows_capacity: args.flows_capacity,
+        half_open_capacity: args.half_open_capacity,
+    };
+    let timeouts = args.timeouts.timeouts();
+    let mut tracker = match Tracker::load(&options) {
         Ok(t) => t,
         Err(e) => bail!("{}{}", error_chain(&e), hint(&e)),
     };
@@ -169,6 +249,7 @@ async fn run(args: RunArgs) -> Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut report = (args.report_every > 0)
         .then(|| tokio::time::interval(Duration::from_secs(args.report_every)));
+    let mut sweeper = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => { info!("SIGINT: detaching"); break; }
@@ -178,6 +259,11 @@ async fn run(args: RunArgs) -> Result<()> {
                 let mut guard = guard.context("reading the eBPF log ring buffer")?;
                 guard.get_inner_mut().flush();
                 guard.clear_ready();
+            }
+            _ = sweeper.tick() => {
+                if let Err(e) = sweep(&mut tracker, &timeouts) {
+                    warn!("sweeping expired flows: {e:#}");
+                }
             }
             _ = async { report.as_mut().expect("guarded").tick().await }, if report.is_some() => {
                 match tracker.counters() {
@@ -221,6 +307,66 @@ fn summary(totals: &Totals) -> Vec<String> {
             line
         })
         .collect()
+}
+
+/// Removes expired records from both tables.
+fn sweep(tracker: &mut Tracker, timeouts: &Timeouts) -> Result<()> {
+    let now = flows::monotonic_ns();
+    for name in [loader::FLOWS_MAP, loader::HALF_OPEN_MAP] {
+        let map = tracker
+            .ebpf_mut()
+            .map_mut(name)
+            .with_context(|| format!("no map {name}"))?;
+        let mut table: aya::maps::HashMap<_, FlowKey, FlowEntry> =
+            aya::maps::HashMap::try_from(map)?;
+        let removed = flows::sweep(&mut table, now, timeouts)?;
+        if removed > 0 {
+            debug!("swept {removed} expired records from {name}");
+        }
+    }
+    Ok(())
+}
+
+fn list_flows(args: &FlowsArgs) -> Result<()> {
+    let now = flows::monotonic_ns();
+    let records =
+        flows::read_pinned(&args.pin_dir).map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+    let views: Vec<FlowView> = records
+        .iter()
+        .map(|(t, k, f)| FlowView::new(*t, k, f, now))
+        .filter(|v| args.state.is_none_or(|s| v.has_state(s)))
+        .collect();
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        serde_json::to_writer_pretty(&mut out, &views).context("writing JSON")?;
+        writeln!(out).context("writing JSON")?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{:<12} {:<7} {:<7} {:<46} {:<12} {:<7} {:<7} {:<46} {:>9} TABLE",
+        "STATE", "ROLE", "SIDE", "ENDPOINT", "PEER-STATE", "ROLE", "SIDE", "PEER", "IDLE"
+    )
+    .context("writing")?;
+    for v in &views {
+        let [a, b] = &v.endpoints;
+        writeln!(
+            out,
+            "{:<12} {:<7} {:<7} {:<46} {:<12} {:<7} {:<7} {:<46} {:>8.1}s {}",
+            a.state,
+            a.role,
+            a.side,
+            a.address,
+            b.state,
+            b.role,
+            b.side,
+            b.address,
+            v.idle_ms as f64 / 1000.0,
+            v.table.name()
+        )
+        .context("writing")?;
+    }
+    Ok(())
 }
 
 fn replay(args: &ReplayArgs) -> Result<()> {

@@ -13,7 +13,7 @@ use tcp_common::{
     frames::catalogue,
     parse::{PacketClass, notes, tcp_flags},
 };
-use tcp_user::loader::{TC_PROGRAM, Tracker, XDP_PROGRAM};
+use tcp_user::loader::{LoadOptions, TC_PROGRAM, Tracker, XDP_PROGRAM};
 
 const XDP_PASS: u32 = 2;
 const TC_ACT_OK: u32 = 0;
@@ -69,7 +69,7 @@ fn skb_harness_refuses(frame: &[u8]) -> bool {
 #[test]
 fn every_crafted_frame_passes_unchanged_and_is_counted_once() {
     common::require_root();
-    let tracker = Tracker::load().expect("the programs pass the verifier");
+    let tracker = Tracker::load(&LoadOptions::default()).expect("the programs pass the verifier");
     let ebpf = tracker.ebpf();
     let xdp: &Xdp = ebpf
         .program(XDP_PROGRAM)
