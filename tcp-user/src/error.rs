@@ -9,7 +9,9 @@ pub enum Error {
     #[error("loading the eBPF object failed")]
     Load(#[source] aya::EbpfError),
     /// The directory for pinned maps cannot be created.
-    #[error("creating the pin directory {dir:?} failed (is bpffs mounted on /sys/fs/bpf?)")]
+    #[error(
+        "creating the pin directory {dir:?} failed (is bpffs mounted on /sys/fs/bpf? `ip netns exec` remounts /sys without it: use `nsenter --net=/run/netns/NAME` or --pin-dir on a mounted bpffs)"
+    )]
     PinDir {
         /// The directory.
         dir: std::path::PathBuf,

@@ -2,6 +2,16 @@
 
 use std::fs;
 
+/// Whether an interface of this name exists in the caller's network namespace.
+#[must_use]
+pub fn exists(name: &str) -> bool {
+    let Ok(name) = std::ffi::CString::new(name) else {
+        return false;
+    };
+    // SAFETY: `name` is a valid NUL-terminated string that outlives the call.
+    unsafe { libc::if_nametoindex(name.as_ptr()) != 0 }
+}
+
 /// The interface of the IPv4 default route, else of the IPv6 one (from procfs, in the
 /// caller's network namespace).
 #[must_use]

@@ -215,6 +215,12 @@ async fn run(args: RunArgs) -> Result<()> {
     } else {
         args.ifaces
     };
+    // Check the interfaces before loading anything: a typo must not cost a program load.
+    for iface in &ifaces {
+        if !iface::exists(iface) {
+            bail!("no network interface named {iface:?} in this network namespace");
+        }
+    }
     let options = LoadOptions {
         mode: args.mode,
         pin_dir: Some(args.pin_dir.clone()),

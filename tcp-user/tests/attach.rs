@@ -20,23 +20,24 @@ const CLOSED_PORT: u16 = 8081;
 const CONNECTIONS_PER_FAMILY: usize = 20;
 const REQUEST_BYTES: usize = 20_000;
 
-/// The agent running in a namespace; killed on drop if still running.
-struct Agent {
+/// The agent running in a namespace, with its own pin directory; killed (and the pins
+/// removed) on drop.
+pub struct Agent {
     child: Child,
     stderr: mpsc::Receiver<String>,
     log: Vec<String>,
+    pub pin_dir: std::path::PathBuf,
 }
 
 impl Agent {
-    fn start(ns: &NetNs, args: &[&str]) -> Self {
-        let mut child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &ns.name,
-                env!("CARGO_BIN_EXE_tcpscope"),
-                "run",
-            ])
+    pub fn start(ns: &NetNs, args: &[&str]) -> Self {
+        let pin_dir =
+            std::path::PathBuf::from(format!("/sys/fs/bpf/{}", common::unique("tcpscope-test-")));
+        let mut child = ns
+            .command(env!("CARGO_BIN_EXE_tcpscope"))
+            .arg("run")
+            .arg("--pin-dir")
+            .arg(&pin_dir)
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -55,6 +56,7 @@ impl Agent {
             child,
             stderr: rx,
             log: Vec::new(),
+            pin_dir,
         }
     }
 
@@ -129,6 +131,7 @@ impl Drop for Agent {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
     }
 }
 
@@ -326,13 +329,12 @@ fn mirror_mode_attaches_xdp_only_and_skb_mode_is_generic() {
 fn unknown_interface_is_a_one_line_error() {
     common::require_root();
     let ns = NetNs::new("tsu");
-    let out = Command::new("ip")
+    let out = ns
+        .command(env!("CARGO_BIN_EXE_tcpscope"))
         .args([
-            "netns",
-            "exec",
-            &ns.name,
-            env!("CARGO_BIN_EXE_tcpscope"),
             "run",
+            "--pin-dir",
+            "/sys/fs/bpf/tcpscope-test-unused",
             "--iface",
             "nosuch0",
         ])

@@ -71,6 +71,31 @@ impl NetNs {
         sh(&all)
     }
 
+    /// A command that runs `program` in this network namespace only. Unlike `ip netns exec`,
+    /// the mount namespace stays the caller's, so bpffs at /sys/fs/bpf (the agent's pins)
+    /// stays visible.
+    pub fn command(&self, program: &str) -> Command {
+        use std::os::unix::process::CommandExt as _;
+        let path = std::ffi::CString::new(format!("/run/netns/{}", self.name)).expect("path");
+        let mut c = Command::new(program);
+        // SAFETY: the closure only calls async-signal-safe functions (open, setns, close).
+        unsafe {
+            c.pre_exec(move || {
+                let fd = libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let rc = libc::setns(fd, libc::CLONE_NEWNET);
+                libc::close(fd);
+                if rc != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        c
+    }
+
     /// Runs `f` on a thread that has entered the namespace, and returns its result.
     pub fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
         let path = format!("/run/netns/{}", self.name);
