@@ -4,7 +4,7 @@
 //! Each hook (XDP ingress, TC egress) owns one [`HookCounters`] value per CPU: a single map
 //! lookup per packet reaches every counter the packet touches.
 
-use crate::parse::PacketClass;
+use crate::parse::{PacketClass, Parsed, notes, tcp_flags};
 
 /// Where a packet was observed. The discriminant is the key into the counters map.
 #[repr(u32)]
@@ -181,6 +181,46 @@ impl HookCounters {
     pub fn bump_slot(&mut self, slot: usize) {
         if let Some(s) = self.slots.get_mut(slot) {
             *s = s.wrapping_add(1);
+        }
+    }
+
+    /// Counts one parsed frame: its class (`class`, the byte of `parsed.class`, passed apart
+    /// so that the eBPF side can read it in a verifier-friendly way), its notes, and for TCP
+    /// its address family and SYN / SYN-ACK / FIN / RST flags.
+    #[inline(always)]
+    pub fn count(&mut self, class: u8, parsed: &Parsed) {
+        self.bump_slot(usize::from(class));
+        for (bit, counter) in [
+            (notes::VLAN_SINGLE, Counter::VlanSingle),
+            (notes::VLAN_DOUBLE, Counter::VlanDouble),
+            (notes::IPV4_OPTIONS, Counter::Ipv4Options),
+            (notes::IPV6_EXT_HEADERS, Counter::Ipv6ExtHeaders),
+        ] {
+            if parsed.notes & bit != 0 {
+                self.bump(counter);
+            }
+        }
+        if parsed.class != PacketClass::Tcp {
+            return;
+        }
+        let seg = &parsed.segment;
+        self.bump(if seg.ipv6 {
+            Counter::TcpV6
+        } else {
+            Counter::TcpV4
+        });
+        if seg.has(tcp_flags::SYN) {
+            self.bump(if seg.has(tcp_flags::ACK) {
+                Counter::SynAck
+            } else {
+                Counter::Syn
+            });
+        }
+        if seg.has(tcp_flags::FIN) {
+            self.bump(Counter::Fin);
+        }
+        if seg.has(tcp_flags::RST) {
+            self.bump(Counter::Rst);
         }
     }
 

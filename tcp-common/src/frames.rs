@@ -265,16 +265,16 @@ pub struct Case {
     pub ipv6: bool,
 }
 
-const A4: [u8; 4] = [10, 0, 0, 1];
-const B4: [u8; 4] = [10, 0, 0, 2];
-const A6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
-const B6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+pub(crate) const A4: [u8; 4] = [10, 0, 0, 1];
+pub(crate) const B4: [u8; 4] = [10, 0, 0, 2];
+pub(crate) const A6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+pub(crate) const B6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
 
-fn v4(flags: u8) -> FrameSpec {
+pub(crate) fn v4(flags: u8) -> FrameSpec {
     FrameSpec::tcp_v4(A4, B4, (40000, 80), flags)
 }
 
-fn v6(flags: u8) -> FrameSpec {
+pub(crate) fn v6(flags: u8) -> FrameSpec {
     FrameSpec::tcp_v6(A6, B6, (40000, 443), flags)
 }
 

@@ -4,7 +4,7 @@ use aya_ebpf::EbpfContext;
 use aya_log_ebpf::debug;
 use tcp_common::{
     counters::{Counter, Hook},
-    parse::{Frame, PacketClass, Parsed, notes, parse, tcp_flags},
+    parse::{Frame, PacketClass, Parsed, parse},
     state::Side,
 };
 
@@ -44,40 +44,10 @@ pub fn observe<C: EbpfContext, F: Frame>(ctx: &C, frame: &F, hook: Hook) {
     // verifier does not share that assumption).
     // SAFETY: `PacketClass` is `repr(u8)`; reading its byte is always valid.
     let class = unsafe { core::ptr::read_volatile((&raw const parsed.class).cast::<u8>()) };
-    counters.bump_slot(usize::from(class));
-    if parsed.notes & notes::VLAN_SINGLE != 0 {
-        counters.bump(Counter::VlanSingle);
-    }
-    if parsed.notes & notes::VLAN_DOUBLE != 0 {
-        counters.bump(Counter::VlanDouble);
-    }
-    if parsed.notes & notes::IPV4_OPTIONS != 0 {
-        counters.bump(Counter::Ipv4Options);
-    }
-    if parsed.notes & notes::IPV6_EXT_HEADERS != 0 {
-        counters.bump(Counter::Ipv6ExtHeaders);
-    }
+    counters.count(class, parsed);
     match parsed.class {
         PacketClass::Tcp => {
             let seg = &parsed.segment;
-            counters.bump(if seg.ipv6 {
-                Counter::TcpV6
-            } else {
-                Counter::TcpV4
-            });
-            if seg.has(tcp_flags::SYN) {
-                counters.bump(if seg.has(tcp_flags::ACK) {
-                    Counter::SynAck
-                } else {
-                    Counter::Syn
-                });
-            }
-            if seg.has(tcp_flags::FIN) {
-                counters.bump(Counter::Fin);
-            }
-            if seg.has(tcp_flags::RST) {
-                counters.bump(Counter::Rst);
-            }
             let side = if MIRROR.load() != 0 {
                 Side::Unknown
             } else if hook == Hook::TcEgress {

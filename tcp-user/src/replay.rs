@@ -6,9 +6,8 @@ use std::{collections::HashMap, path::Path};
 use anyhow::Result;
 use serde::Serialize;
 use tcp_common::{
-    counters::{Counter, HookCounters},
     flow::{Flow, FlowKey, flow_flags},
-    parse::{PacketClass, notes, parse},
+    parse::{PacketClass, parse},
     state::{Role, Side, TcpState, events as ev},
     track::{Timeouts, expired, track},
 };
@@ -48,7 +47,7 @@ impl Replay {
             self.sweep();
         }
         let parsed = parse(frame);
-        count_packet(&mut self.report.packets, &parsed);
+        self.report.packets.count(parsed.class as u8, &parsed);
         if parsed.class != PacketClass::Tcp {
             return;
         }
@@ -102,20 +101,6 @@ impl Replay {
         let mut v: Vec<_> = self.flows.iter().map(|(k, f)| (*k, *f)).collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
-    }
-}
-
-fn count_packet(c: &mut HookCounters, parsed: &tcp_common::parse::Parsed) {
-    c.bump(parsed.class.into());
-    for (bit, counter) in [
-        (notes::VLAN_SINGLE, Counter::VlanSingle),
-        (notes::VLAN_DOUBLE, Counter::VlanDouble),
-        (notes::IPV4_OPTIONS, Counter::Ipv4Options),
-        (notes::IPV6_EXT_HEADERS, Counter::Ipv6ExtHeaders),
-    ] {
-        if parsed.notes & bit != 0 {
-            c.bump(counter);
-        }
     }
 }
 

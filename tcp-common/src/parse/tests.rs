@@ -3,20 +3,7 @@
 use std::vec;
 
 use super::{tcp_flags::*, *};
-use crate::frames::{FrameSpec, Upper, catalogue};
-
-const A4: [u8; 4] = [10, 0, 0, 1];
-const B4: [u8; 4] = [10, 0, 0, 2];
-const A6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
-const B6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
-
-fn v4(flags: u8) -> FrameSpec {
-    FrameSpec::tcp_v4(A4, B4, (40000, 80), flags)
-}
-
-fn v6(flags: u8) -> FrameSpec {
-    FrameSpec::tcp_v6(A6, B6, (40000, 443), flags)
-}
+use crate::frames::{A4, A6, B4, B6, FrameSpec, Upper, catalogue, v4, v6};
 
 fn with(mut spec: FrameSpec, f: impl FnOnce(&mut FrameSpec)) -> FrameSpec {
     f(&mut spec);
