@@ -5,135 +5,17 @@
 mod common;
 
 use std::{
-    collections::HashMap,
-    io::{BufRead as _, BufReader, Read as _, Write as _},
+    io::{Read as _, Write as _},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
-    process::{Child, Command, Stdio},
-    sync::mpsc,
     time::{Duration, Instant},
 };
 
-use common::{Link, NetNs};
+use common::{Link, NetNs, agent::Agent};
 
 const PORT: u16 = 8080;
 const CLOSED_PORT: u16 = 8081;
 const CONNECTIONS_PER_FAMILY: usize = 20;
 const REQUEST_BYTES: usize = 20_000;
-
-/// The agent running in a namespace, with its own pin directory; killed (and the pins
-/// removed) on drop.
-pub struct Agent {
-    child: Child,
-    stderr: mpsc::Receiver<String>,
-    log: Vec<String>,
-    pub pin_dir: std::path::PathBuf,
-}
-
-impl Agent {
-    pub fn start(ns: &NetNs, args: &[&str]) -> Self {
-        let pin_dir =
-            std::path::PathBuf::from(format!("/sys/fs/bpf/{}", common::unique("tcpscope-test-")));
-        let mut child = ns
-            .command(env!("CARGO_BIN_EXE_tcpscope"))
-            .arg("run")
-            .arg("--pin-dir")
-            .arg(&pin_dir)
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting tcpscope");
-        let stderr = child.stderr.take().expect("piped");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Self {
-            child,
-            stderr: rx,
-            log: Vec::new(),
-            pin_dir,
-        }
-    }
-
-    /// Waits (bounded) for a log line containing `needle`; returns it.
-    fn wait_for(&mut self, needle: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-            match self.stderr.recv_timeout(left) {
-                Ok(line) => {
-                    self.log.push(line.clone());
-                    if line.contains(needle) {
-                        return line;
-                    }
-                }
-                Err(_) => break,
-            }
-        }
-        panic!(
-            "tcpscope never logged {needle:?}; log so far:\n{}",
-            self.log.join("\n")
-        );
-    }
-
-    /// SIGTERM, then the summary lines it printed, by hook.
-    fn stop(mut self) -> HashMap<String, HashMap<String, u64>> {
-        // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
-        let rc = unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        assert_eq!(rc, 0, "SIGTERM to tcpscope");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let status = loop {
-            if let Some(status) = self.child.try_wait().expect("waiting for tcpscope") {
-                break status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "tcpscope did not exit within 20 s of SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        while let Ok(line) = self.stderr.recv_timeout(Duration::from_millis(200)) {
-            self.log.push(line);
-        }
-        let mut out = String::new();
-        self.child
-            .stdout
-            .take()
-            .expect("piped")
-            .read_to_string(&mut out)
-            .expect("stdout");
-        assert!(
-            status.success(),
-            "tcpscope exited with {status}; log:\n{}",
-            self.log.join("\n")
-        );
-        out.lines()
-            .filter_map(|l| {
-                let mut words = l.split_whitespace();
-                let hook = words.next()?.to_owned();
-                let kv = words
-                    .filter_map(|w| {
-                        let (k, v) = w.split_once('=')?;
-                        Some((k.to_owned(), v.parse().ok()?))
-                    })
-                    .collect();
-                Some((hook, kv))
-            })
-            .collect()
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.pin_dir);
-    }
-}
 
 /// Serves `count` connections: reads each request to its end, answers, closes.
 fn serve(listener: TcpListener, count: usize) {

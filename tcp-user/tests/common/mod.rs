@@ -5,6 +5,8 @@
 //! Helpers panic with a clear message instead of returning errors.
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
+pub mod agent;
+
 use std::{
     collections::HashMap,
     fs::File,

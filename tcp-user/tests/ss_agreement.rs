@@ -1,0 +1,367 @@
+//! Tier 3: the in-kernel tracker agrees with the Linux TCP stack. Two namespaces joined by a
+//! veth, the agent attached in host mode on the server side, real sockets driving each
+//! scenario; at quiescent checkpoints every endpoint's state in the tracker equals what
+//! `ss -tan` shows for that socket in its namespace (absent = CLOSED), and the TIME-WAIT
+//! counts agree per namespace.
+
+mod common;
+
+use std::{
+    collections::BTreeMap,
+    io::{Read as _, Write as _},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd as _,
+    process::Command,
+    thread,
+    time::Duration,
+};
+
+use common::{Link, NetNs, agent::Agent};
+use serde_json::Value;
+
+const PORT: u16 = 9100;
+const CONCURRENT_PER_FAMILY: usize = 110;
+
+/// `(local, peer)` → `ss` state name, for the TCP sockets of a namespace (listeners left out).
+fn ss_states(ns: &NetNs) -> BTreeMap<(String, String), String> {
+    ns.sh(&["ss", "-Htan"])
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (state, local, peer) = (*f.first()?, *f.get(3)?, *f.get(4)?);
+            (state != "LISTEN").then(|| ((unmap(local), unmap(peer)), state.to_owned()))
+        })
+        .collect()
+}
+
+/// `[::ffff:10.1.2.3]:80` (an IPv4 peer of a dual-stack socket) → `10.1.2.3:80`.
+fn unmap(addr: &str) -> String {
+    addr.strip_prefix("[::ffff:")
+        .map_or_else(|| addr.to_owned(), |rest| rest.replacen(']', "", 1))
+}
+
+/// `ss` name of a tracker state name.
+fn ss_name(state: &str) -> String {
+    match state {
+        "established" => "ESTAB".to_owned(),
+        "syn_received" => "SYN-RECV".to_owned(),
+        other => other
+            .to_uppercase()
+            .replace('_', "-")
+            .replace("FIN-WAIT-", "FIN-WAIT-"),
+    }
+}
+
+/// The tracker's view: for each endpoint on `side`, `(endpoint, peer)` → `ss`-style state
+/// (endpoints in CLOSED left out, as `ss` shows no socket for them).
+fn tracker_states(agent: &Agent, side: &str) -> BTreeMap<(String, String), String> {
+    let out = Command::new(env!("CARGO_BIN_EXE_tcpscope"))
+        .arg("flows")
+        .arg("--json")
+        .arg("--pin-dir")
+        .arg(&agent.pin_dir)
+        .output()
+        .expect("tcpscope flows");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let flows: Value = serde_json::from_slice(&out.stdout).expect("flows JSON");
+    let mut states = BTreeMap::new();
+    for flow in flows.as_array().expect("array") {
+        let ep = flow["endpoints"].as_array().expect("endpoints");
+        for (me, peer) in [(&ep[0], &ep[1]), (&ep[1], &ep[0])] {
+            if me["side"] == side && me["state"] != "closed" {
+                let key = (
+                    me["address"].as_str().expect("address").to_owned(),
+                    peer["address"].as_str().expect("address").to_owned(),
+                );
+                states.insert(key, ss_name(me["state"].as_str().expect("state")));
+            }
+        }
+    }
+    states
+}
+
+/// Waits for the stack to settle (delayed ACKs, FIN exchanges), then compares both sides.
+/// Returns (client TIME-WAIT, server TIME-WAIT, sockets compared).
+fn checkpoint(what: &str, link: &Link, agent: &Agent) -> (usize, usize, usize) {
+    thread::sleep(Duration::from_millis(400));
+    let server = ss_states(&link.server);
+    let client = ss_states(&link.client);
+    let tracked_server = tracker_states(agent, "local");
+    let tracked_client = tracker_states(agent, "remote");
+    assert_eq!(
+        tracked_server, server,
+        "{what}: server namespace (tracker vs ss)"
+    );
+    assert_eq!(
+        tracked_client, client,
+        "{what}: client namespace (tracker vs ss)"
+    );
+    let tw =
+        |m: &BTreeMap<(String, String), String>| m.values().filter(|s| *s == "TIME-WAIT").count();
+    (tw(&client), tw(&server), client.len() + server.len())
+}
+
+/// Opens `n` connections to each address; returns (client sockets, server sockets), paired.
+fn open(
+    link: &Link,
+    listener: &TcpListener,
+    addrs: &[SocketAddr],
+    n: usize,
+) -> Vec<(TcpStream, TcpStream)> {
+    let addrs = addrs.to_vec();
+    let total = addrs.len() * n;
+    // Accept while the client connects: the listen backlog is smaller than the batch.
+    let acceptor = listener.try_clone().expect("listener clone");
+    let accepting = thread::spawn(move || -> Vec<TcpStream> {
+        (0..total)
+            .map(|_| acceptor.accept().expect("accept").0)
+            .collect()
+    });
+    let clients = link.client.enter(move || {
+        let mut v = Vec::new();
+        for addr in &addrs {
+            for _ in 0..n {
+                v.push(TcpStream::connect_timeout(addr, Duration::from_secs(5)).expect("connect"));
+            }
+        }
+        v
+    });
+    let mut servers = accepting.join().expect("acceptor");
+    clients
+        .into_iter()
+        .map(|c| {
+            let at = servers
+                .iter()
+                .position(|s| {
+                    s.peer_addr().ok().map(|a| unmap(&a.to_string()))
+                        == c.local_addr().ok().map(|a| a.to_string())
+                })
+                .expect("server side of a client socket");
+            (c, servers.swap_remove(at))
+        })
+        .collect()
+}
+
+fn set_linger_zero(s: &TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: valid socket fd and a correctly sized option value.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            std::mem::size_of::<libc::linger>() as u32,
+        )
+    };
+    assert_eq!(rc, 0, "SO_LINGER");
+}
+
+/// Reads until EOF.
+fn drain(s: &mut TcpStream) {
+    let mut buf = Vec::new();
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    s.read_to_end(&mut buf).expect("read to EOF");
+}
+
+#[test]
+fn tracker_states_equal_the_kernel_sockets() {
+    common::require_root();
+    let link = Link::new();
+    let mut agent = Agent::start(
+        &link.server,
+        &["--iface", &link.server_if, "--time-wait-secs", "60"],
+    );
+    agent.wait_for("attached ");
+    let listener = link
+        .server
+        .enter(|| TcpListener::bind(("::", PORT)).expect("dual-stack listener"));
+    let v4: SocketAddr = format!("{}:{PORT}", link.server_v4()).parse().expect("v4");
+    let v6: SocketAddr = format!("[{}]:{PORT}", link.server_v6())
+        .parse()
+        .expect("v6");
+
+    // Many concurrent connections, both families.
+    let mut conns = open(&link, &listener, &[v4, v6], CONCURRENT_PER_FAMILY);
+    assert_eq!(conns.len(), 2 * CONCURRENT_PER_FAMILY);
+    for (c, s) in &mut conns {
+        c.write_all(b"request").expect("send");
+        let mut buf = [0u8; 7];
+        s.read_exact(&mut buf).expect("recv");
+        s.write_all(b"response").expect("answer");
+        // Read it: closing a socket with unread data sends RST instead of FIN.
+        let mut buf = [0u8; 8];
+        c.read_exact(&mut buf).expect("response");
+    }
+    let (_, _, sockets) = checkpoint("established", &link, &agent);
+    assert_eq!(
+        sockets,
+        2 * conns.len(),
+        "every connection seen from both namespaces"
+    );
+
+    // Client closes first (clients of even index), server closes first (odd).
+    let (client_first, server_first): (Vec<_>, Vec<_>) =
+        conns.drain(..).enumerate().partition(|(i, _)| i % 2 == 0);
+    let mut half_closed = Vec::new();
+    for (_, (c, mut s)) in client_first {
+        drop(c);
+        drain(&mut s);
+        half_closed.push(s);
+    }
+    // Closers in FIN-WAIT-2, peers in CLOSE-WAIT (the server has not closed yet).
+    checkpoint("client closed first, server still open", &link, &agent);
+    drop(half_closed);
+    for (_, (mut c, s)) in server_first {
+        drop(s);
+        drain(&mut c);
+        drop(c);
+    }
+    let (tw_client, tw_server, _) = checkpoint("all closed", &link, &agent);
+    assert_eq!(
+        (tw_client, tw_server),
+        (CONCURRENT_PER_FAMILY, CONCURRENT_PER_FAMILY)
+    );
+
+    // Half-close with data flowing from the CLOSE-WAIT side.
+    let mut pair = open(&link, &listener, &[v4, v6], 1);
+    for (c, _) in &pair {
+        c.shutdown(Shutdown::Write).expect("half-close");
+    }
+    checkpoint("half-closed", &link, &agent);
+    for (c, s) in &mut pair {
+        let mut b = [0u8; 1];
+        assert_eq!(s.read(&mut b).expect("EOF"), 0);
+        s.write_all(&vec![9u8; 50_000])
+            .expect("data after the peer's FIN");
+        let mut got = vec![0u8; 50_000];
+        c.read_exact(&mut got)
+            .expect("data on the half-closed side");
+    }
+    checkpoint("data after half-close", &link, &agent);
+    for (c, s) in pair {
+        drop(s);
+        let mut c = c;
+        drain(&mut c);
+    }
+    checkpoint("half-close finished", &link, &agent);
+
+    // RST abort (SO_LINGER 0) from either side.
+    let pair = open(&link, &listener, &[v4, v6], 2);
+    for (i, (c, s)) in pair.into_iter().enumerate() {
+        if i % 2 == 0 {
+            set_linger_zero(&c);
+            drop(c);
+            thread::sleep(Duration::from_millis(50));
+            drop(s);
+        } else {
+            set_linger_zero(&s);
+            drop(s);
+            thread::sleep(Duration::from_millis(50));
+            drop(c);
+        }
+    }
+    checkpoint("reset", &link, &agent);
+
+    // Refused connections.
+    link.client.enter(move || {
+        for mut addr in [v4, v6] {
+            addr.set_port(PORT + 1);
+            let err =
+                TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect_err("refused");
+            assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
+        }
+    });
+    checkpoint("refused", &link, &agent);
+
+    // TIME-WAIT reuse: the server closes first (server TIME-WAIT), then the client connects
+    // again from the same port; Linux accepts the SYN on the TIME-WAIT 4-tuple.
+    let mut pair = open(&link, &listener, &[v4], 1);
+    let (c, s) = pair.remove(0);
+    let client_addr = c.local_addr().expect("local");
+    drop(s);
+    let mut c = c;
+    drain(&mut c);
+    drop(c);
+    checkpoint("before reuse", &link, &agent);
+    let reused = link.client.enter(move || {
+        let sock = socket_bound_to(client_addr);
+        connect(sock, v4)
+    });
+    let server_side = listener.accept().expect("accept on reused tuple").0;
+    checkpoint("reused", &link, &agent);
+    drop((reused, server_side));
+    drop(listener);
+    let summary = agent.stop();
+    assert_eq!(summary["xdp_ingress"]["malformed"], 0);
+}
+
+/// A TCP socket bound (with SO_REUSEADDR) to `addr`, not connected yet.
+fn socket_bound_to(addr: SocketAddr) -> i32 {
+    let SocketAddr::V4(a) = addr else {
+        panic!("IPv4 only")
+    };
+    // SAFETY: plain socket calls on a socket this function owns; pointers are to live values.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        assert!(fd >= 0);
+        let one: i32 = 1;
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&raw const one).cast(),
+            4,
+        );
+        let sin = libc::sockaddr_in {
+            sin_family: libc::AF_INET as u16,
+            sin_port: a.port().to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(a.ip().octets()),
+            },
+            sin_zero: [0; 8],
+        };
+        let rc = libc::bind(
+            fd,
+            (&raw const sin).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as u32,
+        );
+        assert_eq!(rc, 0, "bind {addr}: {}", std::io::Error::last_os_error());
+        fd
+    }
+}
+
+/// Connects a bound socket; returns it as a stream.
+fn connect(fd: i32, to: SocketAddr) -> TcpStream {
+    use std::os::fd::FromRawFd as _;
+    let SocketAddr::V4(a) = to else {
+        panic!("IPv4 only")
+    };
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as u16,
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(a.ip().octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: `fd` is a socket this test owns; `sin` is a live sockaddr_in.
+    let rc = unsafe {
+        libc::connect(
+            fd,
+            (&raw const sin).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as u32,
+        )
+    };
+    assert_eq!(rc, 0, "connect: {}", std::io::Error::last_os_error());
+    // SAFETY: `fd` is an open, connected socket whose ownership moves to the stream.
+    unsafe { TcpStream::from_raw_fd(fd) }
+}
