@@ -2,9 +2,9 @@
 
 use aya::{
     Ebpf,
-    maps::{MapData, PerCpuArray},
+    maps::{Map, MapData, PerCpuArray},
 };
-use tcp_common::counters::{Hook, HookCounters};
+use tcp_common::counters::{EventCounters, Hook, HookCounters};
 
 use crate::error::Error;
 
@@ -53,4 +53,58 @@ pub fn read(ebpf: &Ebpf) -> Result<Totals, Error> {
         }
     }
     Ok(totals)
+}
+
+/// Name of the event counters map in the eBPF object.
+pub const EVENTS_MAP: &str = "EVENTS";
+
+/// Sums a per-CPU array of `V` at key `index`.
+fn sum_per_cpu<V: aya::Pod + Default + Copy>(
+    map: &Map,
+    name: &'static str,
+    index: u32,
+    add: impl Fn(&mut V, &V),
+) -> Result<V, Error> {
+    let array =
+        PerCpuArray::<&MapData, V>::try_from(map).map_err(|source| Error::Map { name, source })?;
+    let per_cpu = array
+        .get(&index, 0)
+        .map_err(|source| Error::Map { name, source })?;
+    let mut total = V::default();
+    for cpu in per_cpu.iter() {
+        add(&mut total, cpu);
+    }
+    Ok(total)
+}
+
+/// Reads the pinned packet and event counters of a running (or stopped) agent.
+///
+/// # Errors
+/// When they are not pinned under `base` or cannot be read.
+pub fn read_pinned(base: &std::path::Path) -> Result<(Totals, EventCounters), Error> {
+    let open = |name: &'static str| -> Result<Map, Error> {
+        let path = crate::loader::layout_dir(base).join(name);
+        if !path.exists() {
+            return Err(Error::NotPinned {
+                path,
+                found: String::new(),
+            });
+        }
+        let data = MapData::from_pin(&path).map_err(|source| Error::Map { name, source })?;
+        Ok(Map::PerCpuArray(data))
+    };
+    let counters = open(COUNTERS_MAP)?;
+    let mut totals = Totals {
+        hooks: [HookCounters::ZERO; 2],
+    };
+    for hook in Hook::ALL {
+        totals.hooks[hook as usize] = sum_per_cpu(
+            &counters,
+            COUNTERS_MAP,
+            hook as u32,
+            HookCounters::accumulate,
+        )?;
+    }
+    let events = sum_per_cpu(&open(EVENTS_MAP)?, EVENTS_MAP, 0, EventCounters::accumulate)?;
+    Ok((totals, events))
 }

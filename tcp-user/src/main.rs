@@ -16,6 +16,7 @@ use tcp_user::{
     flows::{self, FlowView},
     iface,
     loader::{self, LoadOptions, Mode, Tracker, XdpModeChoice, error_chain},
+    report::Report,
 };
 use tokio::{
     io::{Interest, unix::AsyncFd},
@@ -40,6 +41,9 @@ enum Command {
     Run(RunArgs),
     /// List the flows tracked by the running agent (read from its pinned maps), like `ss -tan`.
     Flows(FlowsArgs),
+    /// Print the running agent's tallies (events and endpoints per state, from its pinned maps)
+    /// with the same names and layout as `replay`.
+    Stats(StatsArgs),
     /// Run the state machine over a capture file (pcap or pcapng, Ethernet) and print the
     /// final state; packet timestamps are the clock. Needs no privileges.
     Replay(ReplayArgs),
@@ -49,9 +53,8 @@ enum Command {
 struct ReplayArgs {
     /// The capture file.
     capture: std::path::PathBuf,
-    /// Seconds an endpoint stays in TIME-WAIT (Linux: 60).
-    #[arg(long, default_value_t = 60, value_name = "SECS")]
-    time_wait_secs: u64,
+    #[command(flatten)]
+    timeouts: TimeoutArgs,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Prometheus)]
     format: Format,
@@ -130,6 +133,16 @@ impl TimeoutArgs {
 }
 
 #[derive(Debug, Args)]
+struct StatsArgs {
+    /// bpffs directory the running agent pins its maps in.
+    #[arg(long, default_value = loader::DEFAULT_PIN_DIR, value_name = "DIR")]
+    pin_dir: PathBuf,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Prometheus)]
+    format: Format,
+}
+
+#[derive(Debug, Args)]
 struct FlowsArgs {
     /// bpffs directory the running agent pins its maps in.
     #[arg(long, default_value = loader::DEFAULT_PIN_DIR, value_name = "DIR")]
@@ -180,6 +193,7 @@ fn main() -> ExitCode {
             Command::Run(args) => run(args).await,
             Command::Replay(args) => replay(&args),
             Command::Flows(args) => list_flows(&args),
+            Command::Stats(args) => stats(&args),
         }
     });
     match result {
@@ -333,6 +347,50 @@ fn sweep(tracker: &mut Tracker, timeouts: &Timeouts) -> Result<()> {
     Ok(())
 }
 
+fn stats(args: &StatsArgs) -> Result<()> {
+    let err = |e: tcp_user::error::Error| anyhow::anyhow!(error_chain(&e));
+    let (totals, events) = tcp_user::counters::read_pinned(&args.pin_dir).map_err(err)?;
+    let records = flows::read_pinned(&args.pin_dir).map_err(err)?;
+    let mut report = Report::default();
+    report.add_kernel_events(&events);
+    report.packets = *totals.hook(Hook::XdpIngress);
+    for (_, _, flow) in &records {
+        report.count_endpoints(flow);
+    }
+    let text = match args.format {
+        Format::Prometheus => report
+            .prometheus_text(Hook::XdpIngress.name())
+            .context("rendering metrics")?,
+        Format::Json => render_json(&report, &[]).context("rendering JSON")?,
+    };
+    std::io::stdout()
+        .lock()
+        .write_all(text.as_bytes())
+        .context("writing the report")?;
+    Ok(())
+}
+
+/// The JSON document of `replay --format json` and `stats --format json`.
+fn render_json(
+    report: &Report,
+    flows: &[tcp_user::replay::FlowJson],
+) -> serde_json::Result<String> {
+    let endpoints: Vec<_> = report
+        .endpoints
+        .iter()
+        .map(|((state, role, side), n)| {
+            serde_json::json!({"state": state.name(), "role": role.name(), "side": side.name(), "count": n})
+        })
+        .collect();
+    let doc = serde_json::json!({
+        "packets": report.packets.packets(),
+        "counters": report,
+        "endpoints": endpoints,
+        "flows": flows,
+    });
+    Ok(serde_json::to_string_pretty(&doc)? + "\n")
+}
+
 fn list_flows(args: &FlowsArgs) -> Result<()> {
     let now = flows::monotonic_ns();
     let records =
@@ -376,10 +434,7 @@ fn list_flows(args: &FlowsArgs) -> Result<()> {
 }
 
 fn replay(args: &ReplayArgs) -> Result<()> {
-    let timeouts = Timeouts {
-        time_wait: args.time_wait_secs.saturating_mul(1_000_000_000),
-        ..Timeouts::DEFAULT
-    };
+    let timeouts = args.timeouts.timeouts();
     let replay = tcp_user::replay::replay_file(&args.capture, timeouts)?;
     let text = match args.format {
         Format::Prometheus => replay
@@ -387,25 +442,12 @@ fn replay(args: &ReplayArgs) -> Result<()> {
             .prometheus_text("replay")
             .context("rendering metrics")?,
         Format::Json => {
-            let endpoints: Vec<_> = replay
-                .report
-                .endpoints
-                .iter()
-                .map(|((state, role, side), n)| {
-                    serde_json::json!({"state": state.name(), "role": role.name(), "side": side.name(), "count": n})
-                })
-                .collect();
             let flows: Vec<_> = replay
                 .flows()
                 .iter()
                 .map(|(k, f)| tcp_user::replay::FlowJson::new(k, f))
                 .collect();
-            let doc = serde_json::json!({
-                "counters": replay.report,
-                "endpoints": endpoints,
-                "flows": flows,
-            });
-            serde_json::to_string_pretty(&doc).context("rendering JSON")? + "\n"
+            render_json(&replay.report, &flows).context("rendering JSON")?
         }
     };
     std::io::stdout()

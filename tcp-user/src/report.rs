@@ -8,7 +8,7 @@ use prometheus::{
 };
 use serde::Serialize;
 use tcp_common::{
-    counters::{Counter, HookCounters},
+    counters::{Counter, EventCounters, HookCounters},
     flow::{Flow, FlowKey, flow_flags},
     state::{Role, Side, TcpState, events as ev},
 };
@@ -57,27 +57,43 @@ pub struct Report {
 }
 
 impl Report {
+    /// The tally an event bit adds to, if any.
+    fn field_mut(&mut self, bit: u32) -> Option<&mut u64> {
+        Some(match bit {
+            ev::SYN => &mut self.syn,
+            ev::SYN_RETRANSMIT => &mut self.syn_retransmits,
+            ev::SYN_ACK => &mut self.synack,
+            ev::HANDSHAKE_COMPLETED => &mut self.handshakes_completed,
+            ev::HANDSHAKE_FAILED_RST => &mut self.handshakes_failed_rst,
+            ev::RESET => &mut self.closed_by_rst,
+            ev::CLOSED_BY_FIN => &mut self.closed_by_fin,
+            ev::SIMULTANEOUS_CLOSE => &mut self.simultaneous_closes,
+            ev::TIME_WAIT_REUSE => &mut self.time_wait_reuses,
+            ev::PICKED_UP => &mut self.picked_up,
+            ev::INVALID_RST => &mut self.invalid_rst,
+            ev::INVALID_FIN => &mut self.invalid_fin,
+            ev::INVALID_FLAGS => &mut self.invalid_flags,
+            ev::INVALID_ACK => &mut self.invalid_ack,
+            _ => return None,
+        })
+    }
+
     /// Adds the events of one segment.
     pub fn count_events(&mut self, e: u32) {
-        let add = |bit: u32, field: &mut u64| {
-            if e & bit != 0 {
+        for bit in (0..32).map(|i| 1u32 << i).filter(|b| e & b != 0) {
+            if let Some(field) = self.field_mut(bit) {
                 *field += 1;
             }
-        };
-        add(ev::SYN, &mut self.syn);
-        add(ev::SYN_RETRANSMIT, &mut self.syn_retransmits);
-        add(ev::SYN_ACK, &mut self.synack);
-        add(ev::HANDSHAKE_COMPLETED, &mut self.handshakes_completed);
-        add(ev::HANDSHAKE_FAILED_RST, &mut self.handshakes_failed_rst);
-        add(ev::RESET, &mut self.closed_by_rst);
-        add(ev::CLOSED_BY_FIN, &mut self.closed_by_fin);
-        add(ev::SIMULTANEOUS_CLOSE, &mut self.simultaneous_closes);
-        add(ev::TIME_WAIT_REUSE, &mut self.time_wait_reuses);
-        add(ev::PICKED_UP, &mut self.picked_up);
-        add(ev::INVALID_RST, &mut self.invalid_rst);
-        add(ev::INVALID_FIN, &mut self.invalid_fin);
-        add(ev::INVALID_FLAGS, &mut self.invalid_flags);
-        add(ev::INVALID_ACK, &mut self.invalid_ack);
+        }
+    }
+
+    /// Adds the kernel's per-event tallies (summed over CPUs).
+    pub fn add_kernel_events(&mut self, events: &EventCounters) {
+        for i in 0..24 {
+            if let Some(field) = self.field_mut(1 << i) {
+                *field += events.slots[i];
+            }
+        }
     }
 
     /// Accounts for a record that ends (expired, or replaced by a new connection).

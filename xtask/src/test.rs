@@ -19,6 +19,7 @@ use crate::{build, cmd};
 const PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "/usr/sbin/ip"),
     ("ethtool", "/usr/sbin/ethtool"),
+    ("tcpreplay", "/usr/bin/tcpreplay"),
 ];
 
 /// Options of `cargo xtask test`.

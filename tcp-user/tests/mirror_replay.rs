@@ -1,0 +1,220 @@
+//! Mirror mode on real captures: every public capture in ../shared/pcaps is replayed with
+//! tcpreplay onto a veth whose peer carries the agent in mirror mode (XDP only, both
+//! directions on ingress). The kernel's tallies and per-state endpoint counts must equal
+//! those of `tcpscope replay` on the same file (the userspace path over the same tcp-common
+//! code): a differential test of the two paths, and through the replay test, a comparison
+//! with the captures' truth. Skipped, saying so, when the captures are absent.
+
+mod common;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    thread,
+    time::{Duration, Instant},
+};
+
+use aya::maps::{HashMap, Map, MapData, PerCpuArray, PerCpuValues};
+use common::{Link, agent::Agent};
+use serde_json::Value;
+use tcp_common::{
+    counters::{EventCounters, HookCounters},
+    flow::{FlowEntry, FlowKey},
+};
+
+/// Replay timeouts far beyond any capture's span: nothing expires in either path.
+const NEVER: &str = "100000000";
+
+fn pcaps_dir() -> Option<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/pcaps");
+    dir.join("truth").is_dir().then_some(dir)
+}
+
+fn tcpscope(args: &[&str]) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_tcpscope"))
+        .args(args)
+        .output()
+        .expect("run tcpscope");
+    assert!(
+        out.status.success(),
+        "tcpscope {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON")
+}
+
+/// Empties the pinned tables and counters between captures.
+fn reset(pin_dir: &Path) {
+    let dir = pin_dir.join(format!("v{}", tcp_common::LAYOUT_VERSION));
+    for name in ["FLOWS", "HALF_OPEN"] {
+        let data = MapData::from_pin(dir.join(name)).expect("pinned table");
+        let mut map: HashMap<_, FlowKey, FlowEntry> =
+            HashMap::try_from(Map::HashMap(data)).expect("hash");
+        let keys: Vec<FlowKey> = map.keys().map(|k| k.expect("key")).collect();
+        for k in keys {
+            let _ = map.remove(&k);
+        }
+    }
+    let cpus = aya::util::nr_cpus().expect("cpus").get() as usize;
+    let data = MapData::from_pin(dir.join("COUNTERS")).expect("counters");
+    let mut counters: PerCpuArray<_, HookCounters> =
+        PerCpuArray::try_from(Map::PerCpuArray(data)).expect("array");
+    for hook in 0..2 {
+        counters
+            .set(
+                hook,
+                PerCpuValues::try_from(vec![HookCounters::ZERO; cpus]).expect("values"),
+                0,
+            )
+            .expect("zero");
+    }
+    let data = MapData::from_pin(dir.join("EVENTS")).expect("events");
+    let mut events: PerCpuArray<_, EventCounters> =
+        PerCpuArray::try_from(Map::PerCpuArray(data)).expect("array");
+    events
+        .set(
+            0,
+            PerCpuValues::try_from(vec![EventCounters::default(); cpus]).expect("values"),
+            0,
+        )
+        .expect("zero");
+}
+
+/// Frames the XDP program counted (every parse result).
+fn packets_seen(stats: &Value) -> u64 {
+    stats["packets"].as_u64().expect("packets in stats JSON")
+}
+
+#[test]
+fn kernel_mirror_mode_equals_userspace_replay_on_every_capture() {
+    common::require_root();
+    let Some(dir) = pcaps_dir() else {
+        eprintln!(
+            "SKIPPED: ../shared/pcaps not found; the capture tests need it beside the repository"
+        );
+        return;
+    };
+    let link = Link::new();
+    // Large frames (captures taken with offloads) must fit: generic XDP takes any size.
+    for (ns, iface) in [
+        (&link.client, &link.client_if),
+        (&link.server, &link.server_if),
+    ] {
+        ns.sh(&["ip", "link", "set", iface, "mtu", "65000"]);
+        // No IPv6 on the pair: its neighbour discovery and MLD frames would add to what
+        // XDP sees besides the capture.
+        ns.sh(&[
+            "sysctl",
+            "-qw",
+            &format!("net.ipv6.conf.{iface}.disable_ipv6=1"),
+        ]);
+    }
+    let mut agent = Agent::start(
+        &link.server,
+        &[
+            "--iface",
+            &link.server_if,
+            "--mode",
+            "mirror",
+            "--xdp-mode",
+            "skb",
+            "--time-wait-secs",
+            NEVER,
+            "--closed-secs",
+            NEVER,
+            "--half-open-secs",
+            NEVER,
+            "--closing-secs",
+            NEVER,
+        ],
+    );
+    agent.wait_for("attached ");
+    let pin = agent.pin_dir.to_string_lossy().into_owned();
+    let mut truths: Vec<PathBuf> = std::fs::read_dir(dir.join("truth"))
+        .expect("truth")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    truths.sort();
+    let mut compared = 0;
+    for truth_path in truths {
+        let truth: Value =
+            serde_json::from_str(&std::fs::read_to_string(&truth_path).expect("read"))
+                .expect("json");
+        let name = truth["name"].as_str().expect("name").to_owned();
+        let capture = dir
+            .join("captures")
+            .join(truth["file"].as_str().expect("file"));
+        reset(&agent.pin_dir);
+        let out = link.client.sh(&[
+            "tcpreplay",
+            "--intf1",
+            &link.client_if,
+            "--pps",
+            "40000",
+            capture.to_str().expect("path"),
+        ]);
+        let failed = out
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Failed packets:"))
+            .map(|v| v.trim().to_owned());
+        assert_eq!(
+            failed.as_deref(),
+            Some("0"),
+            "{name}: tcpreplay could not send everything: {out}"
+        );
+        // Wait (bounded) until the agent has seen every frame.
+        let want = truth["packets"].as_u64().expect("packets");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let kernel = loop {
+            let stats = tcpscope(&["stats", "--format", "json", "--pin-dir", &pin]);
+            if packets_seen(&stats) >= want || Instant::now() > deadline {
+                break stats;
+            }
+            thread::sleep(Duration::from_millis(100));
+        };
+        assert_eq!(packets_seen(&kernel), want, "{name}: frames seen by XDP");
+        let user = tcpscope(&[
+            "replay",
+            "--format",
+            "json",
+            "--time-wait-secs",
+            NEVER,
+            "--closed-secs",
+            NEVER,
+            "--half-open-secs",
+            NEVER,
+            "--closing-secs",
+            NEVER,
+            capture.to_str().expect("path"),
+        ]);
+        for key in [
+            "syn",
+            "synack",
+            "syn_retransmits",
+            "handshakes_completed",
+            "handshakes_failed_rst",
+            "closed_by_rst",
+            "closed_by_fin",
+            "simultaneous_closes",
+            "time_wait_reuses",
+            "picked_up",
+            "invalid_rst",
+            "invalid_fin",
+            "invalid_flags",
+            "invalid_ack",
+        ] {
+            assert_eq!(
+                kernel["counters"][key], user["counters"][key],
+                "{name}: {key} (kernel vs replay)"
+            );
+            compared += 1;
+        }
+        assert_eq!(
+            kernel["endpoints"], user["endpoints"],
+            "{name}: endpoints per state (kernel vs replay)"
+        );
+    }
+    assert!(compared > 500, "compared {compared}");
+    drop(agent);
+}
