@@ -365,3 +365,102 @@ fn connect(fd: i32, to: SocketAddr) -> TcpStream {
     // SAFETY: `fd` is an open, connected socket whose ownership moves to the stream.
     unsafe { TcpStream::from_raw_fd(fd) }
 }
+
+/// Pins the calling thread to one CPU.
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: `set` is a properly initialized cpu_set_t; 0 means the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        let rc = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &raw const set);
+        assert_eq!(
+            rc,
+            0,
+            "sched_setaffinity: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+#[test]
+fn both_directions_on_two_cpus_at_once_lose_no_state() {
+    common::require_root();
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    if cpus < 2 {
+        eprintln!("SKIPPED: needs two CPUs, this machine has {cpus}");
+        return;
+    }
+    const CONNECTIONS: usize = 64;
+    const BYTES: usize = 256 * 1024;
+    let link = Link::new();
+    let mut agent = Agent::start(&link.server, &["--iface", &link.server_if]);
+    agent.wait_for("attached ");
+    let listener = link
+        .server
+        .enter(|| TcpListener::bind(("::", PORT)).expect("listener"));
+    let v4: SocketAddr = format!("{}:{PORT}", link.server_v4()).parse().expect("v4");
+    let v6: SocketAddr = format!("[{}]:{PORT}", link.server_v6())
+        .parse()
+        .expect("v6");
+    let conns = open(&link, &listener, &[v4, v6], CONNECTIONS / 2);
+    // Every connection streams both ways at once: the client's segments are handled by XDP
+    // on CPU 0 (veth runs the receive path on the sender's CPU), the server's by TC on CPU 1,
+    // so the two directions of each flow update its record concurrently.
+    let workers: Vec<_> = conns
+        .into_iter()
+        .map(|(mut c, mut s)| {
+            let client = thread::spawn(move || {
+                pin_to_cpu(0);
+                let reader = c.try_clone().expect("clone");
+                let recv = thread::spawn(move || {
+                    pin_to_cpu(0);
+                    let mut r = reader;
+                    let mut got = vec![0u8; BYTES];
+                    r.read_exact(&mut got).expect("client receives");
+                });
+                c.write_all(&vec![1u8; BYTES]).expect("client sends");
+                recv.join().expect("client receiver");
+                c
+            });
+            let server = thread::spawn(move || {
+                pin_to_cpu(1);
+                let reader = s.try_clone().expect("clone");
+                let recv = thread::spawn(move || {
+                    pin_to_cpu(1);
+                    let mut r = reader;
+                    let mut got = vec![0u8; BYTES];
+                    r.read_exact(&mut got).expect("server receives");
+                });
+                s.write_all(&vec![2u8; BYTES]).expect("server sends");
+                recv.join().expect("server receiver");
+                s
+            });
+            (client, server)
+        })
+        .collect();
+    let conns: Vec<(TcpStream, TcpStream)> = workers
+        .into_iter()
+        .map(|(c, s)| (c.join().expect("client"), s.join().expect("server")))
+        .collect();
+    checkpoint("after concurrent streaming", &link, &agent);
+    for (c, mut s) in conns {
+        drop(c);
+        drain(&mut s);
+    }
+    let (tw_client, _, _) = checkpoint("closed after concurrent streaming", &link, &agent);
+    assert_eq!(tw_client, CONNECTIONS);
+    let stats = Command::new(env!("CARGO_BIN_EXE_tcpscope"))
+        .args(["stats", "--format", "json", "--pin-dir"])
+        .arg(&agent.pin_dir)
+        .output()
+        .expect("stats");
+    let stats: Value = serde_json::from_slice(&stats.stdout).expect("stats JSON");
+    assert_eq!(
+        stats["counters"]["handshakes_completed"],
+        CONNECTIONS as u64
+    );
+    assert_eq!(stats["counters"]["closed_by_fin"], CONNECTIONS as u64);
+    assert_eq!(stats["counters"]["invalid_rst"], 0);
+    assert_eq!(stats["counters"]["invalid_fin"], 0);
+    drop(listener);
+}
