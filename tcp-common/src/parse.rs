@@ -168,6 +168,10 @@ pub struct Parsed {
     pub notes: u8,
     /// Valid only when `class` is [`PacketClass::Tcp`].
     pub segment: Segment,
+    /// Offset of the TCP options of a SYN segment (see [`syn_window_scale`]).
+    pub syn_options_off: u16,
+    /// Their length in bytes; 0 for other segments.
+    pub syn_options_len: u8,
 }
 
 impl Parsed {
@@ -189,6 +193,8 @@ impl Parsed {
             wscale: NO_WSCALE,
             vlan: 0,
         },
+        syn_options_off: 0,
+        syn_options_len: 0,
     };
 }
 
@@ -216,19 +222,65 @@ const fn is_vlan(ethertype: u16) -> bool {
 /// Parses one Ethernet frame. Never fails: every frame gets a [`PacketClass`].
 #[inline(always)]
 pub fn parse<F: Frame + ?Sized>(frame: &F) -> Parsed {
-    let mut parsed = Parsed {
-        class: PacketClass::Truncated,
-        notes: 0,
-        segment: Segment {
-            wscale: NO_WSCALE,
-            ..Segment::default()
-        },
-    };
-    parsed.class = match parse_into(frame, &mut parsed.notes, &mut parsed.segment) {
-        Ok(()) => PacketClass::Tcp,
-        Err(class) => class,
-    };
+    let mut parsed = Parsed::EMPTY;
+    match parse_into(frame, &mut parsed.notes, &mut parsed.segment) {
+        Ok(options) => {
+            parsed.class = PacketClass::Tcp;
+            // Bounded by the header checks: offset < 2^16, length <= 40.
+            parsed.syn_options_off = options.off as u16;
+            parsed.syn_options_len = options.len as u8;
+        }
+        Err(class) => parsed.class = class,
+    }
     parsed
+}
+
+/// [`parse`], then [`syn_window_scale`] for SYNs: what userspace uses. The eBPF programs make
+/// the same two calls as separate BPF-to-BPF calls (the option walk would otherwise multiply
+/// the verifier's paths through the header walk).
+#[must_use]
+pub fn parse_full<F: Frame + ?Sized>(frame: &F) -> Parsed {
+    let mut parsed = parse(frame);
+    if parsed.syn_options_len > 0 {
+        parsed.segment.wscale = syn_window_scale(frame, &parsed);
+    }
+    parsed
+}
+
+/// The shift of the window scale option (RFC 7323 §2) of a SYN parsed by [`parse`], or
+/// [`NO_WSCALE`].
+///
+/// The walk knows the option kinds a SYN carries before the window scale on Linux, Windows,
+/// the BSDs and macOS (NOP, MSS, SACK-permitted, timestamps, TCP-MD5), whose lengths are fixed
+/// by their kind: the cursor is then a constant on every verifier path, and paths reaching the
+/// same offset are pruned. An unknown kind before the window scale (rare on a SYN) ends the
+/// walk without a scale, which the state machine treats as the largest one.
+#[inline(always)]
+pub fn syn_window_scale<F: Frame + ?Sized>(frame: &F, parsed: &Parsed) -> u8 {
+    let off = usize::from(parsed.syn_options_off);
+    let len = usize::from(parsed.syn_options_len).min(40);
+    let mut at = 0;
+    while at < len {
+        let Some([kind, opt_len, value]) = frame.load::<[u8; 3]>(off + at) else {
+            break;
+        };
+        at += match kind {
+            1 => 1,   // NOP
+            2 => 4,   // MSS
+            4 => 2,   // SACK permitted
+            8 => 10,  // timestamps
+            19 => 18, // TCP-MD5 signature (RFC 2385)
+            3 if opt_len == 3 => return value.min(14),
+            _ => break, // EOL, or a kind of another length
+        };
+    }
+    NO_WSCALE
+}
+
+/// Where the TCP options of a SYN are (`len` 0 for other segments).
+struct SynOptions {
+    off: usize,
+    len: usize,
 }
 
 #[inline(always)]
@@ -236,7 +288,7 @@ fn parse_into<F: Frame + ?Sized>(
     frame: &F,
     notes: &mut u8,
     seg: &mut Segment,
-) -> Result<(), PacketClass> {
+) -> Result<SynOptions, PacketClass> {
     let eth: EthHdr = frame.load(0).ok_or(PacketClass::Truncated)?;
     let mut ethertype = u16::from_be(eth.ether_type);
     let mut off = EthHdr::LEN;
@@ -375,7 +427,7 @@ fn parse_tcp<F: Frame + ?Sized>(
     l4: usize,
     ip_payload_len: Option<usize>,
     seg: &mut Segment,
-) -> Result<(), PacketClass> {
+) -> Result<SynOptions, PacketClass> {
     let tcp: TcpHdr = frame.load(l4).ok_or(PacketClass::Truncated)?;
     let doff = usize::from(tcp.doff()) * 4;
     if doff < TcpHdr::LEN {
@@ -410,12 +462,15 @@ fn parse_tcp<F: Frame + ?Sized>(
         }
     }
     seg.flags = flags;
-    // The window scale option is not read yet: every bounded walk of the SYN options tried so
-    // far (fixed-kind cursor, stack copy, per-byte skip counter) pushed the XDP program past
-    // the verifier's 1M-instruction budget. The state machine treats an unknown scale as the
-    // largest one (see `track::record_sent`), which keeps RST/FIN validation permissive.
     seg.wscale = NO_WSCALE;
-    Ok(())
+    Ok(SynOptions {
+        off: l4 + TcpHdr::LEN,
+        len: if flags & tcp_flags::SYN != 0 {
+            doff - TcpHdr::LEN
+        } else {
+            0
+        },
+    })
 }
 
 #[cfg(test)]

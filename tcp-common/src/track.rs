@@ -90,9 +90,9 @@ fn record_sent(flow: &mut Flow, seg: &Segment, d: usize, side: Side) {
             end
         };
         // Windows of SYN segments are never scaled; others are, once both sides offered it.
-        // When neither scale is known (the parser does not read the option yet, or the
-        // handshake was not seen) the largest shift is assumed: validation stays permissive
-        // rather than rejecting real RSTs and FINs sent with data in flight.
+        // When neither scale is known (the handshake was not seen, or an unusual option
+        // layout hid it) the largest shift is assumed: validation stays permissive rather
+        // than rejecting real RSTs and FINs sent with data in flight.
         let shift = match (syn, s.wscale, peer_wscale) {
             (true, _, _) => 0,
             (false, NO_WSCALE, NO_WSCALE) => MAX_WSCALE,

@@ -4,7 +4,7 @@ use aya_ebpf::EbpfContext;
 use aya_log_ebpf::debug;
 use tcp_common::{
     counters::{Counter, Hook},
-    parse::{Frame, PacketClass, Parsed, parse},
+    parse::{Frame, PacketClass, Parsed, parse, syn_window_scale},
     state::Side,
 };
 
@@ -21,6 +21,12 @@ fn parse_frame<F: Frame>(frame: &F, out: &mut Parsed) {
     *out = parse(frame);
 }
 
+/// The SYN option walk as a BPF-to-BPF call of its own (only SYNs with options get here).
+#[inline(never)]
+fn window_scale<F: Frame>(frame: &F, parsed: &Parsed) -> u8 {
+    syn_window_scale(frame, parsed)
+}
+
 /// Parses one packet and updates the hook's counters. Never fails: a packet that cannot be
 /// parsed is counted under its class and passed.
 #[inline(always)]
@@ -32,6 +38,9 @@ pub fn observe<C: EbpfContext, F: Frame>(ctx: &C, frame: &F, hook: Hook) {
     // runs (BPF programs are not preempted on their CPU).
     let parsed: &mut Parsed = unsafe { &mut *parsed };
     parse_frame(frame, parsed);
+    if parsed.syn_options_len > 0 {
+        parsed.segment.wscale = window_scale(frame, parsed);
+    }
     let Some(counters) = COUNTERS.get_ptr_mut(hook as u32) else {
         return;
     };

@@ -7,7 +7,7 @@ use anyhow::Result;
 use serde::Serialize;
 use tcp_common::{
     flow::{Flow, FlowKey, flow_flags},
-    parse::{PacketClass, parse},
+    parse::{PacketClass, parse_full},
     state::{Role, Side, TcpState, events as ev},
     track::{Timeouts, expired, track},
 };
@@ -46,7 +46,7 @@ impl Replay {
         if self.now_ns.saturating_sub(self.last_sweep_ns) >= SWEEP_EVERY_NS {
             self.sweep();
         }
-        let parsed = parse(frame);
+        let parsed = parse_full(frame);
         self.report.packets.count(parsed.class as u8, &parsed);
         if parsed.class != PacketClass::Tcp {
             return;

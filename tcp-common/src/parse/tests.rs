@@ -97,3 +97,37 @@ fn every_prefix_of_a_frame_parses_without_panic() {
         }
     }
 }
+
+#[test]
+fn window_scale_option_of_syns() {
+    let syn = |opts: &[u8]| {
+        let mut spec = v4(SYN);
+        spec.tcp_options = opts.len();
+        let mut f = spec.build();
+        f[14 + 20 + 20..14 + 20 + 20 + opts.len()].copy_from_slice(opts);
+        parse_full(f.as_slice()).segment.wscale
+    };
+    // Linux: MSS, SACK permitted, timestamps, NOP, window scale 7.
+    assert_eq!(
+        syn(&[
+            2, 4, 5, 0xb4, 4, 2, 8, 10, 1, 2, 3, 4, 0, 0, 0, 0, 1, 3, 3, 7
+        ]),
+        7
+    );
+    // Windows: MSS, NOP, window scale 8, NOP, NOP, SACK permitted.
+    assert_eq!(syn(&[2, 4, 5, 0xb4, 1, 3, 3, 8, 1, 1, 4, 2]), 8);
+    // Shifts above 14 are clamped (RFC 7323 §2.3).
+    assert_eq!(syn(&[1, 3, 3, 20]), 14);
+    // No window scale option; or one behind an option of unknown length.
+    assert_eq!(syn(&[2, 4, 5, 0xb4]), crate::flow::NO_WSCALE);
+    assert_eq!(syn(&[30, 4, 0, 0, 1, 3, 3, 7]), crate::flow::NO_WSCALE);
+    // Only SYNs are read.
+    let mut spec = v4(ACK);
+    spec.tcp_options = 4;
+    let mut f = spec.build();
+    f[54..58].copy_from_slice(&[1, 3, 3, 7]);
+    assert_eq!(
+        parse_full(f.as_slice()).segment.wscale,
+        crate::flow::NO_WSCALE
+    );
+}
