@@ -306,16 +306,10 @@ pub mod event_slots {
 
 /// Per-CPU tally of state-machine events and table pressure.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EventCounters {
     /// See [`event_slots`].
     pub slots: [u64; 32],
-}
-
-impl Default for EventCounters {
-    fn default() -> Self {
-        Self { slots: [0; 32] }
-    }
 }
 
 impl EventCounters {
@@ -324,10 +318,10 @@ impl EventCounters {
     pub fn add_events(&mut self, events: u32) {
         let mut bit = 0;
         while bit < 24 {
-            if events & (1 << bit) != 0 {
-                if let Some(slot) = self.slots.get_mut(bit) {
-                    *slot = slot.wrapping_add(1);
-                }
+            if events & (1 << bit) != 0
+                && let Some(slot) = self.slots.get_mut(bit)
+            {
+                *slot = slot.wrapping_add(1);
             }
             bit += 1;
         }

@@ -69,6 +69,10 @@ pub trait Frame {
     fn load<T: Copy>(&self, offset: usize) -> Option<T>;
     /// Length of the whole frame in bytes.
     fn len(&self) -> usize;
+    /// Whether the frame has no bytes at all.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 impl Frame for [u8] {
@@ -342,7 +346,7 @@ fn parse_ipv4<F: Frame + ?Sized>(
     if u16::from_be_bytes(ip.frags) & 0x3fff != 0 {
         return Err(PacketClass::Fragment);
     }
-    if ip.proto as u8 != IPPROTO_TCP {
+    if ip.proto != IPPROTO_TCP {
         return Err(PacketClass::NonTcp);
     }
     let tot_len = usize::from(u16::from_be_bytes(ip.tot_len));
@@ -370,7 +374,7 @@ fn parse_ipv6<F: Frame + ?Sized>(
     if ip.vcf[0] >> 4 != 6 {
         return Err(PacketClass::Malformed);
     }
-    let mut next = ip.next_hdr as u8;
+    let mut next = ip.next_hdr;
     let mut l4 = off + Ipv6Hdr::LEN;
     let mut ext_len = 0usize;
     let mut walked = 0;

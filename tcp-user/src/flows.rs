@@ -127,7 +127,7 @@ pub fn read_pinned(base: &Path) -> Result<Vec<(Table, FlowKey, Flow)>, Error> {
             out.push((table, k, f));
         }
     }
-    out.sort_by(|a, b| a.1.cmp(&b.1));
+    out.sort_by_key(|r| r.1);
     Ok(out)
 }
 

@@ -99,7 +99,7 @@ impl Replay {
     #[must_use]
     pub fn flows(&self) -> Vec<(FlowKey, Flow)> {
         let mut v: Vec<_> = self.flows.iter().map(|(k, f)| (*k, *f)).collect();
-        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v.sort_by_key(|r| r.0);
         v
     }
 }

@@ -45,10 +45,7 @@ fn ss_name(state: &str) -> String {
     match state {
         "established" => "ESTAB".to_owned(),
         "syn_received" => "SYN-RECV".to_owned(),
-        other => other
-            .to_uppercase()
-            .replace('_', "-")
-            .replace("FIN-WAIT-", "FIN-WAIT-"),
+        other => other.to_uppercase().replace('_', "-"),
     }
 }
 

@@ -19,9 +19,9 @@ use std::{
 /// Panics unless running as root (xtask runs these tests as root).
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
     assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
+        euid, 0,
         "root integration tests need root: run them through `cargo xtask test`"
     );
 }
