@@ -22,8 +22,18 @@ use tcp_common::{
     flow::{FlowEntry, FlowKey},
 };
 
-/// Replay timeouts far beyond any capture's span: nothing expires in either path.
-const NEVER: &str = "100000000";
+/// Timeouts far beyond any capture's span, for both the agent and replay: nothing expires
+/// in either path.
+const NO_EXPIRY: [&str; 8] = [
+    "--time-wait-secs",
+    "100000000",
+    "--closed-secs",
+    "100000000",
+    "--half-open-secs",
+    "100000000",
+    "--closing-secs",
+    "100000000",
+];
 
 fn pcaps_dir() -> Option<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/pcaps");
@@ -109,25 +119,16 @@ fn kernel_mirror_mode_equals_userspace_replay_on_every_capture() {
             &format!("net.ipv6.conf.{iface}.disable_ipv6=1"),
         ]);
     }
-    let mut agent = Agent::start(
-        &link.server,
-        &[
-            "--iface",
-            &link.server_if,
-            "--mode",
-            "mirror",
-            "--xdp-mode",
-            "skb",
-            "--time-wait-secs",
-            NEVER,
-            "--closed-secs",
-            NEVER,
-            "--half-open-secs",
-            NEVER,
-            "--closing-secs",
-            NEVER,
-        ],
-    );
+    let mut args = vec![
+        "--iface",
+        &link.server_if,
+        "--mode",
+        "mirror",
+        "--xdp-mode",
+        "skb",
+    ];
+    args.extend(NO_EXPIRY);
+    let mut agent = Agent::start(&link.server, &args);
     agent.wait_for("attached ");
     let pin = agent.pin_dir.to_string_lossy().into_owned();
     let mut truths: Vec<PathBuf> = std::fs::read_dir(dir.join("truth"))
@@ -174,20 +175,10 @@ fn kernel_mirror_mode_equals_userspace_replay_on_every_capture() {
             thread::sleep(Duration::from_millis(100));
         };
         assert_eq!(packets_seen(&kernel), want, "{name}: frames seen by XDP");
-        let user = tcpscope(&[
-            "replay",
-            "--format",
-            "json",
-            "--time-wait-secs",
-            NEVER,
-            "--closed-secs",
-            NEVER,
-            "--half-open-secs",
-            NEVER,
-            "--closing-secs",
-            NEVER,
-            capture.to_str().expect("path"),
-        ]);
+        let mut args = vec!["replay", "--format", "json"];
+        args.extend(NO_EXPIRY);
+        args.push(capture.to_str().expect("path"));
+        let user = tcpscope(&args);
         for key in [
             "syn",
             "synack",

@@ -363,6 +363,27 @@ fn connect(fd: i32, to: SocketAddr) -> TcpStream {
     unsafe { TcpStream::from_raw_fd(fd) }
 }
 
+/// Sends `bytes` on `stream` while receiving as many, both on threads pinned to `cpu`;
+/// returns the stream when both are done.
+fn stream_both_ways(
+    mut stream: TcpStream,
+    cpu: usize,
+    bytes: usize,
+) -> thread::JoinHandle<TcpStream> {
+    thread::spawn(move || {
+        pin_to_cpu(cpu);
+        let mut reader = stream.try_clone().expect("clone");
+        let recv = thread::spawn(move || {
+            pin_to_cpu(cpu);
+            let mut got = vec![0u8; bytes];
+            reader.read_exact(&mut got).expect("receive");
+        });
+        stream.write_all(&vec![7u8; bytes]).expect("send");
+        recv.join().expect("receiver");
+        stream
+    })
+}
+
 /// Pins the calling thread to one CPU.
 fn pin_to_cpu(cpu: usize) {
     // SAFETY: `set` is a properly initialized cpu_set_t; 0 means the calling thread.
@@ -405,35 +426,7 @@ fn both_directions_on_two_cpus_at_once_lose_no_state() {
     // so the two directions of each flow update its record concurrently.
     let workers: Vec<_> = conns
         .into_iter()
-        .map(|(mut c, mut s)| {
-            let client = thread::spawn(move || {
-                pin_to_cpu(0);
-                let reader = c.try_clone().expect("clone");
-                let recv = thread::spawn(move || {
-                    pin_to_cpu(0);
-                    let mut r = reader;
-                    let mut got = vec![0u8; BYTES];
-                    r.read_exact(&mut got).expect("client receives");
-                });
-                c.write_all(&vec![1u8; BYTES]).expect("client sends");
-                recv.join().expect("client receiver");
-                c
-            });
-            let server = thread::spawn(move || {
-                pin_to_cpu(1);
-                let reader = s.try_clone().expect("clone");
-                let recv = thread::spawn(move || {
-                    pin_to_cpu(1);
-                    let mut r = reader;
-                    let mut got = vec![0u8; BYTES];
-                    r.read_exact(&mut got).expect("server receives");
-                });
-                s.write_all(&vec![2u8; BYTES]).expect("server sends");
-                recv.join().expect("server receiver");
-                s
-            });
-            (client, server)
-        })
+        .map(|(c, s)| (stream_both_ways(c, 0, BYTES), stream_both_ways(s, 1, BYTES)))
         .collect();
     let conns: Vec<(TcpStream, TcpStream)> = workers
         .into_iter()
