@@ -152,7 +152,7 @@ fn kernel_mirror_mode_equals_userspace_replay_on_every_capture() {
             "--intf1",
             &link.client_if,
             "--pps",
-            "40000",
+            "20000",
             capture.to_str().expect("path"),
         ]);
         let failed = out
@@ -166,7 +166,7 @@ fn kernel_mirror_mode_equals_userspace_replay_on_every_capture() {
         );
         // Wait (bounded) until the agent has seen every frame.
         let want = truth["packets"].as_u64().expect("packets");
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(20);
         let kernel = loop {
             let stats = tcpscope(&["stats", "--format", "json", "--pin-dir", &pin]);
             if packets_seen(&stats) >= want || Instant::now() > deadline {
