@@ -62,10 +62,7 @@ fn hooks_count_exactly_what_the_kernel_tcp_stack_counts() {
         serve(listener, total);
     });
     // Wait until the listener is up (bounded).
-    let v4: SocketAddr = format!("{}:{PORT}", link.server_v4()).parse().expect("v4");
-    let v6: SocketAddr = format!("[{}]:{PORT}", link.server_v6())
-        .parse()
-        .expect("v6");
+    let (v4, v6) = link.server_addrs(PORT);
     let deadline = Instant::now() + Duration::from_secs(5);
     while !link
         .server

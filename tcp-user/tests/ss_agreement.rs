@@ -181,10 +181,7 @@ fn tracker_states_equal_the_kernel_sockets() {
     let listener = link
         .server
         .enter(|| TcpListener::bind(("::", PORT)).expect("dual-stack listener"));
-    let v4: SocketAddr = format!("{}:{PORT}", link.server_v4()).parse().expect("v4");
-    let v6: SocketAddr = format!("[{}]:{PORT}", link.server_v6())
-        .parse()
-        .expect("v6");
+    let (v4, v6) = link.server_addrs(PORT);
 
     // Many concurrent connections, both families.
     let mut conns = open(&link, &listener, &[v4, v6], CONCURRENT_PER_FAMILY);
@@ -416,10 +413,7 @@ fn both_directions_on_two_cpus_at_once_lose_no_state() {
     let listener = link
         .server
         .enter(|| TcpListener::bind(("::", PORT)).expect("listener"));
-    let v4: SocketAddr = format!("{}:{PORT}", link.server_v4()).parse().expect("v4");
-    let v6: SocketAddr = format!("[{}]:{PORT}", link.server_v6())
-        .parse()
-        .expect("v6");
+    let (v4, v6) = link.server_addrs(PORT);
     let conns = open(&link, &listener, &[v4, v6], CONNECTIONS / 2);
     // Every connection streams both ways at once: the client's segments are handled by XDP
     // on CPU 0 (veth runs the receive path on the sender's CPU), the server's by TC on CPU 1,

@@ -257,6 +257,17 @@ impl Link {
     pub fn server_v6(&self) -> String {
         format!("fd00:{}::2", self.net)
     }
+
+    /// The server's IPv4 and IPv6 socket addresses on `port`.
+    pub fn server_addrs(&self, port: u16) -> (std::net::SocketAddr, std::net::SocketAddr) {
+        let v4 = format!("{}:{port}", self.server_v4())
+            .parse()
+            .expect("IPv4 address");
+        let v6 = format!("[{}]:{port}", self.server_v6())
+            .parse()
+            .expect("IPv6 address");
+        (v4, v6)
+    }
 }
 
 /// Sends raw Ethernet frames out of `iface` (from inside the caller's namespace) through an
