@@ -302,6 +302,11 @@ pub mod event_slots {
     pub const PROMOTIONS: usize = 26;
     /// Segments of a flow whose record could not be stored.
     pub const UNTRACKED_SEGMENTS: usize = 27;
+    /// Segments that found their record being removed on another CPU (expired, dropped or
+    /// just moved to the established table) and changed nothing.
+    pub const LOST_RACE: usize = 28;
+    /// Half-open records removed on their idle timeout after a SYN (failed handshakes).
+    pub const HANDSHAKES_TIMED_OUT: usize = 29;
 }
 
 /// Per-CPU tally of state-machine events and table pressure.

@@ -114,6 +114,7 @@ impl Endpoint {
 
     /// Side as an enum.
     #[must_use]
+    #[inline(always)]
     pub const fn side(&self) -> Side {
         Side::from_u8(self.side)
     }
@@ -142,6 +143,9 @@ pub mod flow_flags {
     pub const SIMULTANEOUS_CLOSE: u8 = 0x20;
     /// Simultaneous open.
     pub const SIMULTANEOUS_OPEN: u8 = 0x40;
+    /// Being removed from its table (expired, dropped, or moved to the established table):
+    /// its endpoints are no longer counted and a segment that finds it changes nothing.
+    pub const DEAD: u8 = 0x80;
 }
 
 /// Index of the client in [`Flow::client`] when no endpoint is known to be it.
@@ -200,6 +204,7 @@ impl Flow {
 
     /// Role of endpoint `i` (0 or 1).
     #[must_use]
+    #[inline(always)]
     pub const fn role(&self, i: usize) -> Role {
         match self.client {
             0 | 1 if self.client as usize == i => Role::Client,
@@ -224,6 +229,7 @@ impl Flow {
 
     /// Whether neither endpoint holds any state any more (both CLOSED).
     #[must_use]
+    #[inline(always)]
     pub const fn is_closed(&self) -> bool {
         matches!(self.ep[0].state(), TcpState::Closed)
             && matches!(self.ep[1].state(), TcpState::Closed)

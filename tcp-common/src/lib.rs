@@ -12,6 +12,7 @@ pub mod counters;
 pub mod flow;
 #[cfg(any(test, feature = "user"))]
 pub mod frames;
+pub mod metrics;
 pub mod parse;
 pub mod state;
 pub mod track;
@@ -19,4 +20,4 @@ pub mod track;
 /// Layout version of everything the agent reads from the kernel (map keys and values).
 /// Bumped whenever a shared `#[repr(C)]` type changes, so that an agent never misreads
 /// maps created by another build.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;

@@ -49,6 +49,7 @@ impl TcpState {
 
     /// From the stored byte; unknown values read as `Closed`.
     #[must_use]
+    #[inline(always)]
     pub const fn from_u8(v: u8) -> Self {
         if (v as usize) < Self::COUNT {
             Self::ALL[v as usize]
@@ -156,6 +157,7 @@ impl Side {
 
     /// From the stored byte; unknown values read as `Unknown`.
     #[must_use]
+    #[inline(always)]
     pub const fn from_u8(v: u8) -> Self {
         match v {
             1 => Self::Local,

@@ -467,9 +467,46 @@ impl Timeouts {
 
 const NS: u64 = 1_000_000_000;
 
+impl Timeouts {
+    /// The fields in declaration order (the reaper request's layout).
+    #[must_use]
+    pub const fn to_array(&self) -> [u64; 5] {
+        [
+            self.time_wait,
+            self.closed,
+            self.half_open,
+            self.established,
+            self.closing,
+        ]
+    }
+
+    /// From [`Self::to_array`]'s layout.
+    #[must_use]
+    #[inline(always)]
+    pub const fn from_array(a: &[u64; 5]) -> Self {
+        Self {
+            time_wait: a[0],
+            closed: a[1],
+            half_open: a[2],
+            established: a[3],
+            closing: a[4],
+        }
+    }
+}
+
+/// Whether a record that is removed now was seen to its end (TIME-WAIT or CLOSED on both
+/// sides) rather than given up on an idle timeout while live.
+#[must_use]
+#[inline(always)]
+pub fn finished(flow: &Flow) -> bool {
+    let done = |s: S| matches!(s, S::TimeWait | S::Closed);
+    done(flow.ep[0].state()) && done(flow.ep[1].state())
+}
+
 /// Whether a record has outlived its timeout at `now`. TIME-WAIT counts from the moment the
 /// first endpoint entered it, like the kernel's timer; the others from the last segment.
 #[must_use]
+#[inline(always)]
 pub fn expired(flow: &Flow, now: u64, t: &Timeouts) -> bool {
     let idle = now.saturating_sub(flow.last_ns);
     let states = [flow.ep[0].state(), flow.ep[1].state()];

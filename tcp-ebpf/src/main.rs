@@ -8,6 +8,7 @@
 mod frame;
 mod maps;
 mod observe;
+mod reaper;
 mod tracker;
 
 use aya_ebpf::{
@@ -31,6 +32,13 @@ pub fn tcpscope_xdp(ctx: XdpContext) -> u32 {
 pub fn tcpscope_tc(ctx: TcContext) -> i32 {
     observe::observe(&ctx, &SkbFrame::new(&ctx), Hook::TcEgress);
     TC_ACT_OK
+}
+
+/// Expiry: never attached; the agent runs it through `BPF_PROG_TEST_RUN` with the timeouts as
+/// the packet (see [`reaper`]).
+#[xdp]
+pub fn tcpscope_reap(ctx: XdpContext) -> u32 {
+    reaper::reap(&ctx)
 }
 
 #[cfg(not(test))]

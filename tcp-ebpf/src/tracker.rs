@@ -1,4 +1,4 @@
-//! Running the shared state machine on the flow tables.
+//! Running the shared state machine on the flow tables, and keeping the metrics exact.
 //!
 //! One code path for every segment: find the record (established table, then half-open;
 //! a connection neither holds first gets an empty record in the half-open table), take its
@@ -9,34 +9,78 @@
 //! (copied out under the lock into a per-CPU scratch slot), so a spoofed-SYN flood can only
 //! ever fill the half-open table.
 //!
-//! Tolerated races: a segment of the same flow handled on another CPU while a record is being
-//! promoted may land on the half-open copy just before it is removed (one update lost).
+//! Exact gauges: under the lock the gauge slots of both endpoints are read before and after
+//! `track`, and the difference is applied to this CPU's [`Metrics`] after the unlock. A record
+//! that leaves its table (dropped, promoted, or expired by the reaper) is first marked
+//! [`DEAD`](flow_flags::DEAD) under the same lock; a segment that then finds it (on another
+//! CPU, before the delete) changes nothing and is counted as a lost race. So every endpoint
+//! is added to the gauges exactly once and removed exactly once.
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
 use tcp_common::{
-    counters::{EventCounters, event_slots},
-    flow::{Flow, FlowEntry, FlowKey},
-    parse::Segment,
+    counters::event_slots,
+    flow::{Flow, FlowEntry, FlowKey, flow_flags},
+    metrics::{Metrics, NO_SLOT, PortStats, endpoint_slot, handshake_phases, table},
+    parse::{Segment, tcp_flags},
     state::{Side, events as ev},
     track::track,
 };
 
-use crate::maps::{EVENTS, FLOWS, HALF_OPEN, SCRATCH};
+use crate::maps::{FLOWS, HALF_OPEN, METRICS, SCRATCH, SYN_PORTS};
 
 /// What to do with a record after the update.
-const KEEP: u8 = 0;
-const DROP: u8 = 1;
-const PROMOTE: u8 = 2;
+const KEEP: u32 = 0;
+const DROP: u32 = 1;
+const PROMOTE: u32 = 2;
+/// The record was already on its way out: nothing changed.
+const LOST: u32 = 3;
 
-fn counters() -> Option<&'static mut EventCounters> {
+/// This CPU's metrics.
+#[inline(always)]
+pub fn metrics() -> Option<&'static mut Metrics> {
     // SAFETY: this CPU's slot of a per-CPU array; BPF programs are not preempted on it.
-    EVENTS.get_ptr_mut(0).map(|c| unsafe { &mut *c })
+    METRICS.get_ptr_mut(0).map(|c| unsafe { &mut *c })
+}
+
+/// Adds to this CPU's tallies of listening port `port`.
+#[inline(never)]
+fn count_port(port: u16, syn: u64, completed: u64) {
+    let key = u32::from(port);
+    let stats = match SYN_PORTS.get_ptr_mut(&key) {
+        Some(s) => s,
+        None => {
+            let _ = SYN_PORTS.insert(&key, &PortStats::default(), 0);
+            match SYN_PORTS.get_ptr_mut(&key) {
+                Some(s) => s,
+                None => return,
+            }
+        }
+    };
+    // SAFETY: this CPU's value of a per-CPU hash entry found just now (RCU keeps it valid
+    // while the program runs); only this CPU writes it.
+    unsafe {
+        (*stats).syn = (*stats).syn.wrapping_add(syn);
+        (*stats).completed = (*stats).completed.wrapping_add(completed);
+    }
 }
 
 /// Tracks one parsed TCP segment sent by an endpoint on `side`. A BPF-to-BPF call of its own,
 /// so that the parser's frame and the tracker's are separate.
 #[inline(never)]
 pub fn track_segment(seg: &Segment, side: Side) {
+    let Some(m) = metrics() else {
+        return;
+    };
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // The SYN-flood rule watches listening ports of this host (segments arriving from the
+    // remote side) or, in mirror mode, every port. Counted before any table insert, so that
+    // a full half-open table cannot hide a flood.
+    let towards_listener = side != Side::Local;
+    if towards_listener && seg.flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN {
+        count_port(seg.dport, 1, 0);
+    }
     let (key, dir) = FlowKey::of(seg);
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
@@ -45,18 +89,18 @@ pub fn track_segment(seg: &Segment, side: Side) {
         None => match HALF_OPEN.get_ptr_mut(&key) {
             Some(e) => (e, true),
             None => {
-                let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
-                    return;
-                };
                 // SAFETY: this CPU's scratch slot.
-                unsafe { *scratch = FlowEntry::new(Flow::EMPTY) };
+                unsafe { (*scratch).entry = FlowEntry::new(Flow::EMPTY) };
                 // SAFETY: as above; the map copies the value.
-                let stored = HALF_OPEN.insert(&key, unsafe { &*scratch }, u64::from(BPF_NOEXIST));
-                if let (Err(e), Some(c)) = (stored, counters()) {
+                let stored =
+                    HALF_OPEN.insert(&key, unsafe { &(*scratch).entry }, u64::from(BPF_NOEXIST));
+                match stored {
+                    Ok(()) => m.inserted(table::HALF_OPEN),
                     // EEXIST: another CPU created it just now, and the lookup below finds it.
-                    if e != -17 {
-                        c.bump(event_slots::HALF_OPEN_INSERT_FAILED);
-                        c.bump(event_slots::UNTRACKED_SEGMENTS);
+                    Err(-17) => {}
+                    Err(_) => {
+                        m.events.bump(event_slots::HALF_OPEN_INSERT_FAILED);
+                        m.events.bump(event_slots::UNTRACKED_SEGMENTS);
                         return;
                     }
                 }
@@ -67,47 +111,85 @@ pub fn track_segment(seg: &Segment, side: Side) {
             }
         },
     };
-    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
-        return;
-    };
     // SAFETY: `entry` comes from a successful lookup and stays valid while the program runs
     // (RCU); the lock serializes every writer of its record; `track` is inlined pure code;
     // the scratch slot is this CPU's, written with plain stores (allowed under the lock).
-    let (events, action) = unsafe {
+    unsafe {
         aya_ebpf::helpers::bpf_spin_lock((&raw mut (*entry).lock).cast());
         let flow = &mut (*entry).flow;
-        let events = track(flow, seg, dir, side, now);
-        let action = if events & ev::UNTRACKED != 0 && flow.flags == 0 {
-            DROP
-        } else if half_open && !flow.is_half_open() {
-            (*scratch).flow = *flow;
-            PROMOTE
+        let out = &mut *scratch;
+        if flow.flags & flow_flags::DEAD != 0 {
+            out.action = LOST;
         } else {
-            KEEP
-        };
+            out.slots[0] = endpoint_slot(flow, 0);
+            out.slots[1] = endpoint_slot(flow, 1);
+            let events = track(flow, seg, dir, side, now);
+            out.slots[2] = endpoint_slot(flow, 0);
+            out.slots[3] = endpoint_slot(flow, 1);
+            out.events = events;
+            out.times = [flow.syn_ns, flow.synack_ns, flow.established_ns];
+            out.action = if events & ev::UNTRACKED != 0 && flow.flags == 0 {
+                flow.flags |= flow_flags::DEAD;
+                DROP
+            } else if half_open && !flow.is_half_open() {
+                out.entry.flow = *flow;
+                flow.flags |= flow_flags::DEAD;
+                PROMOTE
+            } else {
+                KEEP
+            };
+        }
         aya_ebpf::helpers::bpf_spin_unlock((&raw mut (*entry).lock).cast());
-        (events, action)
+    }
+    // SAFETY: this CPU's scratch slot, filled above. Volatile reads keep the compiler from
+    // forwarding the values in registers (see `Scratch`).
+    let (action, events, slots) = unsafe {
+        (
+            core::ptr::read_volatile(&raw const (*scratch).action),
+            core::ptr::read_volatile(&raw const (*scratch).events),
+            core::ptr::read_volatile(&raw const (*scratch).slots),
+        )
     };
-    let mut slot = None;
+    if action == LOST {
+        m.events.bump(event_slots::LOST_RACE);
+        return;
+    }
+    m.move_endpoint(slots[0], slots[2]);
+    m.move_endpoint(slots[1], slots[3]);
     if action == DROP {
-        let _ = HALF_OPEN.remove(&key);
+        if HALF_OPEN.remove(&key).is_ok() {
+            m.removed(table::HALF_OPEN);
+        }
     } else if action == PROMOTE {
         // SAFETY: this CPU's scratch slot.
-        let copy = unsafe { &mut *scratch };
+        let copy = unsafe { &mut (*scratch).entry };
         copy.lock = Default::default();
         copy.pad = 0;
-        let moved = FLOWS.insert(&key, copy, u64::from(BPF_NOEXIST)).is_ok();
-        let _ = HALF_OPEN.remove(&key);
-        slot = Some(if moved {
-            event_slots::PROMOTIONS
+        if FLOWS.insert(&key, copy, u64::from(BPF_NOEXIST)).is_ok() {
+            m.inserted(table::ESTABLISHED);
+            m.events.bump(event_slots::PROMOTIONS);
         } else {
-            event_slots::FLOWS_INSERT_FAILED
-        });
-    }
-    if let Some(c) = counters() {
-        c.add_events(events);
-        if let Some(s) = slot {
-            c.bump(s);
+            // The connection is lost to the tracker: so are its endpoints.
+            m.events.bump(event_slots::FLOWS_INSERT_FAILED);
+            m.move_endpoint(slots[2], NO_SLOT);
+            m.move_endpoint(slots[3], NO_SLOT);
         }
+        if HALF_OPEN.remove(&key).is_ok() {
+            m.removed(table::HALF_OPEN);
+        }
+    }
+    if events & ev::HANDSHAKE_COMPLETED != 0 {
+        // SAFETY: as above.
+        let times = unsafe { core::ptr::read_volatile(&raw const (*scratch).times) };
+        if let Some(phases) = handshake_phases(times[0], times[1], times[2]) {
+            m.observe_handshake(phases);
+        }
+        // The completing ACK goes from the client to the listening port.
+        if towards_listener {
+            count_port(seg.dport, 0, 1);
+        }
+    }
+    if events != 0 {
+        m.events.add_events(events);
     }
 }

@@ -1,10 +1,13 @@
-//! Reading the per-CPU packet counters.
+//! Reading the per-CPU counters: packets per hook, and the tracker's metrics.
 
 use aya::{
     Ebpf,
     maps::{Map, MapData, PerCpuArray},
 };
-use tcp_common::counters::{EventCounters, Hook, HookCounters};
+use tcp_common::{
+    counters::{Hook, HookCounters},
+    metrics::Metrics,
+};
 
 use crate::error::Error;
 
@@ -55,8 +58,20 @@ pub fn read(ebpf: &Ebpf) -> Result<Totals, Error> {
     Ok(totals)
 }
 
-/// Name of the event counters map in the eBPF object.
-pub const EVENTS_MAP: &str = "EVENTS";
+/// Name of the metrics map in the eBPF object.
+pub const METRICS_MAP: &str = "METRICS";
+
+/// Sums the per-CPU metrics of a loaded object.
+///
+/// # Errors
+/// When the map is missing or the kernel refuses the read.
+pub fn read_metrics(ebpf: &Ebpf) -> Result<Metrics, Error> {
+    let map = ebpf.map(METRICS_MAP).ok_or(Error::Missing {
+        kind: "map",
+        name: METRICS_MAP,
+    })?;
+    sum_per_cpu(map, METRICS_MAP, 0, Metrics::accumulate)
+}
 
 /// Sums a per-CPU array of `V` at key `index`.
 fn sum_per_cpu<V: aya::Pod + Default + Copy>(
@@ -77,11 +92,11 @@ fn sum_per_cpu<V: aya::Pod + Default + Copy>(
     Ok(total)
 }
 
-/// Reads the pinned packet and event counters of a running (or stopped) agent.
+/// Reads the pinned packet counters and metrics of a running (or stopped) agent.
 ///
 /// # Errors
 /// When they are not pinned under `base` or cannot be read.
-pub fn read_pinned(base: &std::path::Path) -> Result<(Totals, EventCounters), Error> {
+pub fn read_pinned(base: &std::path::Path) -> Result<(Totals, Metrics), Error> {
     let open = |name: &'static str| -> Result<Map, Error> {
         let path = crate::loader::layout_dir(base).join(name);
         if !path.exists() {
@@ -105,6 +120,6 @@ pub fn read_pinned(base: &std::path::Path) -> Result<(Totals, EventCounters), Er
             HookCounters::accumulate,
         )?;
     }
-    let events = sum_per_cpu(&open(EVENTS_MAP)?, EVENTS_MAP, 0, EventCounters::accumulate)?;
-    Ok((totals, events))
+    let metrics = sum_per_cpu(&open(METRICS_MAP)?, METRICS_MAP, 0, Metrics::accumulate)?;
+    Ok((totals, metrics))
 }

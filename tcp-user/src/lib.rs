@@ -10,7 +10,9 @@
 pub mod capture;
 pub mod counters;
 pub mod error;
+pub mod flood;
 pub mod flows;
+pub mod http;
 pub mod iface;
 pub mod loader;
 pub mod replay;

@@ -14,26 +14,36 @@ use std::{
 };
 
 use aya::{
-    Ebpf, EbpfLoader,
+    Ebpf, EbpfLoader, TestRun as _,
+    maps::{MapData, PerCpuHashMap},
     programs::{
-        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        LinkOrder, SchedClassifier, TcAttachType, TestRunOptions, Xdp, XdpMode,
         tc::{self, NlOptions, TcAttach},
     },
 };
 use log::{info, warn};
+use tcp_common::{
+    counters::event_slots,
+    metrics::{Metrics, PortStats, ReapRequest, table},
+    track::Timeouts,
+};
 
-use crate::{EBPF_OBJECT, counters, error::Error};
+use crate::{EBPF_OBJECT, counters, error::Error, report::TableStats};
 
 /// Name of the XDP program in the object.
 pub const XDP_PROGRAM: &str = "tcpscope_xdp";
 /// Name of the TC classifier in the object.
 pub const TC_PROGRAM: &str = "tcpscope_tc";
+/// Name of the expiry program (never attached; run through `BPF_PROG_TEST_RUN`).
+pub const REAP_PROGRAM: &str = "tcpscope_reap";
+/// Per-port SYN tallies for the SYN-flood rule.
+pub const SYN_PORTS_MAP: &str = "SYN_PORTS";
 /// Established-flow table.
 pub const FLOWS_MAP: &str = "FLOWS";
 /// Half-open flow table.
 pub const HALF_OPEN_MAP: &str = "HALF_OPEN";
 /// Maps pinned so that an agent restart keeps every tracked flow and counter.
-pub const PINNED_MAPS: [&str; 4] = ["FLOWS", "HALF_OPEN", "COUNTERS", "EVENTS"];
+pub const PINNED_MAPS: [&str; 5] = ["FLOWS", "HALF_OPEN", "COUNTERS", "METRICS", "SYN_PORTS"];
 /// Default bpffs directory for the pinned maps.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/tcpscope";
 
@@ -196,14 +206,16 @@ impl Tracker {
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(Error::Load)?;
-        for name in [XDP_PROGRAM, TC_PROGRAM] {
+        for name in [XDP_PROGRAM, TC_PROGRAM, REAP_PROGRAM] {
             let program = ebpf.program_mut(name).ok_or(Error::Missing {
                 kind: "program",
                 name,
             })?;
             let loaded = match name {
-                XDP_PROGRAM => <&mut Xdp>::try_from(program).and_then(Xdp::load),
-                _ => <&mut SchedClassifier>::try_from(program).and_then(SchedClassifier::load),
+                TC_PROGRAM => {
+                    <&mut SchedClassifier>::try_from(program).and_then(SchedClassifier::load)
+                }
+                _ => <&mut Xdp>::try_from(program).and_then(Xdp::load),
             };
             loaded.map_err(|source| Error::Program { name, source })?;
         }
@@ -236,6 +248,112 @@ impl Tracker {
     /// When the map cannot be read.
     pub fn counters(&self) -> Result<counters::Totals, Error> {
         counters::read(&self.ebpf)
+    }
+
+    /// The tracker's metrics summed over CPUs.
+    ///
+    /// # Errors
+    /// When the map cannot be read.
+    pub fn metrics(&self) -> Result<Metrics, Error> {
+        counters::read_metrics(&self.ebpf)
+    }
+
+    /// Occupancy and pressure of both flow tables, from the summed metrics.
+    ///
+    /// # Errors
+    /// When a table's description cannot be read.
+    pub fn tables(&self, metrics: &Metrics) -> Result<Vec<TableStats>, Error> {
+        let capacity = |name: &'static str| -> Result<u32, Error> {
+            let map = self.ebpf.map(name).ok_or(Error::Missing { kind: "map", name })?;
+            let data = match map {
+                aya::maps::Map::HashMap(d) => d,
+                _ => return Err(Error::Missing { kind: "hash map", name }),
+            };
+            Ok(data
+                .info()
+                .map_err(|source| Error::Map { name, source })?
+                .max_entries())
+        };
+        Ok(vec![
+            TableStats {
+                name: "established",
+                held: metrics.held(table::ESTABLISHED),
+                capacity: capacity(FLOWS_MAP)?,
+                insert_failures: metrics.events.slots[event_slots::FLOWS_INSERT_FAILED],
+                evictions: metrics.evictions[table::ESTABLISHED],
+            },
+            TableStats {
+                name: "half_open",
+                held: metrics.held(table::HALF_OPEN),
+                capacity: capacity(HALF_OPEN_MAP)?,
+                insert_failures: metrics.events.slots[event_slots::HALF_OPEN_INSERT_FAILED],
+                evictions: metrics.evictions[table::HALF_OPEN],
+            },
+        ])
+    }
+
+    /// SYNs and completed handshakes per listening port, summed over CPUs (cumulative).
+    ///
+    /// # Errors
+    /// When the map cannot be read.
+    pub fn port_stats(&self) -> Result<Vec<(u16, PortStats)>, Error> {
+        let name = SYN_PORTS_MAP;
+        let map = self.ebpf.map(name).ok_or(Error::Missing { kind: "map", name })?;
+        let ports: PerCpuHashMap<&MapData, u32, PortStats> =
+            PerCpuHashMap::try_from(map).map_err(|source| Error::Map { name, source })?;
+        let mut out = Vec::new();
+        for entry in ports.iter() {
+            let (port, per_cpu) = match entry {
+                Ok(e) => e,
+                // Evicted between the key walk and the lookup.
+                Err(aya::maps::MapError::KeyNotFound) => continue,
+                Err(source) => return Err(Error::Map { name, source }),
+            };
+            let mut total = PortStats::default();
+            for cpu in per_cpu.iter() {
+                total.syn = total.syn.wrapping_add(cpu.syn);
+                total.completed = total.completed.wrapping_add(cpu.completed);
+            }
+            out.push((port as u16, total));
+        }
+        Ok(out)
+    }
+
+    /// Removes every record past its timeout, in the kernel (see the reaper program); returns
+    /// what it visited and removed per table.
+    ///
+    /// # Errors
+    /// When the kernel refuses the test run.
+    pub fn reap(&mut self, timeouts: &Timeouts) -> Result<ReapRequest, Error> {
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut(REAP_PROGRAM)
+            .and_then(|p| p.try_into().ok())
+            .ok_or(Error::Missing {
+                kind: "program",
+                name: REAP_PROGRAM,
+            })?;
+        let request = ReapRequest {
+            timeouts: timeouts.to_array(),
+            ..ReapRequest::default()
+        }
+        .to_bytes();
+        let mut answer = [0u8; size_of::<ReapRequest>()];
+        let opts = TestRunOptions {
+            data_in: Some(&request),
+            data_out: Some(&mut answer),
+            ..TestRunOptions::default()
+        };
+        program
+            .test_run(opts)
+            .map_err(|source| Error::Program {
+                name: REAP_PROGRAM,
+                source,
+            })?;
+        ReapRequest::from_bytes(&answer).ok_or(Error::Missing {
+            kind: "reaper answer",
+            name: REAP_PROGRAM,
+        })
     }
 
     /// Attaches the programs to `iface` (in the caller's network namespace).

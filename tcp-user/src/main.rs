@@ -7,16 +7,16 @@ use clap::{Args, Parser, Subcommand};
 use log::{debug, info, warn};
 use tcp_common::{
     counters::{Counter, Hook},
-    flow::{FlowEntry, FlowKey},
     state::TcpState,
     track::Timeouts,
 };
 use tcp_user::{
     counters::Totals,
+    flood::{FloodDetector, FloodRule},
     flows::{self, FlowView},
-    iface,
+    http, iface,
     loader::{self, LoadOptions, Mode, Tracker, XdpModeChoice, error_chain},
-    report::Report,
+    report::{Exposition, Report},
 };
 use tokio::{
     io::{Interest, unix::AsyncFd},
@@ -95,6 +95,64 @@ struct RunArgs {
     /// Capacity of the half-open (handshake in progress) table.
     #[arg(long, default_value_t = 65_536, value_name = "N")]
     half_open_capacity: u32,
+    /// Serve GET /metrics (Prometheus) and GET /healthz on this address; `off`: no server.
+    #[arg(long, default_value = "0.0.0.0:9977", value_name = "ADDR:PORT|off", value_parser = parse_listen)]
+    listen: Listen,
+    #[command(flatten)]
+    flood: FloodArgs,
+}
+
+/// The SYN-flood rule (per listening port, over a sliding window).
+#[derive(Debug, Args)]
+struct FloodArgs {
+    /// SYNs per second towards a port, averaged over the window, at or above which the port
+    /// may be flagged.
+    #[arg(long, default_value_t = FloodRule::DEFAULT.rate, value_name = "PER_SEC", value_parser = parse_positive)]
+    syn_flood_rate: f64,
+    /// Completed handshakes / SYNs below which a port at that rate is flagged (0 to 1).
+    #[arg(long, default_value_t = FloodRule::DEFAULT.completion, value_name = "RATIO", value_parser = parse_ratio)]
+    syn_flood_completion: f64,
+    /// Length of the sliding window, seconds.
+    #[arg(long, default_value_t = FloodRule::DEFAULT.window_ns / 1_000_000_000, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=3600))]
+    syn_flood_window: u64,
+}
+
+impl FloodArgs {
+    fn rule(&self) -> FloodRule {
+        FloodRule {
+            rate: self.syn_flood_rate,
+            completion: self.syn_flood_completion,
+            window_ns: self.syn_flood_window * 1_000_000_000,
+            ..FloodRule::DEFAULT
+        }
+    }
+}
+
+/// Where the metrics server listens, if anywhere.
+#[derive(Clone, Copy, Debug)]
+struct Listen(Option<std::net::SocketAddr>);
+
+fn parse_listen(s: &str) -> Result<Listen, String> {
+    if s == "off" {
+        return Ok(Listen(None));
+    }
+    s.parse()
+        .map(|a| Listen(Some(a)))
+        .map_err(|_| format!("{s:?} is not ADDR:PORT (e.g. 0.0.0.0:9977, [::1]:9977) or off"))
+}
+
+fn parse_positive(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!("{s:?} is not a positive number")),
+    }
+}
+
+fn parse_ratio(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?} is not a ratio between 0 and 1")),
+    }
 }
 
 /// Record timeouts (the sweeper removes records past them).
@@ -220,6 +278,10 @@ fn hint(e: &tcp_user::error::Error) -> &'static str {
 }
 
 async fn run(args: RunArgs) -> Result<()> {
+    // Handlers first: a SIGTERM that arrives while loading or attaching must still end in a
+    // clean detach, not in the default action (death with programs possibly left behind).
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let ifaces = if args.ifaces.is_empty() {
         let Some(iface) = iface::default_route_interface() else {
             bail!("no --iface given and no default route to pick an interface from");
@@ -258,21 +320,47 @@ async fn run(args: RunArgs) -> Result<()> {
             None
         }
     };
+    let (requests_tx, mut requests) = tokio::sync::mpsc::channel::<http::Request>(16);
+    // Bound before attaching: a port in use must not cost an attach and detach.
+    let server = match args.listen.0 {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr}"))?;
+            info!("serving /metrics and /healthz on http://{addr}");
+            Some(tokio::spawn(http::serve(
+                listener,
+                requests_tx,
+                http::Limits::DEFAULT,
+            )))
+        }
+        None => {
+            drop(requests_tx);
+            None
+        }
+    };
     for iface in &ifaces {
         match tracker.attach(iface, args.mode, args.xdp_mode) {
             Ok(attachment) => info!("attached {attachment}"),
             Err(e) => bail!("{}{}", error_chain(&e), hint(&e)),
         }
     }
+    let rule = args.flood.rule();
+    let mut flood = FloodDetector::new(rule);
+    info!(
+        "SYN-flood rule: >= {} SYN/s per port over {} s with < {:.0}% completed",
+        rule.rate,
+        rule.window_ns / 1_000_000_000,
+        rule.completion * 100.0
+    );
     info!("tracking; stop with SIGINT or SIGTERM");
 
-    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut report = (args.report_every > 0)
         .then(|| tokio::time::interval(Duration::from_secs(args.report_every)));
     let mut sweeper = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => { info!("SIGINT: detaching"); break; }
+            _ = sigint.recv() => { info!("SIGINT: detaching"); break; }
             _ = sigterm.recv() => { info!("SIGTERM: detaching"); break; }
             guard = async { ebpf_log.as_mut().expect("guarded").readable_mut().await },
                 if ebpf_log.is_some() => {
@@ -281,10 +369,26 @@ async fn run(args: RunArgs) -> Result<()> {
                 guard.clear_ready();
             }
             _ = sweeper.tick() => {
-                if let Err(e) = sweep(&mut tracker, &timeouts) {
-                    warn!("sweeping expired flows: {e:#}");
+                match tracker.reap(&timeouts) {
+                    Ok(r) if r.reaped.iter().any(|n| *n > 0) => debug!(
+                        "expired {} established and {} half-open records",
+                        r.reaped[0], r.reaped[1]
+                    ),
+                    Ok(_) => {}
+                    Err(e) => warn!("expiring flows: {}", error_chain(&e)),
                 }
+                watch_floods(&tracker, &mut flood);
             }
+            Some(request) = requests.recv() => match request {
+                http::Request::Metrics(answer) => {
+                    let _ = answer.send(exposition(&tracker, &flood).map_err(|e| format!("{e:#}")));
+                }
+                http::Request::Health(answer) => {
+                    let attached: Vec<&str> =
+                        tracker.attachments().iter().map(|a| a.iface.as_str()).collect();
+                    let _ = answer.send(Ok(format!("ok: tracking on {}\n", attached.join(", "))));
+                }
+            },
             _ = async { report.as_mut().expect("guarded").tick().await }, if report.is_some() => {
                 match tracker.counters() {
                     Ok(totals) => for line in summary(&totals) { info!("{line}") },
@@ -292,6 +396,9 @@ async fn run(args: RunArgs) -> Result<()> {
                 }
             }
         }
+    }
+    if let Some(server) = server {
+        server.abort();
     }
     if let Some(log) = ebpf_log.as_mut() {
         log.get_mut().flush();
@@ -329,38 +436,59 @@ fn summary(totals: &Totals) -> Vec<String> {
         .collect()
 }
 
-/// Removes expired records from both tables.
-fn sweep(tracker: &mut Tracker, timeouts: &Timeouts) -> Result<()> {
-    let now = flows::monotonic_ns();
-    for name in [loader::FLOWS_MAP, loader::HALF_OPEN_MAP] {
-        let map = tracker
-            .ebpf_mut()
-            .map_mut(name)
-            .with_context(|| format!("no map {name}"))?;
-        let mut table: aya::maps::HashMap<_, FlowKey, FlowEntry> =
-            aya::maps::HashMap::try_from(map)?;
-        let removed = flows::sweep(&mut table, now, timeouts)?;
-        if removed > 0 {
-            debug!("swept {removed} expired records from {name}");
+/// Samples the per-port SYN tallies and logs ports whose flood flag changed.
+fn watch_floods(tracker: &Tracker, flood: &mut FloodDetector) {
+    let ports = match tracker.port_stats() {
+        Ok(p) => p,
+        Err(e) => {
+            warn!("reading the SYN tallies: {}", error_chain(&e));
+            return;
+        }
+    };
+    for change in flood.update(flows::monotonic_ns(), &ports) {
+        let w = change.window;
+        if w.flooded {
+            warn!(
+                "SYN flood on port {}: {:.0} SYN/s, {:.1}% of handshakes completed",
+                change.port,
+                w.syn_rate,
+                w.completion * 100.0
+            );
+        } else {
+            info!(
+                "SYN flood on port {} over: {:.0} SYN/s, {:.1}% completed",
+                change.port,
+                w.syn_rate,
+                w.completion * 100.0
+            );
         }
     }
-    Ok(())
+}
+
+/// The /metrics text, read from the kernel now.
+fn exposition(tracker: &Tracker, flood: &FloodDetector) -> Result<String> {
+    let err = |e: tcp_user::error::Error| anyhow::anyhow!(error_chain(&e));
+    let totals = tracker.counters().map_err(err)?;
+    let metrics = tracker.metrics().map_err(err)?;
+    let report = Report::from_kernel(&metrics, *totals.hook(Hook::XdpIngress));
+    Ok(Exposition {
+        report: &report,
+        packets: Hook::ALL
+            .iter()
+            .map(|h| (h.name(), *totals.hook(*h)))
+            .collect(),
+        tables: tracker.tables(&metrics).map_err(err)?,
+        flood_ports: flood.exposition(flows::monotonic_ns()),
+    }
+    .text())
 }
 
 fn stats(args: &StatsArgs) -> Result<()> {
     let err = |e: tcp_user::error::Error| anyhow::anyhow!(error_chain(&e));
-    let (totals, events) = tcp_user::counters::read_pinned(&args.pin_dir).map_err(err)?;
-    let records = flows::read_pinned(&args.pin_dir).map_err(err)?;
-    let mut report = Report::default();
-    report.add_kernel_events(&events);
-    report.packets = *totals.hook(Hook::XdpIngress);
-    for (_, _, flow) in &records {
-        report.count_endpoints(flow);
-    }
+    let (totals, metrics) = tcp_user::counters::read_pinned(&args.pin_dir).map_err(err)?;
+    let report = Report::from_kernel(&metrics, *totals.hook(Hook::XdpIngress));
     let text = match args.format {
-        Format::Prometheus => report
-            .prometheus_text(Hook::XdpIngress.name())
-            .context("rendering metrics")?,
+        Format::Prometheus => report.prometheus_text(Hook::XdpIngress.name()),
         Format::Json => render_json(&report, &[]).context("rendering JSON")?,
     };
     std::io::stdout()
@@ -437,10 +565,7 @@ fn replay(args: &ReplayArgs) -> Result<()> {
     let timeouts = args.timeouts.timeouts();
     let replay = tcp_user::replay::replay_file(&args.capture, timeouts)?;
     let text = match args.format {
-        Format::Prometheus => replay
-            .report
-            .prometheus_text("replay")
-            .context("rendering metrics")?,
+        Format::Prometheus => replay.report.prometheus_text("replay"),
         Format::Json => {
             let flows: Vec<_> = replay
                 .flows()

@@ -66,6 +66,9 @@ impl Replay {
             self.report.finish(&before);
         }
         self.report.count_events(events);
+        if events & ev::HANDSHAKE_COMPLETED != 0 {
+            self.report.observe_handshake(&flow);
+        }
         self.flows.insert(key, flow);
     }
 

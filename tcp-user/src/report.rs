@@ -1,15 +1,20 @@
-//! Tallies of what the tracker saw, rendered as Prometheus text (the exporter's metric names)
-//! or JSON.
+//! Tallies of what the tracker saw, and their Prometheus text exposition (the exporter's metric
+//! names, DESIGN.md §Metrics) or JSON.
+//!
+//! The same [`Report`] comes from the kernel's summed per-CPU metrics (`run`, `stats`) or from
+//! the userspace replay of a capture (`replay`), so both speak exactly the same names.
 
 use std::{collections::BTreeMap, net::IpAddr};
 
 use prometheus::{
-    Encoder as _, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder as _, TextEncoder,
+    proto::{self, MetricFamily, MetricType},
 };
 use serde::Serialize;
 use tcp_common::{
-    counters::{Counter, EventCounters, HookCounters},
+    counters::{Counter, EventCounters, HookCounters, event_slots},
     flow::{Flow, FlowKey, flow_flags},
+    metrics::{BUCKETS, GAUGE_SLOTS, Histogram, Metrics, Phase, bucket_bound_ns, slot_labels},
     state::{Role, Side, TcpState, events as ev},
 };
 
@@ -31,7 +36,7 @@ pub struct Report {
     pub handshakes_failed_rst: u64,
     /// Handshakes that never completed before their record ended.
     pub handshakes_failed_timeout: u64,
-    /// Connections (attempts) with a SYN and no SYN-ACK.
+    /// Connections (attempts) with a SYN and no SYN-ACK (replay only: needs every record).
     pub syn_without_synack: u64,
     /// Established connections aborted by RST.
     pub closed_by_rst: u64,
@@ -51,9 +56,18 @@ pub struct Report {
     pub invalid_flags: u64,
     /// SYN-ACKs or handshake ACKs not acknowledging the peer's SYN.
     pub invalid_ack: u64,
-    /// Endpoints per (state, role, side) at the end.
+    /// Segments of flows whose record could not be stored (table full).
     #[serde(skip)]
-    pub endpoints: BTreeMap<(TcpState, Role, Side), u64>,
+    pub untracked_table_full: u64,
+    /// Segments that found their record being removed on another CPU.
+    #[serde(skip)]
+    pub untracked_lost_race: u64,
+    /// Endpoints per (state, role, side).
+    #[serde(skip)]
+    pub endpoints: BTreeMap<(TcpState, Role, Side), i64>,
+    /// Handshake latency per [`Phase`].
+    #[serde(skip)]
+    pub handshake: [Histogram; 3],
 }
 
 impl Report {
@@ -94,17 +108,51 @@ impl Report {
                 *field += events.slots[i];
             }
         }
+        self.handshakes_failed_timeout += events.slots[event_slots::HANDSHAKES_TIMED_OUT];
+        self.untracked_table_full += events.slots[event_slots::UNTRACKED_SEGMENTS];
+        self.untracked_lost_race += events.slots[event_slots::LOST_RACE];
     }
 
-    /// Accounts for a record that ends (expired, or replaced by a new connection).
+    /// The report of the kernel's metrics (summed over CPUs) and ingress packet counters.
+    #[must_use]
+    pub fn from_kernel(metrics: &Metrics, packets: HookCounters) -> Self {
+        let mut report = Self {
+            packets,
+            handshake: metrics.handshake,
+            ..Self::default()
+        };
+        report.add_kernel_events(&metrics.events);
+        for slot in 0..GAUGE_SLOTS {
+            if let Some(labels) = slot_labels(slot) {
+                let n = metrics.endpoints_in(slot);
+                if n != 0 {
+                    report.endpoints.insert(labels, n);
+                }
+            }
+        }
+        report
+    }
+
+    /// Adds a handshake that just completed in `flow` (userspace replay).
+    pub fn observe_handshake(&mut self, flow: &Flow) {
+        if let Some(phases) =
+            tcp_common::metrics::handshake_phases(flow.syn_ns, flow.synack_ns, flow.established_ns)
+        {
+            for (h, ns) in self.handshake.iter_mut().zip(phases) {
+                h.observe(ns);
+            }
+        }
+    }
+
+    /// Accounts for a record that ends (expired, or replaced by a new connection; replay).
     pub fn finish(&mut self, flow: &Flow) {
         self.finish_open(flow);
-        if flow.is_half_open() && !flow.has(flow_flags::HANDSHAKE_DONE) {
+        if flow.is_half_open() && flow.syn_ns != 0 && !flow.has(flow_flags::HANDSHAKE_DONE) {
             self.handshakes_failed_timeout += 1;
         }
     }
 
-    /// Accounts for a record still held at the end.
+    /// Accounts for a record still held at the end (replay).
     pub fn finish_open(&mut self, flow: &Flow) {
         if flow.syn_ns != 0 && flow.synack_ns == 0 {
             self.syn_without_synack += 1;
@@ -126,7 +174,7 @@ impl Report {
 
     /// Endpoints in `state` with `role`, any side.
     #[must_use]
-    pub fn endpoints_in(&self, state: TcpState, role: Role) -> u64 {
+    pub fn endpoints_in(&self, state: TcpState, role: Role) -> i64 {
         self.endpoints
             .iter()
             .filter(|((s, r, _), _)| *s == state && *r == role)
@@ -135,114 +183,327 @@ impl Report {
     }
 
     /// Prometheus text exposition of these tallies; `hook` labels the packet counters.
-    ///
-    /// # Errors
-    /// Only if the prometheus crate rejects a metric definition (a bug).
-    pub fn prometheus_text(&self, hook: &str) -> prometheus::Result<String> {
-        let registry = Registry::new();
-        let endpoints = IntGaugeVec::new(
-            Opts::new(
-                "tcpscope_endpoints",
-                "TCP endpoints currently in each RFC 793 state",
-            ),
-            &["state", "role", "side"],
-        )?;
-        registry.register(Box::new(endpoints.clone()))?;
+    #[must_use]
+    pub fn prometheus_text(&self, hook: &'static str) -> String {
+        Exposition {
+            report: self,
+            packets: vec![(hook, self.packets)],
+            tables: Vec::new(),
+            flood_ports: Vec::new(),
+        }
+        .text()
+    }
+}
+
+/// One flow table's occupancy and pressure.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TableStats {
+    /// `established` or `half_open`.
+    pub name: &'static str,
+    /// Records held now.
+    pub held: i64,
+    /// Configured capacity.
+    pub capacity: u32,
+    /// Records that could not be inserted (table full).
+    pub insert_failures: u64,
+    /// Records given up on an idle timeout while the connection was live.
+    pub evictions: u64,
+}
+
+/// Everything one scrape exposes.
+pub struct Exposition<'a> {
+    /// Events, endpoints, histograms.
+    pub report: &'a Report,
+    /// Packet counters per hook label.
+    pub packets: Vec<(&'static str, HookCounters)>,
+    /// Flow tables (empty for a replay).
+    pub tables: Vec<TableStats>,
+    /// Ports the SYN-flood rule reports on, and whether it holds for each.
+    pub flood_ports: Vec<(u16, bool)>,
+}
+
+/// A metric with these labels, sorted by name as the prometheus crate's registry does.
+fn with_labels(labels: &[(&str, &str)]) -> proto::Metric {
+    let mut pairs: Vec<proto::LabelPair> = labels
+        .iter()
+        .map(|(name, value)| {
+            let mut l = proto::LabelPair::default();
+            l.set_name((*name).to_owned());
+            l.set_value((*value).to_owned());
+            l
+        })
+        .collect();
+    pairs.sort_by(|a, b| a.name().cmp(b.name()));
+    proto::Metric::from_label(pairs)
+}
+
+/// A metric family under construction.
+struct Family {
+    inner: MetricFamily,
+    metrics: Vec<proto::Metric>,
+}
+
+impl Family {
+    fn new(name: &str, help: &str, kind: MetricType) -> Self {
+        let mut inner = MetricFamily::default();
+        inner.set_name(name.to_owned());
+        inner.set_help(help.to_owned());
+        inner.set_field_type(kind);
+        Self {
+            inner,
+            metrics: Vec::new(),
+        }
+    }
+
+    fn value(mut self, labels: &[(&str, &str)], v: f64) -> Self {
+        let mut m = with_labels(labels);
+        match self.inner.get_field_type() {
+            MetricType::COUNTER => {
+                let mut c = proto::Counter::default();
+                c.set_value(v);
+                m.set_counter(c);
+            }
+            _ => {
+                let mut g = proto::Gauge::default();
+                g.set_value(v);
+                m.set_gauge(g);
+            }
+        }
+        self.metrics.push(m);
+        self
+    }
+
+    fn histogram(mut self, labels: &[(&str, &str)], h: &Histogram) -> Self {
+        let mut m = with_labels(labels);
+        let mut p = proto::Histogram::default();
+        let mut cumulative = 0;
+        let buckets = (0..BUCKETS)
+            .map(|k| {
+                cumulative += h.buckets[k];
+                let mut b = proto::Bucket::default();
+                b.set_upper_bound(bucket_bound_ns(k) as f64 / 1e9);
+                b.set_cumulative_count(cumulative);
+                b
+            })
+            .collect();
+        p.set_bucket(buckets);
+        p.set_sample_count(h.count);
+        p.set_sample_sum(h.sum_ns as f64 / 1e9);
+        m.set_histogram(p);
+        self.metrics.push(m);
+        self
+    }
+
+    fn done(mut self) -> MetricFamily {
+        self.inner.set_metric(self.metrics);
+        self.inner
+    }
+}
+
+fn counter(name: &str, help: &str, v: u64) -> MetricFamily {
+    Family::new(name, help, MetricType::COUNTER)
+        .value(&[], v as f64)
+        .done()
+}
+
+impl Exposition<'_> {
+    /// Every metric family, in exposition order.
+    #[must_use]
+    pub fn families(&self) -> Vec<MetricFamily> {
+        let r = self.report;
+        let mut out = Vec::new();
+        let mut endpoints = Family::new(
+            "tcpscope_endpoints",
+            "TCP endpoints currently in each RFC 793 state, by role and side",
+            MetricType::GAUGE,
+        );
         for state in TcpState::ALL.iter().filter(|s| **s != TcpState::Closed) {
             for role in Role::ALL {
                 for side in Side::ALL {
-                    let n = self
-                        .endpoints
-                        .get(&(*state, role, side))
-                        .copied()
-                        .unwrap_or(0);
-                    endpoints
-                        .with_label_values(&[state.name(), role.name(), side.name()])
-                        .set(i64::try_from(n).unwrap_or(i64::MAX));
+                    let n = r.endpoints.get(&(*state, role, side)).copied().unwrap_or(0);
+                    endpoints = endpoints.value(
+                        &[
+                            ("state", state.name()),
+                            ("role", role.name()),
+                            ("side", side.name()),
+                        ],
+                        n as f64,
+                    );
                 }
             }
         }
-        let counter = |name: &str, help: &str, v: u64| -> prometheus::Result<()> {
-            let c = IntCounter::new(name, help)?;
-            c.inc_by(v);
-            registry.register(Box::new(c))
-        };
-        counter(
+        out.push(endpoints.done());
+        if !self.tables.is_empty() {
+            let table = |name: &str, help: &str, kind: MetricType, f: &dyn Fn(&TableStats) -> f64| {
+                let mut fam = Family::new(name, help, kind);
+                for t in &self.tables {
+                    fam = fam.value(&[("table", t.name)], f(t));
+                }
+                fam.done()
+            };
+            out.push(table(
+                "tcpscope_flows",
+                "Flow records held now, per table",
+                MetricType::GAUGE,
+                &|t| t.held as f64,
+            ));
+            out.push(table(
+                "tcpscope_flow_table_capacity",
+                "Configured capacity of each flow table",
+                MetricType::GAUGE,
+                &|t| f64::from(t.capacity),
+            ));
+            out.push(table(
+                "tcpscope_flow_table_insert_failures_total",
+                "New records refused because the table was full",
+                MetricType::COUNTER,
+                &|t| t.insert_failures as f64,
+            ));
+            out.push(table(
+                "tcpscope_flow_table_evictions_total",
+                "Records dropped on an idle timeout while their connection was still live",
+                MetricType::COUNTER,
+                &|t| t.evictions as f64,
+            ));
+        }
+        out.push(counter(
             "tcpscope_syn_total",
             "SYN (no ACK) segments, retransmissions included",
-            self.syn,
-        )?;
-        counter(
+            r.syn,
+        ));
+        out.push(counter(
             "tcpscope_syn_retransmits_total",
             "Repeated SYNs on a half-open flow",
-            self.syn_retransmits,
-        )?;
-        counter("tcpscope_synack_total", "SYN+ACK segments", self.synack)?;
-        counter(
+            r.syn_retransmits,
+        ));
+        out.push(counter("tcpscope_synack_total", "SYN+ACK segments", r.synack));
+        out.push(counter(
             "tcpscope_handshakes_completed_total",
             "Three-way handshakes seen to completion",
-            self.handshakes_completed,
-        )?;
-        counter(
-            "tcpscope_time_wait_reuses_total",
-            "New SYNs on a 4-tuple with an endpoint in TIME-WAIT",
-            self.time_wait_reuses,
-        )?;
-        counter(
+            r.handshakes_completed,
+        ));
+        out.push(
+            Family::new(
+                "tcpscope_handshakes_failed_total",
+                "Handshakes that did not complete, by how they ended",
+                MetricType::COUNTER,
+            )
+            .value(&[("reason", "rst")], r.handshakes_failed_rst as f64)
+            .value(&[("reason", "timeout")], r.handshakes_failed_timeout as f64)
+            .done(),
+        );
+        let mut flood = Family::new(
+            "tcpscope_syn_flood_active",
+            "1 while the SYN-flood rule holds for a listening port (flagged and busiest ports only)",
+            MetricType::GAUGE,
+        );
+        for (port, active) in &self.flood_ports {
+            flood = flood.value(&[("port", &port.to_string())], f64::from(u8::from(*active)));
+        }
+        out.push(flood.done());
+        let mut hist = Family::new(
+            "tcpscope_handshake_duration_seconds",
+            "Handshake latency at the observation point, from the first SYN",
+            MetricType::HISTOGRAM,
+        );
+        for phase in Phase::ALL {
+            hist = hist.histogram(&[("phase", phase.name())], &r.handshake[phase as usize]);
+        }
+        out.push(hist.done());
+        out.push(
+            Family::new(
+                "tcpscope_closes_total",
+                "Connections ended, by how",
+                MetricType::COUNTER,
+            )
+            .value(&[("reason", "fin")], r.closed_by_fin as f64)
+            .value(&[("reason", "rst")], r.closed_by_rst as f64)
+            .done(),
+        );
+        out.push(counter(
             "tcpscope_simultaneous_closes_total",
             "Connections closed by FINs that crossed",
-            self.simultaneous_closes,
-        )?;
-        let vec = |name: &str,
-                   help: &str,
-                   label: &str,
-                   values: &[(&str, u64)]|
-         -> prometheus::Result<()> {
-            let c = IntCounterVec::new(Opts::new(name, help), &[label])?;
-            for (l, v) in values {
-                c.with_label_values(&[*l]).inc_by(*v);
+            r.simultaneous_closes,
+        ));
+        out.push(counter(
+            "tcpscope_time_wait_reuses_total",
+            "New SYNs on a 4-tuple with an endpoint in TIME-WAIT",
+            r.time_wait_reuses,
+        ));
+        out.push(counter(
+            "tcpscope_picked_up_total",
+            "Connections first seen mid-stream (no handshake observed)",
+            r.picked_up,
+        ));
+        out.push(
+            Family::new(
+                "tcpscope_invalid_segments_total",
+                "Segments ignored by the state machine",
+                MetricType::COUNTER,
+            )
+            .value(&[("reason", "rst_out_of_window")], r.invalid_rst as f64)
+            .value(&[("reason", "fin_out_of_window")], r.invalid_fin as f64)
+            .value(&[("reason", "bad_flags")], r.invalid_flags as f64)
+            .value(&[("reason", "bad_ack")], r.invalid_ack as f64)
+            .done(),
+        );
+        out.push(
+            Family::new(
+                "tcpscope_untracked_segments_total",
+                "TCP segments not applied to any record",
+                MetricType::COUNTER,
+            )
+            .value(&[("reason", "table_full")], r.untracked_table_full as f64)
+            .value(&[("reason", "record_removed")], r.untracked_lost_race as f64)
+            .done(),
+        );
+        let mut packets = Family::new(
+            "tcpscope_packets_total",
+            "Packets seen, by hook and parse result",
+            MetricType::COUNTER,
+        );
+        for (hook, counters) in &self.packets {
+            for c in Counter::ALL.iter().filter(|c| c.is_result()) {
+                packets = packets.value(
+                    &[("hook", hook), ("result", c.name())],
+                    counters.get(*c) as f64,
+                );
             }
-            registry.register(Box::new(c))
-        };
-        vec(
-            "tcpscope_handshakes_failed_total",
-            "Handshakes that did not complete",
-            "reason",
-            &[
-                ("rst", self.handshakes_failed_rst),
-                ("timeout", self.handshakes_failed_timeout),
-            ],
-        )?;
-        vec(
-            "tcpscope_closes_total",
-            "Connections ended, by how",
-            "reason",
-            &[("fin", self.closed_by_fin), ("rst", self.closed_by_rst)],
-        )?;
-        vec(
-            "tcpscope_invalid_segments_total",
-            "Segments ignored by the state machine",
-            "reason",
-            &[
-                ("rst_out_of_window", self.invalid_rst),
-                ("fin_out_of_window", self.invalid_fin),
-                ("bad_flags", self.invalid_flags),
-                ("bad_ack", self.invalid_ack),
-            ],
-        )?;
-        let packets = IntCounterVec::new(
-            Opts::new("tcpscope_packets_total", "Packets seen, by parse result"),
-            &["hook", "result"],
-        )?;
-        for c in Counter::ALL.iter().filter(|c| c.is_result()) {
-            packets
-                .with_label_values(&[hook, c.name()])
-                .inc_by(self.packets.get(*c));
         }
-        registry.register(Box::new(packets))?;
+        out.push(packets.done());
+        out.push(
+            Family::new(
+                "tcpscope_build_info",
+                "Always 1; the labels describe the running build",
+                MetricType::GAUGE,
+            )
+            .value(
+                &[
+                    ("version", env!("CARGO_PKG_VERSION")),
+                    ("layout", &tcp_common::LAYOUT_VERSION.to_string()),
+                ],
+                1.0,
+            )
+            .done(),
+        );
+        out
+    }
+
+    /// The Prometheus text format.
+    #[must_use]
+    pub fn text(&self) -> String {
         let mut out = Vec::new();
-        TextEncoder::new().encode(&registry.gather(), &mut out)?;
-        Ok(String::from_utf8_lossy(&out).into_owned())
+        // A family without samples (no port reported yet) is left out, as the text format
+        // requires; encoding into a Vec cannot fail otherwise.
+        let families: Vec<MetricFamily> = self
+            .families()
+            .into_iter()
+            .filter(|f| !f.get_metric().is_empty())
+            .collect();
+        if let Err(e) = TextEncoder::new().encode(&families, &mut out) {
+            log::error!("encoding metrics: {e}");
+        }
+        String::from_utf8_lossy(&out).into_owned()
     }
 }
 

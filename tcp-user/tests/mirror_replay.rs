@@ -18,8 +18,9 @@ use aya::maps::{HashMap, Map, MapData, PerCpuArray, PerCpuValues};
 use common::{Link, agent::Agent};
 use serde_json::Value;
 use tcp_common::{
-    counters::{EventCounters, HookCounters},
+    counters::HookCounters,
     flow::{FlowEntry, FlowKey},
+    metrics::Metrics,
 };
 
 /// Timeouts far beyond any capture's span, for both the agent and replay: nothing expires
@@ -78,13 +79,14 @@ fn reset(pin_dir: &Path) {
             )
             .expect("zero");
     }
-    let data = MapData::from_pin(dir.join("EVENTS")).expect("events");
-    let mut events: PerCpuArray<_, EventCounters> =
+    // The gauges and table counts go with the records: all zero together.
+    let data = MapData::from_pin(dir.join("METRICS")).expect("metrics");
+    let mut metrics: PerCpuArray<_, Metrics> =
         PerCpuArray::try_from(Map::PerCpuArray(data)).expect("array");
-    events
+    metrics
         .set(
             0,
-            PerCpuValues::try_from(vec![EventCounters::default(); cpus]).expect("values"),
+            PerCpuValues::try_from(vec![Metrics::ZERO; cpus]).expect("values"),
             0,
         )
         .expect("zero");

@@ -149,11 +149,11 @@ fn replay_agrees_with_the_truth_of_every_public_capture() {
             ("simultaneous_closes", r.simultaneous_closes),
             (
                 "time_wait_client",
-                r.endpoints_in(TcpState::TimeWait, Role::Client),
+                r.endpoints_in(TcpState::TimeWait, Role::Client) as u64,
             ),
             (
                 "time_wait_server",
-                r.endpoints_in(TcpState::TimeWait, Role::Server),
+                r.endpoints_in(TcpState::TimeWait, Role::Server) as u64,
             ),
         ]);
         let want = truth_counters(&truth["summary"]);
@@ -253,7 +253,7 @@ fn time_wait_expires_with_capture_time() {
         .filter_map(|c| c["time_wait_enter_ts"].as_object())
         .flat_map(|m| m.values().filter_map(Value::as_f64).collect::<Vec<_>>())
         .collect();
-    let expected = entered.iter().filter(|t| last - **t < 60.0).count() as u64;
+    let expected = entered.iter().filter(|t| last - **t < 60.0).count() as i64;
     let capture = dir
         .join("captures")
         .join(truth["file"].as_str().expect("file"));
@@ -268,7 +268,7 @@ fn time_wait_expires_with_capture_time() {
     });
     assert_eq!(
         forever,
-        entered.len() as u64,
+        entered.len() as i64,
         "without expiry every TIME-WAIT endpoint remains"
     );
     assert_eq!(tw(Timeouts::DEFAULT), expected, "with the default 60 s");

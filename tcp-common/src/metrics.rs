@@ -1,0 +1,469 @@
+//! What the kernel keeps for the exporter besides the per-hook packet counters: event tallies,
+//! endpoints per (state, role, side), table occupancy and the handshake-latency histograms, all
+//! in one per-CPU value ([`Metrics`]) that a packet reaches with a single map lookup.
+//!
+//! Every field is a per-CPU *counter*: gauges are kept as wrapping sums of +1/-1 deltas, so a
+//! CPU's copy may be "negative" (a record created on one CPU and removed on another); only the
+//! sum over CPUs, taken as `i64`, is meaningful, and it is exact because every change of a
+//! record's contribution is computed under that record's lock (see `tcp-ebpf`'s tracker).
+//! A scrape reads `CPUs x size_of::<Metrics>()` bytes, whatever the number of flows.
+
+use crate::{
+    counters::EventCounters,
+    flow::Flow,
+    state::{Role, Side, TcpState},
+};
+
+/// Slots of [`Metrics::endpoints`]: one per (state, role, side), CLOSED excluded (an endpoint
+/// that holds no state is not counted). 256 so that any `u8` indexes it: the kernel needs no
+/// bounds check (one the verifier can always follow); slot [`NO_SLOT`] is a sink never read.
+pub const GAUGE_SLOTS: usize = 256;
+/// "Not counted" (CLOSED endpoint).
+pub const NO_SLOT: u8 = 0xff;
+
+const ROLES: usize = Role::ALL.len();
+const SIDES: usize = Side::ALL.len();
+const _: () = assert!(TcpState::COUNT * ROLES * SIDES < NO_SLOT as usize);
+
+/// Gauge slot of an endpoint in `state` with `role` on `side`, or [`NO_SLOT`] for CLOSED.
+#[must_use]
+#[inline(always)]
+pub const fn gauge_slot(state: TcpState, role: Role, side: Side) -> u8 {
+    if matches!(state, TcpState::Closed) {
+        return NO_SLOT;
+    }
+    ((state as usize * ROLES + role as usize) * SIDES + side as usize) as u8
+}
+
+/// Gauge slot of endpoint `i` (0 or 1) of a record.
+#[must_use]
+#[inline(always)]
+pub fn endpoint_slot(flow: &Flow, i: usize) -> u8 {
+    // Plain arithmetic on the stored bytes (no enum tables): this runs under the record's
+    // lock in the kernel. Same result as `gauge_slot(state, role, side)`.
+    let ep = &flow.ep[i & 1];
+    let state = ep.state as usize;
+    if state == 0 || state >= TcpState::COUNT {
+        return NO_SLOT;
+    }
+    let role = if flow.client as usize == (i & 1) {
+        Role::Client as usize
+    } else if flow.client < 2 {
+        Role::Server as usize
+    } else {
+        Role::Unknown as usize
+    };
+    let side = if (ep.side as usize) < SIDES {
+        ep.side as usize
+    } else {
+        0
+    };
+    ((state * ROLES + role) * SIDES + side) as u8
+}
+
+/// The (state, role, side) of a gauge slot, `None` for unused slots.
+#[must_use]
+pub const fn slot_labels(slot: usize) -> Option<(TcpState, Role, Side)> {
+    let side = slot % SIDES;
+    let role = (slot / SIDES) % ROLES;
+    let state = slot / (SIDES * ROLES);
+    if state == 0 || state >= TcpState::COUNT {
+        return None;
+    }
+    Some((
+        TcpState::ALL[state],
+        Role::ALL[role],
+        Side::ALL[side],
+    ))
+}
+
+/// Finite histogram buckets.
+pub const BUCKETS: usize = 24;
+
+/// Upper bound (inclusive, Prometheus `le`) of bucket `k`: 10 µs x 2^k, so 10 µs ... 83.9 s
+/// (the same bounds as `prometheus::exponential_buckets(1e-5, 2.0, 24)`).
+#[must_use]
+#[inline(always)]
+pub const fn bucket_bound_ns(k: usize) -> u64 {
+    10_000 << k
+}
+
+/// Bucket of a duration: the first `k` with `ns <= bound(k)`, or [`BUCKETS`] (+Inf).
+#[must_use]
+#[inline(always)]
+pub const fn bucket(ns: u64) -> usize {
+    let mut k = 0;
+    while k < BUCKETS {
+        if ns <= bucket_bound_ns(k) {
+            return k;
+        }
+        k += 1;
+    }
+    BUCKETS
+}
+
+/// One latency histogram: per-bucket (not cumulative) counts, sum and count.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Histogram {
+    /// Observations per bucket; the last one is above every finite bound.
+    pub buckets: [u64; BUCKETS + 1],
+    /// Sum of the observations, ns.
+    pub sum_ns: u64,
+    /// Number of observations.
+    pub count: u64,
+}
+
+impl Histogram {
+    /// Empty.
+    pub const ZERO: Self = Self {
+        buckets: [0; BUCKETS + 1],
+        sum_ns: 0,
+        count: 0,
+    };
+
+    /// Adds one observation.
+    #[inline(always)]
+    pub fn observe(&mut self, ns: u64) {
+        if let Some(b) = self.buckets.get_mut(bucket(ns)) {
+            *b = b.wrapping_add(1);
+        }
+        self.sum_ns = self.sum_ns.wrapping_add(ns);
+        self.count = self.count.wrapping_add(1);
+    }
+
+    /// Adds another CPU's copy.
+    pub fn accumulate(&mut self, other: &Self) {
+        for (a, b) in self.buckets.iter_mut().zip(other.buckets.iter()) {
+            *a = a.wrapping_add(*b);
+        }
+        self.sum_ns = self.sum_ns.wrapping_add(other.sum_ns);
+        self.count = self.count.wrapping_add(other.count);
+    }
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Self::ZERO
+    }
+}
+
+/// Handshake phases, measured at the observation point from the *first* SYN.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// First SYN to first SYN-ACK.
+    SynToSynack = 0,
+    /// First SYN-ACK to the ACK that completes the handshake.
+    SynackToAck = 1,
+    /// First SYN to the completing ACK.
+    SynToAck = 2,
+}
+
+impl Phase {
+    /// Every phase.
+    pub const ALL: [Self; 3] = [Self::SynToSynack, Self::SynackToAck, Self::SynToAck];
+
+    /// Metric label value.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::SynToSynack => "syn_to_synack",
+            Self::SynackToAck => "synack_to_ack",
+            Self::SynToAck => "syn_to_ack",
+        }
+    }
+}
+
+/// The three phase durations of a completed handshake, or `None` when the record lacks a SYN
+/// or a SYN-ACK (picked up, SYN-ACK seen first) or its times are not in order.
+#[must_use]
+#[inline(always)]
+pub const fn handshake_phases(syn_ns: u64, synack_ns: u64, ack_ns: u64) -> Option<[u64; 3]> {
+    if syn_ns == 0 || synack_ns < syn_ns || ack_ns < synack_ns {
+        return None;
+    }
+    Some([synack_ns - syn_ns, ack_ns - synack_ns, ack_ns - syn_ns])
+}
+
+/// Flow tables, as indices of the per-table fields.
+pub mod table {
+    /// Connections past their handshake (or picked up).
+    pub const ESTABLISHED: usize = 0;
+    /// Handshakes in progress.
+    pub const HALF_OPEN: usize = 1;
+    /// Number of tables.
+    pub const COUNT: usize = 2;
+}
+
+/// Everything the tracker accounts for, one copy per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Metrics {
+    /// State-machine events and table pressure.
+    pub events: EventCounters,
+    /// Endpoints per [`gauge_slot`] (wrapping deltas; sum over CPUs as `i64`).
+    pub endpoints: [u64; GAUGE_SLOTS],
+    /// Records inserted, per table.
+    pub inserts: [u64; table::COUNT],
+    /// Records removed, per table (`inserts - removes` = records held).
+    pub removes: [u64; table::COUNT],
+    /// Records removed on an idle timeout while the connection was still live (handshake in
+    /// progress, established, closing): state given up rather than seen to its end.
+    pub evictions: [u64; table::COUNT],
+    /// Handshake latency per [`Phase`].
+    pub handshake: [Histogram; 3],
+}
+
+impl Metrics {
+    /// All zero.
+    pub const ZERO: Self = Self {
+        events: EventCounters { slots: [0; 32] },
+        endpoints: [0; GAUGE_SLOTS],
+        inserts: [0; table::COUNT],
+        removes: [0; table::COUNT],
+        evictions: [0; table::COUNT],
+        handshake: [Histogram::ZERO; 3],
+    };
+
+    /// Moves one endpoint from gauge slot `from` to `to` (either may be [`NO_SLOT`]).
+    #[inline(always)]
+    pub fn move_endpoint(&mut self, from: u8, to: u8) {
+        if from == to {
+            return;
+        }
+        let g = &mut self.endpoints[usize::from(from)];
+        *g = g.wrapping_sub(1);
+        let g = &mut self.endpoints[usize::from(to)];
+        *g = g.wrapping_add(1);
+    }
+
+    /// Counts one record inserted into table `t`.
+    #[inline(always)]
+    pub fn inserted(&mut self, t: usize) {
+        if let Some(v) = self.inserts.get_mut(t) {
+            *v = v.wrapping_add(1);
+        }
+    }
+
+    /// Counts one record removed from table `t`.
+    #[inline(always)]
+    pub fn removed(&mut self, t: usize) {
+        if let Some(v) = self.removes.get_mut(t) {
+            *v = v.wrapping_add(1);
+        }
+    }
+
+    /// Adds a completed handshake's phases.
+    #[inline(always)]
+    pub fn observe_handshake(&mut self, phases: [u64; 3]) {
+        self.handshake[0].observe(phases[0]);
+        self.handshake[1].observe(phases[1]);
+        self.handshake[2].observe(phases[2]);
+    }
+
+    /// Adds another CPU's copy.
+    pub fn accumulate(&mut self, other: &Self) {
+        self.events.accumulate(&other.events);
+        let pairs = self
+            .endpoints
+            .iter_mut()
+            .zip(other.endpoints.iter())
+            .chain(self.inserts.iter_mut().zip(other.inserts.iter()))
+            .chain(self.removes.iter_mut().zip(other.removes.iter()))
+            .chain(self.evictions.iter_mut().zip(other.evictions.iter()));
+        for (a, b) in pairs {
+            *a = a.wrapping_add(*b);
+        }
+        for (a, b) in self.handshake.iter_mut().zip(other.handshake.iter()) {
+            a.accumulate(b);
+        }
+    }
+
+    /// Endpoints in gauge slot `slot` (summed copies only).
+    #[must_use]
+    pub fn endpoints_in(&self, slot: usize) -> i64 {
+        if slot == usize::from(NO_SLOT) {
+            return 0;
+        }
+        self.endpoints.get(slot).map_or(0, |v| *v as i64)
+    }
+
+    /// Records held in table `t` (summed copies only).
+    #[must_use]
+    pub fn held(&self, t: usize) -> i64 {
+        self.inserts[t].wrapping_sub(self.removes[t]) as i64
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::ZERO
+    }
+}
+
+#[cfg(feature = "user")]
+// SAFETY: `repr(C)`, made only of `u64`s (no padding); every bit pattern is valid.
+unsafe impl aya::Pod for Metrics {}
+
+/// SYNs and completed handshakes towards one listening port, one copy per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortStats {
+    /// SYN (no ACK) segments towards the port, retransmissions included; counted before any
+    /// table insert, so a full half-open table does not hide a flood.
+    pub syn: u64,
+    /// Handshakes completed towards the port.
+    pub completed: u64,
+}
+
+#[cfg(feature = "user")]
+// SAFETY: `repr(C)`, two `u64`s.
+unsafe impl aya::Pod for PortStats {}
+
+/// What the agent asks the reaper program (run through `BPF_PROG_TEST_RUN`) to do, and what it
+/// answers, as the bytes of the test packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReapRequest {
+    /// Timeouts, ns: TIME-WAIT, closed, half-open, established, closing (the fields of
+    /// [`crate::track::Timeouts`] in order).
+    pub timeouts: [u64; 5],
+    /// Out: records visited, per table.
+    pub visited: [u64; table::COUNT],
+    /// Out: records removed, per table.
+    pub reaped: [u64; table::COUNT],
+}
+
+impl ReapRequest {
+    /// The request bytes (at least an Ethernet header's worth, as the kernel requires).
+    #[must_use]
+    pub fn to_bytes(&self) -> [u8; core::mem::size_of::<Self>()] {
+        let mut out = [0; core::mem::size_of::<Self>()];
+        let words = self
+            .timeouts
+            .iter()
+            .chain(self.visited.iter())
+            .chain(self.reaped.iter());
+        for (chunk, w) in out.chunks_exact_mut(8).zip(words) {
+            chunk.copy_from_slice(&w.to_ne_bytes());
+        }
+        out
+    }
+
+    /// Parses the answer bytes.
+    #[must_use]
+    pub fn from_bytes(b: &[u8]) -> Option<Self> {
+        if b.len() < core::mem::size_of::<Self>() {
+            return None;
+        }
+        let mut words = [0u64; 9];
+        for (w, chunk) in words.iter_mut().zip(b.chunks_exact(8)) {
+            let mut a = [0; 8];
+            a.copy_from_slice(chunk);
+            *w = u64::from_ne_bytes(a);
+        }
+        Some(Self {
+            timeouts: [words[0], words[1], words[2], words[3], words[4]],
+            visited: [words[5], words[6]],
+            reaped: [words[7], words[8]],
+        })
+    }
+}
+
+const _: () = assert!(core::mem::size_of::<ReapRequest>() == 72);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_counted_triple_has_its_own_slot_and_labels_round_trip() {
+        let mut seen = std::vec::Vec::new();
+        for state in TcpState::ALL {
+            for role in Role::ALL {
+                for side in Side::ALL {
+                    let slot = gauge_slot(state, role, side);
+                    if state == TcpState::Closed {
+                        assert_eq!(slot, NO_SLOT);
+                        continue;
+                    }
+                    assert!(usize::from(slot) < GAUGE_SLOTS);
+                    assert_eq!(slot_labels(slot.into()), Some((state, role, side)));
+                    seen.push(slot);
+                }
+            }
+        }
+        let n = seen.len();
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(seen.len(), n);
+        assert_eq!(n, 10 * 9);
+    }
+
+    #[test]
+    fn endpoint_slot_agrees_with_gauge_slot() {
+        let mut flow = Flow::EMPTY;
+        for client in 0..3u8 {
+            for state in TcpState::ALL {
+                for side in Side::ALL {
+                    flow.client = client;
+                    flow.ep[1].state = state as u8;
+                    flow.ep[1].side = side as u8;
+                    assert_eq!(
+                        endpoint_slot(&flow, 1),
+                        gauge_slot(state, flow.role(1), side)
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn buckets_follow_prometheus_le_semantics() {
+        assert_eq!(bucket(0), 0);
+        assert_eq!(bucket(10_000), 0);
+        assert_eq!(bucket(10_001), 1);
+        assert_eq!(bucket(20_000), 1);
+        assert_eq!(bucket(bucket_bound_ns(BUCKETS - 1)), BUCKETS - 1);
+        assert_eq!(bucket(bucket_bound_ns(BUCKETS - 1) + 1), BUCKETS);
+        assert!(bucket_bound_ns(BUCKETS - 1) > 60_000_000_000);
+        for ns in [1u64, 999, 12_345, 60_000_000, 1_000_000_000, 59_000_000_000] {
+            let k = bucket(ns);
+            assert!(ns <= bucket_bound_ns(k));
+            assert!(k == 0 || ns > bucket_bound_ns(k - 1));
+        }
+    }
+
+    #[test]
+    fn gauges_sum_exactly_across_copies() {
+        let mut a = Metrics::ZERO;
+        let mut b = Metrics::ZERO;
+        let s = gauge_slot(TcpState::TimeWait, Role::Client, Side::Local);
+        a.move_endpoint(NO_SLOT, s);
+        b.move_endpoint(s, NO_SLOT);
+        b.move_endpoint(NO_SLOT, s);
+        let mut sum = Metrics::ZERO;
+        sum.accumulate(&a);
+        sum.accumulate(&b);
+        assert_eq!(sum.endpoints_in(s.into()), 1);
+        assert_eq!(b.endpoints_in(s.into()), 0);
+    }
+
+    #[test]
+    fn phases_need_ordered_times() {
+        assert_eq!(handshake_phases(10, 30, 35), Some([20, 5, 25]));
+        assert_eq!(handshake_phases(0, 30, 35), None);
+        assert_eq!(handshake_phases(40, 30, 35), None);
+    }
+
+    #[test]
+    fn reap_request_round_trips() {
+        let r = ReapRequest {
+            timeouts: [1, 2, 3, 4, 5],
+            visited: [6, 7],
+            reaped: [8, 9],
+        };
+        assert_eq!(ReapRequest::from_bytes(&r.to_bytes()), Some(r));
+    }
+}
