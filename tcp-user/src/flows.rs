@@ -1,13 +1,12 @@
-//! Reading and sweeping the kernel's flow tables.
+//! Reading the kernel's flow tables (expiry runs in the kernel: see the reaper program).
 
-use std::{borrow::BorrowMut, path::Path};
+use std::path::Path;
 
 use aya::maps::{HashMap, Map, MapData, MapError};
 use serde::Serialize;
 use tcp_common::{
     flow::{Flow, FlowEntry, FlowKey, flow_flags},
     state::TcpState,
-    track::{Timeouts, expired},
 };
 
 use crate::{
@@ -61,32 +60,6 @@ pub fn entries<T: std::borrow::Borrow<MapData>>(
     map.iter().map(|r| r.map(|(k, e)| (k, e.flow))).collect()
 }
 
-/// Removes the records whose timeout has passed at `now`; returns how many.
-///
-/// A record updated by the kernel between the read and the delete is removed all the same;
-/// its next segment starts a new record (mid-stream pick-up), the tolerated cost of not
-/// locking userspace out of the tables.
-pub fn sweep<T: BorrowMut<MapData>>(
-    map: &mut HashMap<T, FlowKey, FlowEntry>,
-    now: u64,
-    timeouts: &Timeouts,
-) -> Result<usize, MapError> {
-    let dead: Vec<FlowKey> = entries(map)?
-        .into_iter()
-        .filter(|(_, f)| expired(f, now, timeouts))
-        .map(|(k, _)| k)
-        .collect();
-    let mut removed = 0;
-    for key in &dead {
-        match map.remove(key) {
-            Ok(()) => removed += 1,
-            Err(MapError::KeyNotFound) => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(removed)
-}
-
 /// Opens a pinned flow table of this build's layout under `base`.
 ///
 /// # Errors
@@ -124,7 +97,10 @@ pub fn read_pinned(base: &Path) -> Result<Vec<(Table, FlowKey, Flow)>, Error> {
     ] {
         let map = open_pinned(base, name)?;
         for (k, f) in entries(&map).map_err(|source| Error::Map { name, source })? {
-            out.push((table, k, f));
+            // A DEAD record is being removed (its endpoints already left the gauges).
+            if !f.has(flow_flags::DEAD) {
+                out.push((table, k, f));
+            }
         }
     }
     out.sort_by_key(|r| r.1);

@@ -20,6 +20,11 @@ const PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "/usr/sbin/ip"),
     ("ethtool", "/usr/sbin/ethtool"),
     ("tcpreplay", "/usr/bin/tcpreplay"),
+    // prometheus (with promtool): the real scraper of the exporter tests.
+    ("prometheus", "/usr/bin/promtool"),
+    ("hping3", "/usr/sbin/hping3"),
+    // tshark: handshake-latency oracle (tcp.analysis.initial_rtt).
+    ("tshark", "/usr/bin/tshark"),
 ];
 
 /// Options of `cargo xtask test`.

@@ -308,3 +308,209 @@ pub fn send_raw_frames(iface: &str, frames: &[Vec<u8>]) {
         libc::close(fd);
     }
 }
+
+pub mod metrics {
+    //! Talking to the exporter and to a real Prometheus server over HTTP/1.1.
+
+    use std::{
+        collections::BTreeMap,
+        io::{Read as _, Write as _},
+        net::TcpStream,
+        time::Duration,
+    };
+
+    /// `GET path` on `addr` (from the caller's namespace): status code and body.
+    pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+        let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )
+        .expect("request");
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).expect("response");
+        let (head, body) = raw.split_once("\r\n\r\n").expect("HTTP response");
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .expect("status code");
+        (status, body.to_owned())
+    }
+
+    /// Samples of a text exposition: `name{labels}` (labels sorted, as exposed) → value.
+    pub fn parse(text: &str) -> BTreeMap<String, f64> {
+        text.lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .filter_map(|l| {
+                let (k, v) = l.rsplit_once(' ')?;
+                Some((k.to_owned(), v.parse().ok()?))
+            })
+            .collect()
+    }
+
+    /// The sample `name{labels}` of an exposition, 0 if absent.
+    pub fn sample(samples: &BTreeMap<String, f64>, key: &str) -> f64 {
+        samples.get(key).copied().unwrap_or(0.0)
+    }
+
+    /// Sum of the samples of `name` whose labels include every `k="v"` of `having`.
+    pub fn sum(samples: &BTreeMap<String, f64>, name: &str, having: &[&str]) -> f64 {
+        samples
+            .iter()
+            .filter(|(k, _)| {
+                let (n, labels) = k.split_once('{').unwrap_or((k, ""));
+                n == name && having.iter().all(|h| labels.contains(h))
+            })
+            .map(|(_, v)| v)
+            .sum()
+    }
+
+    /// Percent-encodes a query-string value.
+    pub fn encode(s: &str) -> String {
+        s.bytes()
+            .map(|b| match b {
+                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect()
+    }
+}
+
+pub mod prometheus {
+    //! A real Prometheus server, started in a test namespace with a temporary config.
+
+    use std::{
+        path::PathBuf,
+        process::{Child, Stdio},
+        thread,
+        time::{Duration, Instant},
+    };
+
+    use serde_json::Value;
+
+    use super::{NetNs, metrics::http_get, unique};
+
+    pub struct Prometheus {
+        child: Child,
+        dir: PathBuf,
+        /// `127.0.0.1:port` inside the namespace.
+        pub addr: String,
+        ns_path: String,
+    }
+
+    impl Prometheus {
+        /// Starts Prometheus in `ns`, scraping `target` (`host:port`) every second, and waits
+        /// (bounded) until it is ready.
+        pub fn start(ns: &NetNs, target: &str) -> Self {
+            let dir = std::env::temp_dir().join(unique("tcpscope-prom-"));
+            std::fs::create_dir_all(&dir).expect("prometheus dir");
+            let config = dir.join("prometheus.yml");
+            std::fs::write(
+                &config,
+                format!(
+                    "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+                     scrape_configs:\n  - job_name: tcpscope\n    static_configs:\n      \
+                     - targets: ['{target}']\n"
+                ),
+            )
+            .expect("prometheus config");
+            let addr = "127.0.0.1:19090".to_owned();
+            let child = ns
+                .command("prometheus")
+                .arg(format!("--config.file={}", config.display()))
+                .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+                .arg(format!("--web.listen-address={addr}"))
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(dir.join("log")).expect("log file"))
+                .spawn()
+                .expect("starting prometheus (Debian package prometheus)");
+            let p = Self {
+                child,
+                dir,
+                addr,
+                ns_path: format!("/run/netns/{}", ns.name),
+            };
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while p.get("/-/ready").0 != 200 {
+                assert!(
+                    Instant::now() < deadline,
+                    "prometheus not ready in 30 s: {}",
+                    std::fs::read_to_string(p.dir.join("log")).unwrap_or_default()
+                );
+                thread::sleep(Duration::from_millis(200));
+            }
+            p
+        }
+
+        fn get(&self, path: &str) -> (u16, String) {
+            let (ns, addr, path) = (self.ns_path.clone(), self.addr.clone(), path.to_owned());
+            thread::spawn(move || {
+                super::enter_netns(&ns);
+                match std::net::TcpStream::connect(&addr) {
+                    Ok(_) => http_get(&addr, &path),
+                    Err(_) => (0, String::new()),
+                }
+            })
+            .join()
+            .expect("prometheus client thread")
+        }
+
+        /// An instant query: each series' labels (JSON object) and value.
+        pub fn query(&self, q: &str) -> Vec<(Value, f64)> {
+            let (status, body) =
+                self.get(&format!("/api/v1/query?query={}", super::metrics::encode(q)));
+            assert_eq!(status, 200, "query {q}: {body}");
+            let v: Value = serde_json::from_str(&body).expect("JSON");
+            v["data"]["result"]
+                .as_array()
+                .expect("vector result")
+                .iter()
+                .map(|s| {
+                    let value = s["value"][1]
+                        .as_str()
+                        .and_then(|x| x.parse().ok())
+                        .expect("sample value");
+                    (s["metric"].clone(), value)
+                })
+                .collect()
+        }
+
+        /// The single value of a query that yields one series (None: no series).
+        pub fn scalar(&self, q: &str) -> Option<f64> {
+            let r = self.query(q);
+            assert!(r.len() <= 1, "{q} gives {} series", r.len());
+            r.first().map(|(_, v)| *v)
+        }
+
+        /// Polls `q` (bounded) until `ok` holds for its single value; returns the value.
+        pub fn wait_for(&self, q: &str, ok: impl Fn(f64) -> bool, within: Duration) -> f64 {
+            let deadline = Instant::now() + within;
+            loop {
+                let v = self.scalar(q);
+                if let Some(v) = v
+                    && ok(v)
+                {
+                    return v;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "prometheus: {q} = {v:?}, never as expected within {within:?}"
+                );
+                thread::sleep(Duration::from_millis(250));
+            }
+        }
+    }
+
+    impl Drop for Prometheus {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
