@@ -345,8 +345,8 @@ impl ReapRequest {
             .iter()
             .chain(self.visited.iter())
             .chain(self.reaped.iter());
-        for (chunk, w) in out.chunks_exact_mut(8).zip(words) {
-            chunk.copy_from_slice(&w.to_ne_bytes());
+        for (chunk, w) in out.as_chunks_mut::<8>().0.iter_mut().zip(words) {
+            *chunk = w.to_ne_bytes();
         }
         out
     }
@@ -358,10 +358,8 @@ impl ReapRequest {
             return None;
         }
         let mut words = [0u64; 9];
-        for (w, chunk) in words.iter_mut().zip(b.chunks_exact(8)) {
-            let mut a = [0; 8];
-            a.copy_from_slice(chunk);
-            *w = u64::from_ne_bytes(a);
+        for (w, chunk) in words.iter_mut().zip(b.as_chunks::<8>().0) {
+            *w = u64::from_ne_bytes(*chunk);
         }
         Some(Self {
             timeouts: [words[0], words[1], words[2], words[3], words[4]],

@@ -155,7 +155,7 @@ fn parse_ratio(s: &str) -> Result<f64, String> {
     }
 }
 
-/// Record timeouts (the sweeper removes records past them).
+/// Record timeouts (the kernel's reaper removes records past them, once a second).
 #[derive(Debug, Args)]
 struct TimeoutArgs {
     /// Seconds an endpoint stays in TIME-WAIT (Linux: 60).
@@ -357,7 +357,7 @@ async fn run(args: RunArgs) -> Result<()> {
 
     let mut report = (args.report_every > 0)
         .then(|| tokio::time::interval(Duration::from_secs(args.report_every)));
-    let mut sweeper = tokio::time::interval(Duration::from_secs(1));
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
             _ = sigint.recv() => { info!("SIGINT: detaching"); break; }
@@ -368,7 +368,7 @@ async fn run(args: RunArgs) -> Result<()> {
                 guard.get_inner_mut().flush();
                 guard.clear_ready();
             }
-            _ = sweeper.tick() => {
+            _ = ticker.tick() => {
                 match tracker.reap(&timeouts) {
                     Ok(r) if r.reaped.iter().any(|n| *n > 0) => debug!(
                         "expired {} established and {} half-open records",

@@ -197,7 +197,7 @@ impl Relay {
                             &raw mut len,
                         )
                     };
-                    if n <= 0 || addr.sll_pkttype == libc::PACKET_OUTGOING as u8 {
+                    if n <= 0 || addr.sll_pkttype == libc::PACKET_OUTGOING {
                         continue;
                     }
                     let frame = buf[..n as usize].to_vec();
@@ -545,16 +545,17 @@ fn replay_and_compare(dir: &Path, name: &str) {
             .map(|c| c[field].as_f64().expect("truth value"))
             .collect();
         assert_eq!(h.count, truth.len() as f64, "{name} {phase}: count");
-        // tcpreplay's own timing error: a few hundred µs at worst on a loaded VM.
-        let tol = |v: f64| (0.02 * v).max(300e-6);
+        // tcpreplay's own timing error: ~100 µs on average here, single frames later by up
+        // to a millisecond on a loaded VM (nanosleep wake-ups).
         let mean = truth.iter().sum::<f64>() / truth.len() as f64;
         let ours = h.sum / h.count;
         assert!(
-            (ours - mean).abs() <= tol(mean),
+            (ours - mean).abs() <= (0.02 * mean).max(300e-6),
             "{name} {phase}: mean {ours} s vs truth {mean} s"
         );
-        // Every bucket holds the truth's values, give or take those within the tolerance of
-        // its bound.
+        // Every bucket holds the truth's values, give or take those within one frame's
+        // timing error of its bound.
+        let tol = |v: f64| (0.05 * v).max(1e-3);
         for (le, cumulative) in &h.cumulative {
             let surely = truth.iter().filter(|v| **v + tol(**v) <= *le).count() as f64;
             let maybe = truth.iter().filter(|v| **v - tol(**v) <= *le).count() as f64;
@@ -579,15 +580,9 @@ fn latency_captures_replayed_with_original_timing_match_their_truth() {
         );
         return;
     };
-    // Concurrently: zeek__http-methods alone spans 63 s of capture time.
-    let handles: Vec<_> = ["ppa__latency1", "ppa__latency2", "zeek__http-methods"]
-        .into_iter()
-        .map(|name| {
-            let dir = dir.clone();
-            thread::spawn(move || replay_and_compare(&dir, name))
-        })
-        .collect();
-    for h in handles {
-        h.join().expect("capture replay");
+    // One at a time: concurrent replays on two cores make tcpreplay's timing worse, and
+    // zeek__http-methods alone spans 63 s anyway.
+    for name in ["ppa__latency1", "ppa__latency2", "zeek__http-methods"] {
+        replay_and_compare(&dir, name);
     }
 }
