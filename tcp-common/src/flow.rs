@@ -46,6 +46,26 @@ impl FlowKey {
         };
         (key, usize::from(!src_first))
     }
+
+    /// A 32-bit digest of the key (FNV-1a over its address and port words), stored in each
+    /// [`FlowEntry`] so that a CPU holding a pointer to a table element can tell, under the
+    /// lock, whether the element still holds its flow: a deleted element's memory may be reused
+    /// for another flow at once.
+    #[must_use]
+    #[inline(always)]
+    pub fn tag(&self) -> u32 {
+        let mut h: u32 = 0x811c_9dc5;
+        for addr in &self.addr {
+            let (hi, lo) = halves(addr);
+            for w in [hi, lo] {
+                h = (h ^ (w as u32)).wrapping_mul(0x0100_0193);
+                h = (h ^ ((w >> 32) as u32)).wrapping_mul(0x0100_0193);
+            }
+        }
+        let rest = u32::from(self.port[0]) << 16 | u32::from(self.port[1]);
+        h = (h ^ rest).wrapping_mul(0x0100_0193);
+        (h ^ (u32::from(self.vlan) << 8 | u32::from(self.ipv6))).wrapping_mul(0x0100_0193)
+    }
 }
 
 /// `(a, pa) <= (b, pb)`, addresses compared as big-endian numbers.
@@ -261,8 +281,8 @@ pub struct bpf_spin_lock {
 pub struct FlowEntry {
     /// Taken around every update of `flow` in the kernel.
     pub lock: bpf_spin_lock,
-    /// Always zero.
-    pub pad: u32,
+    /// [`FlowKey::tag`] of the flow this element holds.
+    pub tag: u32,
     /// The record.
     pub flow: Flow,
 }
@@ -270,13 +290,13 @@ pub struct FlowEntry {
 const _: () = assert!(core::mem::size_of::<FlowEntry>() == 104);
 
 impl FlowEntry {
-    /// An entry holding `flow`, lock released.
+    /// An entry holding `flow` of the flow tagged `tag`, lock released.
     #[must_use]
     #[inline(always)]
-    pub const fn new(flow: Flow) -> Self {
+    pub const fn new(flow: Flow, tag: u32) -> Self {
         Self {
             lock: bpf_spin_lock { val: 0 },
-            pad: 0,
+            tag,
             flow,
         }
     }

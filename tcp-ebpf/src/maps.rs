@@ -26,10 +26,11 @@ pub const HALF_OPEN_CAPACITY: usize = 65_536;
 #[map(name = "COUNTERS")]
 pub static COUNTERS: PerCpuArray<HookCounters> = PerCpuArray::with_max_entries(HOOKS, 0);
 
-/// State-machine events, endpoint gauges, table occupancy and handshake histograms (key 0),
-/// one copy per CPU: one lookup per segment reaches all of it.
+/// State-machine events, endpoint gauges, table occupancy and handshake histograms, one copy
+/// per CPU: one lookup per segment reaches all of it. Key 0: the packet programs; key 1: the
+/// reaper (see `tracker::metrics`).
 #[map(name = "METRICS")]
-pub static METRICS: PerCpuArray<Metrics> = PerCpuArray::with_max_entries(1, 0);
+pub static METRICS: PerCpuArray<Metrics> = PerCpuArray::with_max_entries(2, 0);
 
 /// Listening ports the SYN-flood rule watches.
 pub const SYN_PORTS_CAPACITY: u32 = 1024;

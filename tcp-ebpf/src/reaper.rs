@@ -27,8 +27,14 @@ use tcp_common::{
 
 use crate::{
     maps::{FLOWS, HALF_OPEN},
-    tracker::metrics,
+    tracker::{REAPER, metrics},
 };
+
+/// How long a record that a packet program marked DEAD, or created and not yet touched, is
+/// left to that program (which deletes or fills it within microseconds) before the reaper
+/// takes it as abandoned. Deleting it earlier could let a new record be created under its key
+/// and then be deleted by the marking program's delete-by-key.
+const GRACE_NS: u64 = 10_000_000_000;
 
 /// State shared with the per-record callback (on the reaper's stack).
 #[repr(C)]
@@ -51,8 +57,15 @@ extern "C" fn visit(map: *mut c_void, key: *mut c_void, value: *mut c_void, ctx:
         let table = (*walk).table as usize;
         aya_ebpf::helpers::bpf_spin_lock((&raw mut (*entry).lock).cast());
         let flow = &mut (*entry).flow;
+        let now = (*walk).now;
         let was_dead = flow.flags & flow_flags::DEAD != 0;
-        if !was_dead && !expired(flow, (*walk).now, &(*walk).timeouts) {
+        let fresh = flow.flags == 0 || was_dead;
+        let keep = if fresh {
+            now.saturating_sub(flow.last_ns) < GRACE_NS
+        } else {
+            !expired(flow, now, &(*walk).timeouts)
+        };
+        if keep {
             aya_ebpf::helpers::bpf_spin_unlock((&raw mut (*entry).lock).cast());
             return 0;
         }
@@ -65,7 +78,7 @@ extern "C" fn visit(map: *mut c_void, key: *mut c_void, value: *mut c_void, ctx:
         aya_ebpf::helpers::bpf_spin_unlock((&raw mut (*entry).lock).cast());
         (was_dead, slots, failed_handshake, evicted, table)
     };
-    let Some(m) = metrics() else {
+    let Some(m) = metrics(REAPER) else {
         return 0;
     };
     if !was_dead {

@@ -35,12 +35,22 @@ const PROMOTE: u32 = 2;
 /// The record was already on its way out: nothing changed.
 const LOST: u32 = 3;
 
-/// This CPU's metrics.
+/// This CPU's metrics for `writer` ([`PACKETS`] or [`REAPER`]).
+///
+/// Two writers, two copies: the packet programs run with bottom halves disabled and never
+/// interrupt one another, but the reaper runs in a syscall with bottom halves enabled, so a
+/// packet may interrupt it on its own CPU in the middle of an update; with copies of their own
+/// neither loses the other's updates. The agent sums both.
 #[inline(always)]
-pub fn metrics() -> Option<&'static mut Metrics> {
-    // SAFETY: this CPU's slot of a per-CPU array; BPF programs are not preempted on it.
-    METRICS.get_ptr_mut(0).map(|c| unsafe { &mut *c })
+pub fn metrics(writer: u32) -> Option<&'static mut Metrics> {
+    // SAFETY: this CPU's copy of a per-CPU array entry that only `writer` updates.
+    METRICS.get_ptr_mut(writer).map(|c| unsafe { &mut *c })
 }
+
+/// [`metrics`] copy of the packet programs.
+pub const PACKETS: u32 = 0;
+/// [`metrics`] copy of the reaper.
+pub const REAPER: u32 = 1;
 
 /// Adds to this CPU's tallies of listening port `port`.
 #[inline(never)]
@@ -68,7 +78,7 @@ fn count_port(port: u16, syn: u64, completed: u64) {
 /// so that the parser's frame and the tracker's are separate.
 #[inline(never)]
 pub fn track_segment(seg: &Segment, side: Side) {
-    let Some(m) = metrics() else {
+    let Some(m) = metrics(PACKETS) else {
         return;
     };
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
@@ -82,6 +92,7 @@ pub fn track_segment(seg: &Segment, side: Side) {
         count_port(seg.dport, 1, 0);
     }
     let (key, dir) = FlowKey::of(seg);
+    let tag = key.tag();
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let (entry, half_open) = match FLOWS.get_ptr_mut(&key) {
@@ -89,8 +100,12 @@ pub fn track_segment(seg: &Segment, side: Side) {
         None => match HALF_OPEN.get_ptr_mut(&key) {
             Some(e) => (e, true),
             None => {
-                // SAFETY: this CPU's scratch slot.
-                unsafe { (*scratch).entry = FlowEntry::new(Flow::EMPTY) };
+                // SAFETY: this CPU's scratch slot. Stamped with the time, so that the reaper
+                // leaves it to its creator for a while.
+                unsafe {
+                    (*scratch).entry = FlowEntry::new(Flow::EMPTY, tag);
+                    (*scratch).entry.flow.last_ns = now;
+                }
                 // SAFETY: as above; the map copies the value.
                 let stored =
                     HALF_OPEN.insert(&key, unsafe { &(*scratch).entry }, u64::from(BPF_NOEXIST));
@@ -118,7 +133,9 @@ pub fn track_segment(seg: &Segment, side: Side) {
         aya_ebpf::helpers::bpf_spin_lock((&raw mut (*entry).lock).cast());
         let flow = &mut (*entry).flow;
         let out = &mut *scratch;
-        if flow.flags & flow_flags::DEAD != 0 {
+        // DEAD: on its way out of the table. Another tag: the element was deleted and its
+        // memory reused for another flow since the lookup.
+        if flow.flags & flow_flags::DEAD != 0 || (*entry).tag != tag {
             out.action = LOST;
         } else {
             out.slots[0] = endpoint_slot(flow, 0);
@@ -128,8 +145,13 @@ pub fn track_segment(seg: &Segment, side: Side) {
             out.slots[3] = endpoint_slot(flow, 1);
             out.events = events;
             out.times = [flow.syn_ns, flow.synack_ns, flow.established_ns];
+            // A record marked DEAD here is deleted by this CPU just after the unlock (by key:
+            // nobody can create another record under the key while this one is in the
+            // table); the reaper leaves such records alone (see `reaper`), `last_ns` dates
+            // the mark.
             out.action = if events & ev::UNTRACKED != 0 && flow.flags == 0 {
                 flow.flags |= flow_flags::DEAD;
+                flow.last_ns = now;
                 DROP
             } else if half_open && !flow.is_half_open() {
                 out.entry.flow = *flow;
@@ -164,7 +186,7 @@ pub fn track_segment(seg: &Segment, side: Side) {
         // SAFETY: this CPU's scratch slot.
         let copy = unsafe { &mut (*scratch).entry };
         copy.lock = Default::default();
-        copy.pad = 0;
+        copy.tag = tag;
         if FLOWS.insert(&key, copy, u64::from(BPF_NOEXIST)).is_ok() {
             m.inserted(table::ESTABLISHED);
             m.events.bump(event_slots::PROMOTIONS);

@@ -70,7 +70,14 @@ pub fn read_metrics(ebpf: &Ebpf) -> Result<Metrics, Error> {
         kind: "map",
         name: METRICS_MAP,
     })?;
-    sum_per_cpu(map, METRICS_MAP, 0, Metrics::accumulate)
+    sum_metrics(map)
+}
+
+/// Sums both writers' copies (packet programs, reaper) over every CPU.
+fn sum_metrics(map: &Map) -> Result<Metrics, Error> {
+    let mut total = sum_per_cpu(map, METRICS_MAP, 0, Metrics::accumulate)?;
+    total.accumulate(&sum_per_cpu(map, METRICS_MAP, 1, Metrics::accumulate)?);
+    Ok(total)
 }
 
 /// Sums a per-CPU array of `V` at key `index`.
@@ -120,6 +127,6 @@ pub fn read_pinned(base: &std::path::Path) -> Result<(Totals, Metrics), Error> {
             HookCounters::accumulate,
         )?;
     }
-    let metrics = sum_per_cpu(&open(METRICS_MAP)?, METRICS_MAP, 0, Metrics::accumulate)?;
+    let metrics = sum_metrics(&open(METRICS_MAP)?)?;
     Ok((totals, metrics))
 }

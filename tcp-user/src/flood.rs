@@ -28,6 +28,8 @@ pub struct FloodRule {
     /// How long a port that was flagged keeps being reported (as 0) after the rule stops
     /// holding, ns, so that dashboards and alerts see it return to 0.
     pub hold_ns: u64,
+    /// At most this many such formerly flagged ports are reported (the most recent).
+    pub held_max: usize,
 }
 
 impl FloodRule {
@@ -38,6 +40,7 @@ impl FloodRule {
         window_ns: 5_000_000_000,
         top: 10,
         hold_ns: 600_000_000_000,
+        held_max: 64,
     };
 }
 
@@ -161,24 +164,30 @@ impl FloodDetector {
         self.ports.get(&port).and_then(|h| h.window)
     }
 
-    /// The ports to report and whether each is flooded: every flagged port, every port flagged
-    /// within the hold time, and the `top` busiest by SYN rate; bounded by the kernel map's
-    /// capacity, in port order.
+    /// The ports to report and whether each is flooded: every flagged port (at most the kernel
+    /// map's 1,024), the `held_max` most recently flagged within the hold time, and the `top`
+    /// busiest by SYN rate; in port order.
     #[must_use]
     pub fn exposition(&self, now_ns: u64) -> Vec<(u16, bool)> {
         let mut out: BTreeMap<u16, bool> = BTreeMap::new();
         let mut busiest: Vec<(f64, u16)> = Vec::new();
+        let mut held: Vec<(u64, u16)> = Vec::new();
         for (port, h) in &self.ports {
             let Some(w) = h.window else { continue };
-            let held = h
-                .last_flagged_ns
-                .is_some_and(|t| now_ns.saturating_sub(t) < self.rule.hold_ns);
-            if w.flooded || held {
-                out.insert(*port, w.flooded);
+            if w.flooded {
+                out.insert(*port, true);
+            } else if let Some(t) = h.last_flagged_ns
+                && now_ns.saturating_sub(t) < self.rule.hold_ns
+            {
+                held.push((t, *port));
             }
             if w.syn_rate > 0.0 {
                 busiest.push((w.syn_rate, *port));
             }
+        }
+        held.sort_unstable_by(|a, b| b.cmp(a));
+        for (_, port) in held.into_iter().take(self.rule.held_max) {
+            out.insert(port, false);
         }
         busiest.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
         for (_, port) in busiest.into_iter().take(self.rule.top) {
@@ -195,7 +204,9 @@ fn window(rule: &FloodRule, samples: &VecDeque<(u64, PortStats)>) -> Option<Port
     let span = t1.checked_sub(*t0).filter(|s| *s > 0)?;
     let syn = last.syn.saturating_sub(first.syn);
     let completed = last.completed.saturating_sub(first.completed);
-    let syn_rate = syn as f64 * 1e9 / span as f64;
+    // Over the whole window even when the history is shorter (a port that just appeared, a
+    // stalled tick): a burst must be worth `rate` x `window` SYNs before it counts.
+    let syn_rate = syn as f64 * 1e9 / span.max(rule.window_ns) as f64;
     let completion = if syn == 0 {
         1.0
     } else {

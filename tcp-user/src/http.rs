@@ -78,14 +78,16 @@ async fn ask(
     limits: &Limits,
 ) -> Result<String, String> {
     let (tx, rx) = oneshot::channel();
-    to.send(make(tx))
+    let exchange = async {
+        to.send(make(tx))
+            .await
+            .map_err(|_| "the agent is shutting down".to_owned())?;
+        rx.await
+            .map_err(|_| "the agent dropped the request".to_owned())?
+    };
+    tokio::time::timeout(limits.answer_timeout, exchange)
         .await
-        .map_err(|_| "the agent is shutting down".to_owned())?;
-    match tokio::time::timeout(limits.answer_timeout, rx).await {
-        Ok(Ok(answer)) => answer,
-        Ok(Err(_)) => Err("the agent dropped the request".to_owned()),
-        Err(_) => Err("the agent did not answer in time".to_owned()),
-    }
+        .unwrap_or_else(|_| Err("the agent did not answer in time".to_owned()))
 }
 
 async fn handle(
@@ -132,6 +134,7 @@ async fn handle(
 /// Serves until the task is dropped.
 pub async fn serve(listener: TcpListener, to: mpsc::Sender<Request>, limits: Limits) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let waiting = Arc::new(Semaphore::new(limits.max_connections));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -142,13 +145,20 @@ pub async fn serve(listener: TcpListener, to: mpsc::Sender<Request>, limits: Lim
                 continue;
             }
         };
-        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+        let Ok(in_line) = Arc::clone(&waiting).try_acquire_owned() else {
             debug!("{peer}: too many metrics connections, closing");
             drop(stream);
             continue;
         };
-        let to = to.clone();
+        let (to, slots) = (to.clone(), Arc::clone(&slots));
         tokio::spawn(async move {
+            let Ok(Ok(permit)) =
+                tokio::time::timeout(limits.header_timeout, slots.acquire_owned()).await
+            else {
+                debug!("{peer}: no metrics connection slot freed in time, closing");
+                return;
+            };
+            drop(in_line);
             let service = service_fn(move |req| handle(req, to.clone(), limits));
             let mut builder = http1::Builder::new();
             builder

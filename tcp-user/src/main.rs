@@ -358,6 +358,8 @@ async fn run(args: RunArgs) -> Result<()> {
     let mut report = (args.report_every > 0)
         .then(|| tokio::time::interval(Duration::from_secs(args.report_every)));
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    // After a stall, one tick rather than a burst (the flood window counts real seconds).
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = sigint.recv() => { info!("SIGINT: detaching"); break; }

@@ -287,7 +287,9 @@ impl Family {
             })
             .collect();
         p.set_bucket(buckets);
-        p.set_sample_count(h.count);
+        // The count from the buckets themselves: the kernel bumps `count` after the bucket,
+        // and a scrape in between must not show +Inf below the last finite bucket.
+        p.set_sample_count(h.buckets.iter().fold(0, |a, b| a.wrapping_add(*b)));
         p.set_sample_sum(h.sum_ns as f64 / 1e9);
         m.set_histogram(p);
         self.metrics.push(m);
@@ -320,7 +322,10 @@ impl Exposition<'_> {
         for state in TcpState::ALL.iter().filter(|s| **s != TcpState::Closed) {
             for role in Role::ALL {
                 for side in Side::ALL {
-                    let n = r.endpoints.get(&(*state, role, side)).copied().unwrap_or(0);
+                    // A scrape reads the CPUs' copies one after another, not as one snapshot:
+                    // an endpoint that moved between CPUs meanwhile may show as -1 for that
+                    // scrape; never expose less than nothing.
+                    let n = r.endpoints.get(&(*state, role, side)).copied().unwrap_or(0).max(0);
                     endpoints = endpoints.value(
                         &[
                             ("state", state.name()),
@@ -345,7 +350,7 @@ impl Exposition<'_> {
                 "tcpscope_flows",
                 "Flow records held now, per table",
                 MetricType::GAUGE,
-                &|t| t.held as f64,
+                &|t| t.held.max(0) as f64,
             ));
             out.push(table(
                 "tcpscope_flow_table_capacity",

@@ -83,13 +83,15 @@ fn reset(pin_dir: &Path) {
     let data = MapData::from_pin(dir.join("METRICS")).expect("metrics");
     let mut metrics: PerCpuArray<_, Metrics> =
         PerCpuArray::try_from(Map::PerCpuArray(data)).expect("array");
-    metrics
-        .set(
-            0,
-            PerCpuValues::try_from(vec![Metrics::ZERO; cpus]).expect("values"),
-            0,
-        )
-        .expect("zero");
+    for writer in 0..2 {
+        metrics
+            .set(
+                writer,
+                PerCpuValues::try_from(vec![Metrics::ZERO; cpus]).expect("values"),
+                0,
+            )
+            .expect("zero");
+    }
 }
 
 /// Frames the XDP program counted (every parse result).
