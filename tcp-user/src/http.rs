@@ -134,7 +134,8 @@ async fn handle(
 /// Serves until the task is dropped.
 pub async fn serve(listener: TcpListener, to: mpsc::Sender<Request>, limits: Limits) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
-    let waiting = Arc::new(Semaphore::new(limits.max_connections));
+    // Connections accepted and not yet served (a task takes its slot only once it runs).
+    let waiting = Arc::new(Semaphore::new(2 * limits.max_connections));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -152,8 +153,11 @@ pub async fn serve(listener: TcpListener, to: mpsc::Sender<Request>, limits: Lim
         };
         let (to, slots) = (to.clone(), Arc::clone(&slots));
         tokio::spawn(async move {
+            // Twice the head timeout: every connection being served when this one arrived
+            // has by then sent its head or been cut off, so a slot is free (waiters are
+            // served in order, and there are no more of them than slots).
             let Ok(Ok(permit)) =
-                tokio::time::timeout(limits.header_timeout, slots.acquire_owned()).await
+                tokio::time::timeout(2 * limits.header_timeout, slots.acquire_owned()).await
             else {
                 debug!("{peer}: no metrics connection slot freed in time, closing");
                 return;
