@@ -70,11 +70,7 @@ pub const fn slot_labels(slot: usize) -> Option<(TcpState, Role, Side)> {
     if state == 0 || state >= TcpState::COUNT {
         return None;
     }
-    Some((
-        TcpState::ALL[state],
-        Role::ALL[role],
-        Side::ALL[side],
-    ))
+    Some((TcpState::ALL[state], Role::ALL[role], Side::ALL[side]))
 }
 
 /// Finite histogram buckets.

@@ -48,7 +48,12 @@ struct Walk {
 
 /// Called for every record of a table.
 #[inline(never)]
-extern "C" fn visit(map: *mut c_void, key: *mut c_void, value: *mut c_void, ctx: *mut c_void) -> i64 {
+extern "C" fn visit(
+    map: *mut c_void,
+    key: *mut c_void,
+    value: *mut c_void,
+    ctx: *mut c_void,
+) -> i64 {
     let walk = ctx.cast::<Walk>();
     let entry = value.cast::<FlowEntry>();
     // SAFETY: the kernel passes the caller's context and a live record of the walked table.
@@ -70,9 +75,8 @@ extern "C" fn visit(map: *mut c_void, key: *mut c_void, value: *mut c_void, ctx:
             return 0;
         }
         let slots = [endpoint_slot(flow, 0), endpoint_slot(flow, 1)];
-        let failed_handshake = flow.is_half_open()
-            && flow.syn_ns != 0
-            && flow.flags & flow_flags::HANDSHAKE_DONE == 0;
+        let failed_handshake =
+            flow.is_half_open() && flow.syn_ns != 0 && flow.flags & flow_flags::HANDSHAKE_DONE == 0;
         let evicted = !finished(flow);
         flow.flags |= flow_flags::DEAD;
         aya_ebpf::helpers::bpf_spin_unlock((&raw mut (*entry).lock).cast());

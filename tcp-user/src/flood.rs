@@ -137,8 +137,7 @@ impl FloodDetector {
         // Ports the kernel forgot (LRU) or that went quiet long ago.
         self.ports.retain(|port, h| {
             present.contains(port)
-                || h
-                    .last_flagged_ns
+                || h.last_flagged_ns
                     .is_some_and(|t| now_ns.saturating_sub(t) < rule.hold_ns)
         });
         for (port, h) in &mut self.ports {
@@ -297,9 +296,6 @@ mod tests {
             .map(|p| (p, stats(u64::from(p) * 10, u64::from(p) * 10)))
             .collect();
         d.update(S, &ports);
-        assert_eq!(
-            d.exposition(S),
-            vec![(48, false), (49, false), (50, false)]
-        );
+        assert_eq!(d.exposition(S), vec![(48, false), (49, false), (50, false)]);
     }
 }

@@ -264,10 +264,18 @@ impl Tracker {
     /// When a table's description cannot be read.
     pub fn tables(&self, metrics: &Metrics) -> Result<Vec<TableStats>, Error> {
         let capacity = |name: &'static str| -> Result<u32, Error> {
-            let map = self.ebpf.map(name).ok_or(Error::Missing { kind: "map", name })?;
+            let map = self
+                .ebpf
+                .map(name)
+                .ok_or(Error::Missing { kind: "map", name })?;
             let data = match map {
                 aya::maps::Map::HashMap(d) => d,
-                _ => return Err(Error::Missing { kind: "hash map", name }),
+                _ => {
+                    return Err(Error::Missing {
+                        kind: "hash map",
+                        name,
+                    });
+                }
             };
             Ok(data
                 .info()
@@ -298,7 +306,10 @@ impl Tracker {
     /// When the map cannot be read.
     pub fn port_stats(&self) -> Result<Vec<(u16, PortStats)>, Error> {
         let name = SYN_PORTS_MAP;
-        let map = self.ebpf.map(name).ok_or(Error::Missing { kind: "map", name })?;
+        let map = self
+            .ebpf
+            .map(name)
+            .ok_or(Error::Missing { kind: "map", name })?;
         let ports: PerCpuHashMap<&MapData, u32, PortStats> =
             PerCpuHashMap::try_from(map).map_err(|source| Error::Map { name, source })?;
         let mut out = Vec::new();
@@ -344,12 +355,10 @@ impl Tracker {
             data_out: Some(&mut answer),
             ..TestRunOptions::default()
         };
-        program
-            .test_run(opts)
-            .map_err(|source| Error::Program {
-                name: REAP_PROGRAM,
-                source,
-            })?;
+        program.test_run(opts).map_err(|source| Error::Program {
+            name: REAP_PROGRAM,
+            source,
+        })?;
         ReapRequest::from_bytes(&answer).ok_or(Error::Missing {
             kind: "reaper answer",
             name: REAP_PROGRAM,

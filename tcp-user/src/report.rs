@@ -325,7 +325,12 @@ impl Exposition<'_> {
                     // A scrape reads the CPUs' copies one after another, not as one snapshot:
                     // an endpoint that moved between CPUs meanwhile may show as -1 for that
                     // scrape; never expose less than nothing.
-                    let n = r.endpoints.get(&(*state, role, side)).copied().unwrap_or(0).max(0);
+                    let n = r
+                        .endpoints
+                        .get(&(*state, role, side))
+                        .copied()
+                        .unwrap_or(0)
+                        .max(0);
                     endpoints = endpoints.value(
                         &[
                             ("state", state.name()),
@@ -339,13 +344,14 @@ impl Exposition<'_> {
         }
         out.push(endpoints.done());
         if !self.tables.is_empty() {
-            let table = |name: &str, help: &str, kind: MetricType, f: &dyn Fn(&TableStats) -> f64| {
-                let mut fam = Family::new(name, help, kind);
-                for t in &self.tables {
-                    fam = fam.value(&[("table", t.name)], f(t));
-                }
-                fam.done()
-            };
+            let table =
+                |name: &str, help: &str, kind: MetricType, f: &dyn Fn(&TableStats) -> f64| {
+                    let mut fam = Family::new(name, help, kind);
+                    for t in &self.tables {
+                        fam = fam.value(&[("table", t.name)], f(t));
+                    }
+                    fam.done()
+                };
             out.push(table(
                 "tcpscope_flows",
                 "Flow records held now, per table",
@@ -381,7 +387,11 @@ impl Exposition<'_> {
             "Repeated SYNs on a half-open flow",
             r.syn_retransmits,
         ));
-        out.push(counter("tcpscope_synack_total", "SYN+ACK segments", r.synack));
+        out.push(counter(
+            "tcpscope_synack_total",
+            "SYN+ACK segments",
+            r.synack,
+        ));
         out.push(counter(
             "tcpscope_handshakes_completed_total",
             "Three-way handshakes seen to completion",
@@ -459,7 +469,10 @@ impl Exposition<'_> {
                 MetricType::COUNTER,
             )
             .value(&[("reason", "table_full")], r.untracked_table_full as f64)
-            .value(&[("reason", "record_removed")], r.untracked_lost_race as f64)
+            .value(
+                &[("reason", "record_removed")],
+                r.untracked_lost_race as f64,
+            )
             .done(),
         );
         let mut packets = Family::new(

@@ -104,7 +104,10 @@ fn table_states(agent: &Agent) -> (usize, std::collections::BTreeMap<(String, St
 fn assert_gauges_match_tables(agent: &Agent, samples: &std::collections::BTreeMap<String, f64>) {
     let (records, by_state) = table_states(agent);
     let held = sum(samples, "tcpscope_flows", &[]);
-    assert_eq!(held, records as f64, "tcpscope_flows vs records in the tables");
+    assert_eq!(
+        held, records as f64,
+        "tcpscope_flows vs records in the tables"
+    );
     let gauges = sum(samples, "tcpscope_endpoints", &[]);
     assert_eq!(
         gauges,
@@ -136,8 +139,8 @@ fn promtool_check(text: &str) {
         .write_all(text.as_bytes())
         .expect("feeding promtool");
     let out = child.wait_with_output().expect("promtool");
-    let report = String::from_utf8_lossy(&out.stdout).into_owned()
-        + &String::from_utf8_lossy(&out.stderr);
+    let report =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success() && report.trim().is_empty(),
         "promtool check metrics: {report}"
@@ -162,7 +165,11 @@ fn time_wait_gauges_equal_ss_per_side_through_prometheus_and_expire() {
     );
     agent.wait_for("tracking;");
     let prom = Prometheus::start(&link.server, METRICS);
-    prom.wait_for("up{job=\"tcpscope\"}", |v| v == 1.0, Duration::from_secs(20));
+    prom.wait_for(
+        "up{job=\"tcpscope\"}",
+        |v| v == 1.0,
+        Duration::from_secs(20),
+    );
 
     const CLIENT_CLOSED: usize = 7;
     const SERVER_CLOSED: usize = 5;
@@ -179,8 +186,16 @@ fn time_wait_gauges_equal_ss_per_side_through_prometheus_and_expire() {
             &format!("tcpscope_endpoints{{role=\"{role}\",side=\"{side}\",state=\"time_wait\"}}"),
         )
     };
-    assert_eq!(tw("remote", "client"), remote as f64, "client TIME-WAIT (remote)");
-    assert_eq!(tw("local", "server"), local as f64, "server TIME-WAIT (local)");
+    assert_eq!(
+        tw("remote", "client"),
+        remote as f64,
+        "client TIME-WAIT (remote)"
+    );
+    assert_eq!(
+        tw("local", "server"),
+        local as f64,
+        "server TIME-WAIT (local)"
+    );
     assert_eq!(tw("remote", "server") + tw("local", "client"), 0.0);
     assert_gauges_match_tables(&agent, &samples);
     assert_eq!(
@@ -189,20 +204,19 @@ fn time_wait_gauges_equal_ss_per_side_through_prometheus_and_expire() {
     );
 
     // The same through Prometheus, well within TIME-WAIT (a scrape a second).
-    let per_side = |side: &str| {
-        format!("sum(tcpscope_endpoints{{state=\"time_wait\",side=\"{side}\"}})")
-    };
+    let per_side =
+        |side: &str| format!("sum(tcpscope_endpoints{{state=\"time_wait\",side=\"{side}\"}})");
     let within = Duration::from_secs(TIME_WAIT_SECS / 2);
     prom.wait_for(&per_side("remote"), |v| v == remote as f64, within);
     prom.wait_for(&per_side("local"), |v| v == local as f64, within);
     // After --time-wait-secs both sides are back to zero, and the records are gone.
-    prom.wait_for(&per_side("remote"), |v| v == 0.0, Duration::from_secs(TIME_WAIT_SECS + 5));
-    prom.wait_for(&per_side("local"), |v| v == 0.0, Duration::from_secs(5));
     prom.wait_for(
-        "sum(tcpscope_flows)",
+        &per_side("remote"),
         |v| v == 0.0,
-        Duration::from_secs(5),
+        Duration::from_secs(TIME_WAIT_SECS + 5),
     );
+    prom.wait_for(&per_side("local"), |v| v == 0.0, Duration::from_secs(5));
+    prom.wait_for("sum(tcpscope_flows)", |v| v == 0.0, Duration::from_secs(5));
     let text = scrape(&link.server);
     let samples = parse(&text);
     assert_gauges_match_tables(&agent, &samples);
@@ -213,7 +227,10 @@ fn time_wait_gauges_equal_ss_per_side_through_prometheus_and_expire() {
         "TIME-WAIT and CLOSED records end naturally"
     );
     assert_eq!(
-        sample(&samples, "tcpscope_flow_table_capacity{table=\"established\"}"),
+        sample(
+            &samples,
+            "tcpscope_flow_table_capacity{table=\"established\"}"
+        ),
         262_144.0
     );
     promtool_check(&text);
@@ -230,7 +247,9 @@ fn time_wait_gauges_equal_ss_per_side_through_prometheus_and_expire() {
 fn http_endpoint_survives_bad_clients() {
     common::require_root();
     let ns = NetNs::new("tsh");
-    ns.sh(&["ip", "link", "add", "th0", "type", "veth", "peer", "name", "th1"]);
+    ns.sh(&[
+        "ip", "link", "add", "th0", "type", "veth", "peer", "name", "th1",
+    ]);
     ns.sh(&["ip", "link", "set", "th0", "up"]);
     let mut agent = Agent::start(&ns, &["--iface", "th0", "--listen", "127.0.0.1:9977"]);
     agent.wait_for("tracking;");
@@ -251,7 +270,11 @@ fn http_endpoint_survives_bad_clients() {
         let (status, body) = http_get(METRICS, "/metrics");
         assert_eq!(status, 200);
         assert!(body.contains("tcpscope_build_info{"), "{body}");
-        eprintln!("scrape behind {} idle connections took {:?}", idle.len(), started.elapsed());
+        eprintln!(
+            "scrape behind {} idle connections took {:?}",
+            idle.len(),
+            started.elapsed()
+        );
         drop(idle);
         // The slow one is cut off after the head timeout.
         slow.set_read_timeout(Some(Duration::from_secs(15)))
@@ -287,7 +310,14 @@ fn http_endpoint_survives_bad_clients() {
     // A port already in use is a one-line error before anything is attached.
     let out = ns
         .command(env!("CARGO_BIN_EXE_tcpscope"))
-        .args(["run", "--iface", "th0", "--listen", "127.0.0.1:9977", "--pin-dir"])
+        .args([
+            "run",
+            "--iface",
+            "th0",
+            "--listen",
+            "127.0.0.1:9977",
+            "--pin-dir",
+        ])
         .arg(format!("{}-second", agent.pin_dir.display()))
         .output()
         .expect("second agent");

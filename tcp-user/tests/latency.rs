@@ -103,7 +103,11 @@ impl Hist {
             .iter()
             .position(|(le, _)| *le >= x)
             .expect("a bucket");
-        let below = if i == 0 { 0.0 } else { self.cumulative[i - 1].1 };
+        let below = if i == 0 {
+            0.0
+        } else {
+            self.cumulative[i - 1].1
+        };
         self.cumulative[i].1 - below
     }
 }
@@ -113,7 +117,11 @@ fn packet_socket(iface: &str) -> OwnedFd {
     let proto = (libc::ETH_P_ALL as u16).to_be();
     // SAFETY: plain socket call.
     let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
-    assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+    assert!(
+        fd >= 0,
+        "AF_PACKET socket: {}",
+        std::io::Error::last_os_error()
+    );
     // SAFETY: `fd` is a new socket we own.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let name = std::ffi::CString::new(iface).expect("name");
@@ -322,7 +330,10 @@ impl Capture {
         let (tx, rx) = mpsc::channel();
         thread::spawn(move || {
             use std::io::BufRead as _;
-            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
                 let _ = tx.send(line);
             }
         });
@@ -429,12 +440,13 @@ fn handshake_latency_through_a_delaying_relay_matches_tshark() {
     for h in [&syn_synack, &synack_ack, &syn_ack] {
         assert_eq!(h.count, N as f64, "one observation per handshake");
     }
-    assert_eq!(
-        sample(&m, "tcpscope_handshakes_completed_total"),
-        N as f64
-    );
+    assert_eq!(sample(&m, "tcpscope_handshakes_completed_total"), N as f64);
     // The phase that crosses the relay twice lands in the bucket of 2·D, and no lower.
-    assert_eq!(syn_synack.in_bucket_of(two_d), N as f64, "SYN→SYN-ACK ≈ 2·D");
+    assert_eq!(
+        syn_synack.in_bucket_of(two_d),
+        N as f64,
+        "SYN→SYN-ACK ≈ 2·D"
+    );
     assert_eq!(syn_synack.below(two_d), 0.0, "nothing faster than 2·D");
     let mean = syn_synack.sum / syn_synack.count;
     assert!(
@@ -442,7 +454,11 @@ fn handshake_latency_through_a_delaying_relay_matches_tshark() {
         "SYN→SYN-ACK mean {mean} s for 2·D = {two_d} s"
     );
     // The client answers at once.
-    assert_eq!(synack_ack.at_most(0.00128), N as f64, "SYN-ACK→ACK is local");
+    assert_eq!(
+        synack_ack.at_most(0.00128),
+        N as f64,
+        "SYN-ACK→ACK is local"
+    );
 
     // tshark on the same interface: same handshakes, same times.
     let rtts = tshark_initial_rtts(&file);
@@ -495,7 +511,9 @@ fn replay_and_compare(dir: &Path, name: &str) {
         &std::fs::read_to_string(dir.join("truth").join(format!("{name}.json"))).expect("truth"),
     )
     .expect("JSON");
-    let capture = dir.join("captures").join(truth["file"].as_str().expect("file"));
+    let capture = dir
+        .join("captures")
+        .join(truth["file"].as_str().expect("file"));
     let link = Link::new();
     for (ns, iface) in [
         (&link.client, &link.client_if),
@@ -505,7 +523,14 @@ fn replay_and_compare(dir: &Path, name: &str) {
     }
     let mut agent = Agent::start(
         &link.server,
-        &["--iface", &link.server_if, "--mode", "mirror", "--xdp-mode", "skb"],
+        &[
+            "--iface",
+            &link.server_if,
+            "--mode",
+            "mirror",
+            "--xdp-mode",
+            "skb",
+        ],
     );
     agent.wait_for("tracking;");
     // Original timing: no rate option.
@@ -521,8 +546,7 @@ fn replay_and_compare(dir: &Path, name: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
     let m = loop {
         let m = scrape(&link.server);
-        if sample(&m, "tcpscope_handshakes_completed_total") >= want || Instant::now() > deadline
-        {
+        if sample(&m, "tcpscope_handshakes_completed_total") >= want || Instant::now() > deadline {
             break m;
         }
         thread::sleep(Duration::from_millis(200));

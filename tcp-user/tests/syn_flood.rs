@@ -54,14 +54,20 @@ fn held_records(agent: &Agent) -> usize {
         .iter()
         .filter(|f| {
             f["table"] == "established"
-                && f["endpoints"].as_array().expect("endpoints").iter().all(|e| {
-                    e["state"] == "established"
-                })
-                && f["endpoints"].as_array().expect("endpoints").iter().any(|e| {
-                    e["address"]
-                        .as_str()
-                        .is_some_and(|a| a.ends_with(&format!(":{PORT}")))
-                })
+                && f["endpoints"]
+                    .as_array()
+                    .expect("endpoints")
+                    .iter()
+                    .all(|e| e["state"] == "established")
+                && f["endpoints"]
+                    .as_array()
+                    .expect("endpoints")
+                    .iter()
+                    .any(|e| {
+                        e["address"]
+                            .as_str()
+                            .is_some_and(|a| a.ends_with(&format!(":{PORT}")))
+                    })
         })
         .count()
 }
@@ -111,13 +117,17 @@ fn spoofed_syn_flood_raises_the_flag_and_real_load_does_not() {
             .collect()
     });
     thread::sleep(Duration::from_millis(300));
-    assert_eq!(established_local_servers(&scrape(&link.server)), HELD as f64);
+    assert_eq!(
+        established_local_servers(&scrape(&link.server)),
+        HELD as f64
+    );
 
     // Real load at a high connection rate: never flagged.
     let before = scrape(&link.server);
     let started = Instant::now();
     // Bounded in time and count (each connection leaves a client TIME-WAIT and its port).
-    link.client.sh(&["sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65000"]);
+    link.client
+        .sh(&["sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65000"]);
     let load = link.client.spawn(move || {
         let mut n = 0;
         let until = Instant::now() + Duration::from_secs(4);
@@ -163,8 +173,19 @@ fn spoofed_syn_flood_raises_the_flag_and_real_load_does_not() {
     let flood = link.client.spawn(move || {
         let out = std::process::Command::new("timeout")
             .args([
-                "20", "hping3", "-q", "-S", "-p", &PORT.to_string(), "-a", "198.18.7.7", "-i",
-                "u400", "-c", "10000", &server_ip,
+                "20",
+                "hping3",
+                "-q",
+                "-S",
+                "-p",
+                &PORT.to_string(),
+                "-a",
+                "198.18.7.7",
+                "-i",
+                "u400",
+                "-c",
+                "10000",
+                &server_ip,
             ])
             .output()
             .expect("hping3 (Debian package hping3)");
@@ -189,7 +210,10 @@ fn spoofed_syn_flood_raises_the_flag_and_real_load_does_not() {
     let hping = flood.join().expect("hping3");
     let flood_over = Instant::now();
     eprintln!("flagged {raised_after:?} after the flood started; hping3: {hping}");
-    assert!(raised_after < Duration::from_secs(5), "flagged after {raised_after:?}");
+    assert!(
+        raised_after < Duration::from_secs(5),
+        "flagged after {raised_after:?}"
+    );
     let m = scrape(&link.server);
     assert!(
         sample(&m, "tcpscope_syn_total") - sample(&after, "tcpscope_syn_total") >= 5000.0,
@@ -198,7 +222,11 @@ fn spoofed_syn_flood_raises_the_flag_and_real_load_does_not() {
     // The connections held open are still tracked, in their states, in the established
     // table (the flood can only fill the half-open one).
     assert_eq!(established_local_servers(&m), HELD as f64);
-    assert_eq!(held_records(&agent), HELD, "held connections in the established table");
+    assert_eq!(
+        held_records(&agent),
+        HELD,
+        "held connections in the established table"
+    );
     assert!(sum(&m, "tcpscope_flows", &["table=\"half_open\""]) > 1000.0);
 
     // After the flood: back to 0 once the window has passed (and still reported, as 0).
@@ -214,7 +242,11 @@ fn spoofed_syn_flood_raises_the_flag_and_real_load_does_not() {
         thread::sleep(Duration::from_millis(250));
     }
     eprintln!("cleared {:?} after the flood ended", flood_over.elapsed());
-    assert!(agent.wait_for("SYN flood on port").contains(&PORT.to_string()));
+    assert!(
+        agent
+            .wait_for("SYN flood on port")
+            .contains(&PORT.to_string())
+    );
 
     // Close the held connections and stop the server.
     drop(held);

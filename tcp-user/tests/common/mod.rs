@@ -423,7 +423,10 @@ pub mod prometheus {
             let child = ns
                 .command("prometheus")
                 .arg(format!("--config.file={}", config.display()))
-                .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+                .arg(format!(
+                    "--storage.tsdb.path={}",
+                    dir.join("data").display()
+                ))
                 .arg(format!("--web.listen-address={addr}"))
                 .stdout(Stdio::null())
                 .stderr(std::fs::File::create(dir.join("log")).expect("log file"))
@@ -462,8 +465,10 @@ pub mod prometheus {
 
         /// An instant query: each series' labels (JSON object) and value.
         pub fn query(&self, q: &str) -> Vec<(Value, f64)> {
-            let (status, body) =
-                self.get(&format!("/api/v1/query?query={}", super::metrics::encode(q)));
+            let (status, body) = self.get(&format!(
+                "/api/v1/query?query={}",
+                super::metrics::encode(q)
+            ));
             assert_eq!(status, 200, "query {q}: {body}");
             let v: Value = serde_json::from_str(&body).expect("JSON");
             v["data"]["result"]
