@@ -16,19 +16,11 @@ use std::{
 use common::{
     Link, NetNs,
     agent::Agent,
-    metrics::{http_get, parse, sample, sum},
+    metrics::{AGENT, http_get, parse, sample, scrape_text, sum},
     prometheus::Prometheus,
 };
-use serde_json::Value;
 
 const PORT: u16 = 9200;
-const METRICS: &str = "127.0.0.1:9977";
-
-fn scrape(ns: &NetNs) -> String {
-    let (status, body) = ns.enter(|| http_get(METRICS, "/metrics"));
-    assert_eq!(status, 200, "{body}");
-    body
-}
 
 /// TIME-WAIT sockets of the test's connections in a namespace, as the kernel lists them
 /// (loopback ones, like Prometheus' own, are not on the tracked interface).
@@ -79,16 +71,9 @@ fn connections(link: &Link, n: usize, server_first: bool) {
 
 /// Endpoint records per (state, side) from `tcpscope flows --json` (what the tables hold).
 fn table_states(agent: &Agent) -> (usize, std::collections::BTreeMap<(String, String), f64>) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tcpscope"))
-        .args(["flows", "--json", "--pin-dir"])
-        .arg(&agent.pin_dir)
-        .output()
-        .expect("tcpscope flows");
-    assert!(out.status.success());
-    let flows: Value = serde_json::from_slice(&out.stdout).expect("JSON");
-    let flows = flows.as_array().expect("array");
+    let flows = agent.flows();
     let mut by = std::collections::BTreeMap::new();
-    for f in flows {
+    for f in &flows {
         for ep in f["endpoints"].as_array().expect("endpoints") {
             let state = ep["state"].as_str().expect("state").to_owned();
             if state != "closed" {
@@ -164,7 +149,7 @@ fn time_wait_gauges_equal_ss_per_side_through_prometheus_and_expire() {
         ],
     );
     agent.wait_for("tracking;");
-    let prom = Prometheus::start(&link.server, METRICS);
+    let prom = Prometheus::start(&link.server, AGENT);
     prom.wait_for(
         "up{job=\"tcpscope\"}",
         |v| v == 1.0,
@@ -179,7 +164,7 @@ fn time_wait_gauges_equal_ss_per_side_through_prometheus_and_expire() {
     // the remote side and server sockets the local one.
     let (remote, local) = (ss_time_wait(&link.client), ss_time_wait(&link.server));
     assert_eq!((remote, local), (CLIENT_CLOSED, SERVER_CLOSED), "ss");
-    let samples = parse(&scrape(&link.server));
+    let samples = parse(&scrape_text(&link.server));
     let tw = |side: &str, role: &str| {
         sample(
             &samples,
@@ -217,7 +202,7 @@ fn time_wait_gauges_equal_ss_per_side_through_prometheus_and_expire() {
     );
     prom.wait_for(&per_side("local"), |v| v == 0.0, Duration::from_secs(5));
     prom.wait_for("sum(tcpscope_flows)", |v| v == 0.0, Duration::from_secs(5));
-    let text = scrape(&link.server);
+    let text = scrape_text(&link.server);
     let samples = parse(&text);
     assert_gauges_match_tables(&agent, &samples);
     assert_eq!(sum(&samples, "tcpscope_endpoints", &[]), 0.0);
@@ -254,20 +239,20 @@ fn http_endpoint_survives_bad_clients() {
     let mut agent = Agent::start(&ns, &["--iface", "th0", "--listen", "127.0.0.1:9977"]);
     agent.wait_for("tracking;");
     ns.enter(|| {
-        assert_eq!(http_get(METRICS, "/healthz").0, 200);
-        let (status, _) = http_get(METRICS, "/nope");
+        assert_eq!(http_get(AGENT, "/healthz").0, 200);
+        let (status, _) = http_get(AGENT, "/nope");
         assert_eq!(status, 404);
         // A slow client that never finishes its request head, and more idle connections than
         // the server serves at once, held open: a scrape still gets through (stalled clients
         // are cut off after the head timeout and free their slots).
-        let mut slow = TcpStream::connect(METRICS).expect("slow client");
+        let mut slow = TcpStream::connect(AGENT).expect("slow client");
         slow.write_all(b"GET /metr").expect("partial head");
         let idle: Vec<TcpStream> = (0..80)
-            .filter_map(|_| TcpStream::connect(METRICS).ok())
+            .filter_map(|_| TcpStream::connect(AGENT).ok())
             .collect();
         assert!(idle.len() >= 64, "idle connections: {}", idle.len());
         let started = Instant::now();
-        let (status, body) = http_get(METRICS, "/metrics");
+        let (status, body) = http_get(AGENT, "/metrics");
         assert_eq!(status, 200);
         assert!(body.contains("tcpscope_build_info{"), "{body}");
         eprintln!(
@@ -287,7 +272,7 @@ fn http_endpoint_survives_bad_clients() {
             "a stalled request head was not cut off"
         );
         // An oversized head is refused, not buffered.
-        let mut big = TcpStream::connect(METRICS).expect("connect");
+        let mut big = TcpStream::connect(AGENT).expect("connect");
         let header = format!(
             "GET /metrics HTTP/1.1\r\nHost: x\r\nX-Junk: {}\r\n\r\n",
             "a".repeat(64 * 1024)
@@ -305,7 +290,7 @@ fn http_endpoint_survives_bad_clients() {
         );
         assert!(asked.elapsed() < Duration::from_secs(2), "refused at once");
         // Still healthy.
-        assert_eq!(http_get(METRICS, "/healthz").0, 200);
+        assert_eq!(http_get(AGENT, "/healthz").0, 200);
     });
     // A port already in use is a one-line error before anything is attached.
     let out = ns

@@ -27,20 +27,13 @@ use std::{
 use common::{
     Link, NetNs,
     agent::Agent,
-    metrics::{http_get, parse, sample},
+    metrics::{sample, scrape},
     sh, unique,
 };
 use serde_json::Value;
 
-const METRICS: &str = "127.0.0.1:9977";
 const DELAY: Duration = Duration::from_millis(25);
 const PORT: u16 = 9300;
-
-fn scrape(ns: &NetNs) -> BTreeMap<String, f64> {
-    let (status, body) = ns.enter(|| http_get(METRICS, "/metrics"));
-    assert_eq!(status, 200, "{body}");
-    parse(&body)
-}
 
 /// A histogram of the exposition: cumulative counts by upper bound, sum and count.
 struct Hist {

@@ -14,19 +14,12 @@ use std::{
 };
 
 use common::{
-    Link, NetNs,
+    Link,
     agent::Agent,
-    metrics::{http_get, parse, sample, sum},
+    metrics::{sample, scrape, sum},
 };
 
-const METRICS: &str = "127.0.0.1:9977";
 const PORT: u16 = 9400;
-
-fn scrape(ns: &NetNs) -> BTreeMap<String, f64> {
-    let (status, body) = ns.enter(|| http_get(METRICS, "/metrics"));
-    assert_eq!(status, 200, "{body}");
-    parse(&body)
-}
 
 fn flood_flag(m: &BTreeMap<String, f64>) -> f64 {
     sample(m, &format!("tcpscope_syn_flood_active{{port=\"{PORT}\"}}"))
@@ -41,16 +34,8 @@ fn established_local_servers(m: &BTreeMap<String, f64>) -> f64 {
 
 /// Records of the established table with both endpoints ESTABLISHED on the test's port.
 fn held_records(agent: &Agent) -> usize {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tcpscope"))
-        .args(["flows", "--json", "--pin-dir"])
-        .arg(&agent.pin_dir)
-        .output()
-        .expect("tcpscope flows");
-    assert!(out.status.success());
-    let flows: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
-    flows
-        .as_array()
-        .expect("array")
+    agent
+        .flows()
         .iter()
         .filter(|f| {
             f["table"] == "established"

@@ -70,6 +70,22 @@ impl Agent {
         );
     }
 
+    /// Every flow it tracks, from `tcpscope flows --json` on its pins.
+    pub fn flows(&self) -> Vec<serde_json::Value> {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tcpscope"))
+            .args(["flows", "--json", "--pin-dir"])
+            .arg(&self.pin_dir)
+            .output()
+            .expect("tcpscope flows");
+        assert!(
+            out.status.success(),
+            "tcpscope flows: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let flows: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+        flows.as_array().expect("array of flows").clone()
+    }
+
     /// SIGTERM, then the summary lines it printed, by hook.
     pub fn stop(mut self) -> HashMap<String, HashMap<String, u64>> {
         // SAFETY: kill has no memory-safety preconditions; the pid is our child's.

@@ -319,6 +319,21 @@ pub mod metrics {
         time::Duration,
     };
 
+    /// Where the test agents serve their metrics (inside their namespace).
+    pub const AGENT: &str = "127.0.0.1:9977";
+
+    /// The text of `/metrics` of the agent in `ns`.
+    pub fn scrape_text(ns: &super::NetNs) -> String {
+        let (status, body) = ns.enter(|| http_get(AGENT, "/metrics"));
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
+    /// The samples of `/metrics` of the agent in `ns`.
+    pub fn scrape(ns: &super::NetNs) -> BTreeMap<String, f64> {
+        parse(&scrape_text(ns))
+    }
+
     /// `GET path` on `addr` (from the caller's namespace): status code and body.
     pub fn http_get(addr: &str, path: &str) -> (u16, String) {
         let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
