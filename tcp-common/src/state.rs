@@ -47,15 +47,24 @@ impl TcpState {
         Self::TimeWait,
     ];
 
+    /// The state of every byte value (unknown ones: `Closed`). As wide as a byte, so reading
+    /// it needs no bounds check: in the eBPF programs an older verifier (6.1) may not carry a
+    /// check made on one copy of the byte over to another copy used as the index.
+    const BY_BYTE: [Self; 256] = {
+        let mut t = [Self::Closed; 256];
+        let mut i = 0;
+        while i < Self::COUNT {
+            t[i] = Self::ALL[i];
+            i += 1;
+        }
+        t
+    };
+
     /// From the stored byte; unknown values read as `Closed`.
     #[must_use]
     #[inline(always)]
     pub const fn from_u8(v: u8) -> Self {
-        if (v as usize) < Self::COUNT {
-            Self::ALL[v as usize]
-        } else {
-            Self::Closed
-        }
+        Self::BY_BYTE[v as usize]
     }
 
     /// Metric label value (`time_wait`, ...).

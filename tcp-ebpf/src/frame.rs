@@ -14,13 +14,30 @@ use tcp_common::parse::Frame;
 /// for the verifier, whatever shape the compiler gives the arithmetic.
 const MAX_OFFSET: usize = 0x3fff;
 
+/// `offset & MAX_OFFSET`, as an instruction the compiler cannot drop. Called on an offset
+/// already checked against `MAX_OFFSET` (so it changes nothing), it gives the verifier the
+/// bound on the very register added to the packet pointer. The compiler may otherwise check
+/// one copy of the offset and add another (reloaded from the stack), and older verifiers
+/// (6.1) do not carry the bound from one copy to the other.
+#[inline(always)]
+fn bounded(offset: usize) -> usize {
+    let mut v = offset;
+    // SAFETY: a register-only AND; no memory, stack or flags involved.
+    unsafe {
+        core::arch::asm!("{0} &= 0x3fff", inout(reg) v, options(pure, nomem, nostack));
+    }
+    v
+}
+
+const _: () = assert!(MAX_OFFSET == 0x3fff);
+
 /// Direct read of `T` at `start + offset` when it lies before `end`.
 #[inline(always)]
 fn read_direct<T: Copy>(start: usize, end: usize, offset: usize) -> Option<T> {
     if offset > MAX_OFFSET {
         return None;
     }
-    let at = start + offset;
+    let at = start + bounded(offset);
     if at + size_of::<T>() > end {
         return None;
     }

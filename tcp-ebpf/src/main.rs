@@ -4,6 +4,8 @@
 //! on unchanged: the tracker observes, it never drops or modifies traffic.
 #![no_std]
 #![no_main]
+// `asm!` on BPF: see `frame::bounded`.
+#![feature(asm_experimental_arch)]
 
 mod frame;
 mod maps;

@@ -13,9 +13,10 @@
 //! for a precision (seconds) the sweep already gives.
 
 use aya_ebpf::{
+    Global,
     bindings::xdp_action,
     cty::c_void,
-    helpers::{bpf_for_each_map_elem, bpf_ktime_get_ns},
+    helpers::{bpf_for_each_map_elem, bpf_ktime_get_ns, bpf_map_lookup_elem},
     programs::XdpContext,
 };
 use tcp_common::{
@@ -36,6 +37,14 @@ use crate::{
 /// and then be deleted by the marking program's delete-by-key.
 const GRACE_NS: u64 = 10_000_000_000;
 
+/// 1 on kernels before 6.2, set at load time. Their verifier knows a held lock only by the id
+/// of the pointer it was taken through, and the record pointer a map walk hands its callback
+/// has none (the lock would count as never taken). There the callback takes the lock through a
+/// lookup of the record's key instead: one more hash lookup per record visited. Read-only
+/// data, so the verifier sees a constant and checks only the branch this kernel takes.
+#[unsafe(no_mangle)]
+pub static LOCK_BY_LOOKUP: Global<u8> = Global::new(0);
+
 /// State shared with the per-record callback (on the reaper's stack).
 #[repr(C)]
 struct Walk {
@@ -55,7 +64,17 @@ extern "C" fn visit(
     ctx: *mut c_void,
 ) -> i64 {
     let walk = ctx.cast::<Walk>();
-    let entry = value.cast::<FlowEntry>();
+    let entry = if LOCK_BY_LOOKUP.load() == 0 {
+        value.cast::<FlowEntry>()
+    } else {
+        // SAFETY: `map` and `key` are the walked map and the current record's key, as the
+        // kernel passes them.
+        let found = unsafe { bpf_map_lookup_elem(map, key) };
+        if found.is_null() {
+            return 0;
+        }
+        found.cast::<FlowEntry>()
+    };
     // SAFETY: the kernel passes the caller's context and a live record of the walked table.
     let (was_dead, slots, failed_handshake, evicted, table) = unsafe {
         (*walk).visited += 1;

@@ -74,6 +74,25 @@ fn count_port(port: u16, syn: u64, completed: u64) {
     }
 }
 
+/// Copies a record word by word with volatile accesses. A plain assignment may be compiled
+/// into a call to `memcpy`, and older kernels (6.1 among them) refuse any function call while a spin
+/// lock is held.
+///
+/// # Safety
+/// Both pointers are valid, aligned and do not overlap.
+#[inline(always)]
+unsafe fn copy_flow(dst: *mut Flow, src: *const Flow) {
+    const WORDS: usize = core::mem::size_of::<Flow>() / 8;
+    const _: () = assert!(core::mem::size_of::<Flow>() % 8 == 0);
+    let (d, s) = (dst.cast::<u64>(), src.cast::<u64>());
+    let mut i = 0;
+    while i < WORDS {
+        // SAFETY: within both records (`Flow` is a whole number of 8-aligned words).
+        unsafe { core::ptr::write_volatile(d.add(i), core::ptr::read_volatile(s.add(i))) };
+        i += 1;
+    }
+}
+
 /// Tracks one parsed TCP segment sent by an endpoint on `side`. A BPF-to-BPF call of its own,
 /// so that the parser's frame and the tracker's are separate.
 #[inline(never)]
@@ -154,7 +173,7 @@ pub fn track_segment(seg: &Segment, side: Side) {
                 flow.last_ns = now;
                 DROP
             } else if half_open && !flow.is_half_open() {
-                out.entry.flow = *flow;
+                copy_flow(&mut out.entry.flow, flow);
                 flow.flags |= flow_flags::DEAD;
                 PROMOTE
             } else {

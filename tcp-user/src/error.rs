@@ -8,6 +8,16 @@ pub enum Error {
     /// The kernel rejected the eBPF object (verifier, BTF, missing privileges).
     #[error("loading the eBPF object failed")]
     Load(#[source] aya::EbpfError),
+    /// The running kernel is older than the oldest one the tracker supports.
+    #[error("Linux {found} is too old: tcpscope needs {minimum} or newer ({missing})")]
+    KernelTooOld {
+        /// The running kernel's version.
+        found: String,
+        /// The oldest supported version.
+        minimum: String,
+        /// What an older kernel lacks.
+        missing: &'static str,
+    },
     /// The directory for pinned maps cannot be created.
     #[error(
         "creating the pin directory {dir:?} failed (is bpffs mounted on /sys/fs/bpf? `ip netns exec` remounts /sys without it: use `nsenter --net=/run/netns/NAME` or --pin-dir on a mounted bpffs)"

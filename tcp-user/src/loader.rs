@@ -20,6 +20,7 @@ use aya::{
         LinkOrder, SchedClassifier, TcAttachType, TestRunOptions, Xdp, XdpMode,
         tc::{self, NlOptions, TcAttach},
     },
+    util::KernelVersion,
 };
 use log::{info, warn};
 use tcp_common::{
@@ -183,12 +184,21 @@ impl Tracker {
     /// When the kernel refuses the object or a program (verifier, privileges), or pinned maps
     /// of an incompatible shape are in the way.
     pub fn load(opts: &LoadOptions) -> Result<Self, Error> {
+        let kernel = check_kernel()?;
         let level = ebpf_log_level(log::max_level());
         let mirror = u8::from(opts.mode == Mode::Mirror);
+        let lock_by_lookup = u8::from(kernel < KernelVersion::new(6, 2, 0));
+        if lock_by_lookup != 0 {
+            info!(
+                "kernel {kernel}: the expiry walk locks records through a lookup of their key \
+                 (its verifier does not track locks taken in map-walk callbacks)"
+            );
+        }
         let mut loader = EbpfLoader::new();
         loader
             .override_global("AYA_LOG_LEVEL", &level, true)
             .override_global("MIRROR", &mirror, true)
+            .override_global("LOCK_BY_LOOKUP", &lock_by_lookup, true)
             .map_max_entries(FLOWS_MAP, opts.flows_capacity)
             .map_max_entries(HALF_OPEN_MAP, opts.half_open_capacity);
         let pins: Vec<(&'static str, PathBuf)> = match &opts.pin_dir {
@@ -484,6 +494,41 @@ impl Tracker {
     }
 }
 
+/// The oldest kernel the whole test suite passes on (`cargo xtask vm`: Debian 12's 6.1).
+pub const MIN_KERNEL: KernelVersion = KernelVersion::new(6, 1, 0);
+
+/// The running kernel's version, or why the tracker cannot run on it.
+///
+/// # Errors
+/// [`Error::KernelTooOld`] below [`MIN_KERNEL`], naming what is missing.
+pub fn check_kernel() -> Result<KernelVersion, Error> {
+    // An unreadable version (unusual `uname -r`) is no reason to refuse: loading will tell.
+    let Ok(found) = KernelVersion::current() else {
+        return Ok(MIN_KERNEL);
+    };
+    supported(found).map(|()| found)
+}
+
+/// Whether the tracker supports kernel `found`.
+///
+/// # Errors
+/// [`Error::KernelTooOld`] below [`MIN_KERNEL`].
+pub fn supported(found: KernelVersion) -> Result<(), Error> {
+    if found >= MIN_KERNEL {
+        return Ok(());
+    }
+    let missing = if found < KernelVersion::new(5, 13, 0) {
+        "bpf_for_each_map_elem, 5.13, walks the flow tables for expiry"
+    } else {
+        "the programs are verified on 6.1 and newer only; older verifiers are untested"
+    };
+    Err(Error::KernelTooOld {
+        found: found.to_string(),
+        minimum: MIN_KERNEL.to_string(),
+        missing,
+    })
+}
+
 /// An error and its causes on one line.
 #[must_use]
 pub fn error_chain(e: &dyn std::error::Error) -> String {
@@ -495,4 +540,23 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         cause = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernels_older_than_the_tested_floor_are_refused_with_what_they_lack() {
+        assert!(supported(KernelVersion::new(6, 1, 0)).is_ok());
+        assert!(supported(KernelVersion::new(6, 18, 44)).is_ok());
+        let old = supported(KernelVersion::new(5, 10, 0)).expect_err("5.10 is refused");
+        assert_eq!(
+            old.to_string(),
+            "Linux 5.10.0 is too old: tcpscope needs 6.1.0 or newer \
+             (bpf_for_each_map_elem, 5.13, walks the flow tables for expiry)"
+        );
+        let untested = supported(KernelVersion::new(5, 15, 0)).expect_err("5.15 is refused");
+        assert!(untested.to_string().contains("untested"), "{untested}");
+    }
 }

@@ -8,6 +8,7 @@ mod cmd;
 mod run;
 mod test;
 mod toolchain;
+mod vm;
 
 use std::process::ExitCode;
 
@@ -26,8 +27,12 @@ enum Task {
     Build(build::Options),
     /// Build everything and run `tcpscope run` as root; arguments after `--` go to it.
     Run(run::Options),
-    /// Run every test tier: unit, eBPF test_run, root integration tests in network namespaces.
+    /// Run every test tier: unit, eBPF test_run, root integration tests in network namespaces,
+    /// and the kernel-facing tests in a Debian 6.1 guest (`--no-vm` skips that tier).
     Test(test::Options),
+    /// Boot Debian's stock kernel of a series (default 6.1) under QEMU and run the
+    /// kernel-facing tests inside it; arguments after `--` filter the tests.
+    Vm(vm::Options),
     /// Set up the pinned nightly and bpf-linker only (done implicitly by the other tasks).
     Setup,
 }
@@ -38,6 +43,7 @@ fn main() -> ExitCode {
         Task::Build(opts) => build::build(&opts).map(|_| ()),
         Task::Run(opts) => run::run(&opts),
         Task::Test(opts) => test::test(&opts),
+        Task::Vm(opts) => vm::vm(&opts),
         Task::Setup => toolchain::ensure_ebpf_toolchain().map(|_| ()),
     };
     match result {

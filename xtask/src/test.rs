@@ -2,7 +2,9 @@
 //!
 //! 1. pure unit and property tests (tcp-common, the agent's helpers);
 //! 2. the loaded programs fed crafted frames through `BPF_PROG_TEST_RUN`;
-//! 3. root integration tests: real attach, real TCP between network namespaces.
+//! 3. root integration tests: real attach, real TCP between network namespaces;
+//! 4. the kernel-facing tests of tier 2 and 3 again, in a QEMU guest running Debian 12's stock
+//!    6.1 kernel (`cargo xtask vm`), the oldest kernel the tracker supports.
 //!
 //! Tiers 2 and 3 need root. As root, missing Debian packages are installed and bpffs is
 //! mounted; otherwise the test binaries run through `sudo -n`, and a missing package list is
@@ -13,7 +15,7 @@ use std::{fs, process::Command};
 use anyhow::{Context as _, Result, bail};
 use clap::Args;
 
-use crate::{build, cmd};
+use crate::{build, cmd, vm};
 
 /// Debian packages the tests use, each with a binary that proves it is installed.
 const PACKAGES: &[(&str, &str)] = &[
@@ -30,8 +32,11 @@ const PACKAGES: &[(&str, &str)] = &[
 /// Options of `cargo xtask test`.
 #[derive(Debug, Args)]
 pub struct Options {
-    /// Only run tests whose name contains this string.
+    /// Only run tests whose name contains this string (in the VM tier too).
     pub filter: Option<String>,
+    /// Skip the VM tier (tier 4).
+    #[arg(long)]
+    pub no_vm: bool,
 }
 
 fn root_prefix() -> Vec<&'static str> {
@@ -50,9 +55,9 @@ fn command(argv: &[&str]) -> Command {
     c
 }
 
-/// Installs the Debian packages the tests need, when missing.
-fn ensure_packages() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES
+/// Installs those of `packages` (name, binary that proves it) that are missing.
+pub fn ensure_packages(packages: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .filter(|(_, probe)| !std::path::Path::new(probe).exists())
         .map(|(pkg, _)| *pkg)
@@ -64,7 +69,7 @@ fn ensure_packages() -> Result<()> {
         cmd::is_root() || cmd::stdout_of(Command::new("sudo").args(["-n", "true"])).is_some();
     if !can_root {
         bail!(
-            "the tests need these Debian packages: {}; install them with \
+            "missing Debian packages: {}; install them with \
              `sudo apt-get install -y {}` (or run as root)",
             missing.join(" "),
             missing.join(" ")
@@ -96,7 +101,7 @@ fn ensure_bpffs() -> Result<()> {
 
 /// Runs every tier.
 pub fn test(opts: &Options) -> Result<()> {
-    ensure_packages()?;
+    ensure_packages(PACKAGES)?;
     ensure_bpffs()?;
     let object = build::build_ebpf()?;
     let mut c = cmd::cargo_stable()?;
@@ -112,5 +117,19 @@ pub fn test(opts: &Options) -> Result<()> {
     if let Some(filter) = &opts.filter {
         c.arg(filter);
     }
-    cmd::run(&mut c)
+    let host = cmd::run(&mut c);
+    if opts.no_vm {
+        return host;
+    }
+    // The VM tier runs even when a host test failed: both verdicts are worth having.
+    let guest = vm::vm(&vm::Options {
+        filter: opts.filter.clone(),
+        ..vm::Options::default()
+    });
+    match (host, guest) {
+        (Ok(()), Ok(())) => Ok(()),
+        (Err(e), Ok(())) => Err(e),
+        (Ok(()), Err(e)) => Err(e.context("the VM tier failed")),
+        (Err(h), Err(g)) => bail!("{h:#}; the VM tier failed too: {g:#}"),
+    }
 }

@@ -39,7 +39,8 @@ pub struct EbpfToolchain {
     pub bpf_linker_bin_dir: PathBuf,
 }
 
-fn cache_dir() -> Result<PathBuf> {
+/// Root of everything xtask caches outside the repository.
+pub fn cache_dir() -> Result<PathBuf> {
     if let Some(dir) = env::var_os("TCPSCOPE_CACHE") {
         return Ok(PathBuf::from(dir));
     }
