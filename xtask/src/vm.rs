@@ -27,10 +27,17 @@ use clap::Args;
 
 use crate::{build, cmd, test, toolchain};
 
-/// Test targets of `tcp-user` run in the guest: the ones that load, attach and drive the
-/// programs in the kernel and need nothing beyond iproute2 (the tracker against `ss` in
-/// namespaces among them).
-pub const VM_TESTS: &[&str] = &["test_run", "attach", "ss_agreement"];
+/// Test targets of `tcp-user` run in the guest: every one that loads the programs into the
+/// kernel, except the latency tests (their oracle, tshark, brings 160 MB of libraries, and
+/// their timing tolerances are for real CPUs, not an emulated one).
+pub const VM_TESTS: &[&str] = &[
+    "test_run",
+    "attach",
+    "ss_agreement",
+    "exporter",
+    "syn_flood",
+    "mirror_replay",
+];
 
 /// Host packages this task uses, each with a binary that proves it is installed.
 const PACKAGES: &[(&str, &str)] = &[
@@ -38,6 +45,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("busybox-static", "/bin/busybox"),
     ("cpio", "/usr/bin/cpio"),
     ("iproute2", "/usr/sbin/ip"),
+    ("ethtool", "/usr/sbin/ethtool"),
+    ("prometheus", "/usr/bin/promtool"),
+    ("hping3", "/usr/sbin/hping3"),
+    ("tcpreplay", "/usr/bin/tcpreplay"),
 ];
 
 /// Host programs copied into the guest (glibc builds; busybox's `ip` has no netns support).
@@ -46,6 +57,10 @@ const GUEST_TOOLS: &[&str] = &[
     "/usr/sbin/tc",
     "/usr/bin/ss",
     "/usr/sbin/ethtool",
+    "/usr/bin/prometheus",
+    "/usr/bin/promtool",
+    "/usr/sbin/hping3",
+    "/usr/bin/tcpreplay",
 ];
 
 /// Kernel modules the tests need that Debian builds as modules (veth pairs, the `clsact`
@@ -61,7 +76,7 @@ const INIT: &str = include_str!("vm-init.sh");
 
 /// Debian 12's kernel series, the oldest the tracker supports.
 const DEFAULT_SERIES: &str = "6.1";
-/// A full run takes about 80 s under TCG on 2 CPUs; the limit leaves room for slower hosts.
+/// A full run takes about 4 min under TCG on 2 CPUs; the limit leaves room for slower hosts.
 const DEFAULT_TIMEOUT_SECS: u64 = 900;
 /// The default flow tables take about 70 MiB; the tests and their tools fit in the rest.
 const DEFAULT_MEMORY_MIB: u32 = 2048;
@@ -277,6 +292,15 @@ fn build_initramfs(
         run_list.push('\n');
     }
     fs::write(root.join("tests/list"), run_list)?;
+    // The capture tests find `../shared/pcaps` from the crate's directory, by the path
+    // compiled into them: both exist under the same names in the guest.
+    let crate_dir = cmd::workspace_root().join("tcp-user");
+    fs::create_dir_all(under(&root, &crate_dir))?;
+    let pcaps = cmd::workspace_root().join("../shared/pcaps");
+    if pcaps.is_dir() {
+        let normal = lexically_normal(&pcaps);
+        copy_tree(&pcaps, &under(&root, &normal))?;
+    }
     fs::write(root.join("tests/filter"), filter.unwrap_or(""))?;
     for lib in shared_libraries(&binaries)? {
         copy(&lib, &under(&root, &lib))?;
@@ -338,6 +362,36 @@ fn copy(from: &Path, to: &Path) -> Result<()> {
     // Follows symlinks: the guest gets the file under the name the binary asks for.
     fs::copy(from, to)
         .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+    Ok(())
+}
+
+/// `path` with `.` and `..` components resolved by name, as the kernel resolves a path whose
+/// directories all exist (no symlinks involved).
+fn lexically_normal(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+/// Copies the regular files under `from` to `to`, following symlinks.
+fn copy_tree(from: &Path, to: &Path) -> Result<()> {
+    for entry in fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
+        let path = entry?.path();
+        let target = to.join(path.file_name().expect("directory entries have names"));
+        if path.is_dir() {
+            copy_tree(&path, &target)?;
+        } else {
+            copy(&path, &target)?;
+        }
+    }
     Ok(())
 }
 
