@@ -16,7 +16,10 @@
 //! CPU, before the delete) changes nothing and is counted as a lost race. So every endpoint
 //! is added to the gauges exactly once and removed exactly once.
 
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
+};
 use tcp_common::{
     counters::event_slots,
     flow::{Flow, FlowEntry, FlowKey, flow_flags},
@@ -74,6 +77,20 @@ fn count_port(port: u16, syn: u64, completed: u64) {
     }
 }
 
+/// CLOCK_MONOTONIC in ns: handshake phases are timed with it.
+#[inline(always)]
+fn precise_now() -> u64 {
+    // SAFETY: no preconditions.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// CLOCK_MONOTONIC as of the last tick: enough for expiry.
+#[inline(always)]
+fn coarse_now() -> u64 {
+    // SAFETY: no preconditions (5.11+).
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
+
 /// Copies a record word by word with volatile accesses. A plain assignment may be compiled
 /// into a call to `memcpy`, and older kernels (6.1 among them) refuse any function call while a spin
 /// lock is held.
@@ -112,13 +129,16 @@ pub fn track_segment(seg: &Segment, side: Side) {
     }
     let (key, dir) = FlowKey::of(seg);
     let tag = key.tag();
-    // SAFETY: no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
-    let (entry, half_open) = match FLOWS.get_ptr_mut(&key) {
-        Some(e) => (e, false),
+    let syn = seg.flags & tcp_flags::SYN != 0;
+    let (entry, half_open, now) = match FLOWS.get_ptr_mut(&key) {
+        // The hot path. Past the handshake a record's times only drive expiry (seconds): the
+        // coarse clock (one tick behind at most) costs a fraction of the precise one. A SYN
+        // may start a new handshake on the record (TIME-WAIT reuse), which is timed.
+        Some(e) => (e, false, if syn { precise_now() } else { coarse_now() }),
         None => match HALF_OPEN.get_ptr_mut(&key) {
-            Some(e) => (e, true),
+            Some(e) => (e, true, precise_now()),
             None => {
+                let now = precise_now();
                 // SAFETY: this CPU's scratch slot. Stamped with the time, so that the reaper
                 // leaves it to its creator for a while.
                 unsafe {
@@ -139,7 +159,7 @@ pub fn track_segment(seg: &Segment, side: Side) {
                     }
                 }
                 match HALF_OPEN.get_ptr_mut(&key) {
-                    Some(e) => (e, true),
+                    Some(e) => (e, true, now),
                     None => return,
                 }
             }
