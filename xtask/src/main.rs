@@ -3,6 +3,7 @@
 //! Everything a fresh machine needs (toolchains, bpf-linker, Debian packages, bpffs) is set up
 //! here, idempotently, the first time a task needs it.
 
+mod bench;
 mod build;
 mod cmd;
 mod run;
@@ -35,6 +36,9 @@ enum Task {
     Vm(vm::Options),
     /// Set up the pinned nightly and bpf-linker only (done implicitly by the other tasks).
     Setup,
+    /// Run the benchmarks (root): per-packet cost, veth throughput against conntrack, scrape
+    /// cost, memory, agent CPU; writes target/bench/report.{md,json}.
+    Bench(bench::Options),
 }
 
 fn main() -> ExitCode {
@@ -45,6 +49,7 @@ fn main() -> ExitCode {
         Task::Test(opts) => test::test(&opts),
         Task::Vm(opts) => vm::vm(&opts),
         Task::Setup => toolchain::ensure_ebpf_toolchain().map(|_| ()),
+        Task::Bench(opts) => bench::bench(&opts),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

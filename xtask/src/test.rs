@@ -88,7 +88,7 @@ pub fn ensure_packages(packages: &[(&str, &str)]) -> Result<()> {
 }
 
 /// Mounts bpffs on /sys/fs/bpf when it is not there.
-fn ensure_bpffs() -> Result<()> {
+pub fn ensure_bpffs() -> Result<()> {
     let mounts = fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
     if mounts.lines().any(|l| {
         l.split_whitespace().nth(1) == Some("/sys/fs/bpf")

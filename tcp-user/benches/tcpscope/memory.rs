@@ -1,0 +1,165 @@
+//! Kernel memory per tracked flow: `memlock` of each of the agent's maps (from
+//! `/proc/<pid>/fdinfo`, what `bpftool map show` prints: on 6.x the map's own accounting of
+//! what it allocated, all up front for these preallocated hashes), divided by its capacity.
+
+use std::{collections::BTreeMap, fs};
+
+use anyhow::{Context as _, Result, ensure};
+use aya::maps::MapInfo;
+use serde_json::json;
+use tcp_user::loader::{FLOWS_MAP, HALF_OPEN_MAP};
+
+use crate::{
+    agent::Agent,
+    report::{Section, Table, met, num},
+    sys::Testbed,
+};
+
+/// Key in report.json.
+pub const KEY: &str = "memory";
+/// Heading.
+pub const TITLE: &str = "4. Kernel memory per tracked flow";
+
+/// Target: bytes per flow.
+const TARGET_BYTES: f64 = 150.0;
+
+/// One map the agent holds.
+struct MapMem {
+    name: String,
+    max_entries: u64,
+    memlock: u64,
+}
+
+/// Every map the process `pid` holds a descriptor of, by map id.
+fn maps_of(pid: u32) -> Result<BTreeMap<u32, MapMem>> {
+    let mut maps = BTreeMap::new();
+    for entry in fs::read_dir(format!("/proc/{pid}/fd")).context("listing the agent's fds")? {
+        let entry = entry?;
+        let is_map =
+            fs::read_link(entry.path()).is_ok_and(|l| l.to_string_lossy() == "anon_inode:bpf-map");
+        if !is_map {
+            continue;
+        }
+        let info = fs::read_to_string(format!(
+            "/proc/{pid}/fdinfo/{}",
+            entry.file_name().to_string_lossy()
+        ))?;
+        let field = |name: &str| -> Result<u64> {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+                .with_context(|| format!("no {name} in fdinfo"))
+        };
+        let id = u32::try_from(field("map_id:")?)?;
+        let name = MapInfo::from_id(id)
+            .ok()
+            .and_then(|m| m.name_as_str().map(str::to_owned))
+            .unwrap_or_else(|| format!("id {id}"));
+        maps.insert(
+            id,
+            MapMem {
+                name,
+                max_entries: field("max_entries:")?,
+                memlock: field("memlock:")?,
+            },
+        );
+    }
+    Ok(maps)
+}
+
+/// Measures item 4 (exact figures: one reading per configuration).
+pub fn run(bed: &Testbed, agent_bin: &std::path::Path) -> Result<Section> {
+    let configs: [(&str, &[&str]); 2] = [
+        ("default capacities", &[]),
+        (
+            "1M capacities",
+            &[
+                "--flows-capacity",
+                "1048576",
+                "--half-open-capacity",
+                "1048576",
+            ],
+        ),
+    ];
+    let mut t = Table::new(&[
+        "capacities",
+        "map",
+        "max_entries",
+        "memlock bytes",
+        "bytes per flow",
+        "target",
+        "met?",
+    ]);
+    let mut json_configs = Vec::new();
+    for (label, args) in configs {
+        eprintln!("bench: memory, {label}");
+        let mut all = vec!["--listen", "off"];
+        all.extend_from_slice(args);
+        let agent = Agent::start(agent_bin, &bed.rx, &bed.rx_if, &all)?;
+        let maps = maps_of(agent.pid())?;
+        agent.stop()?;
+        let table = |name: &str| maps.values().find(|m| m.name == name);
+        let (Some(flows), Some(half_open)) = (table(FLOWS_MAP), table(HALF_OPEN_MAP)) else {
+            anyhow::bail!("the agent holds no {FLOWS_MAP} or {HALF_OPEN_MAP} map");
+        };
+        ensure!(flows.max_entries > 0 && half_open.max_entries > 0);
+        let total: u64 = maps.values().map(|m| m.memlock).sum();
+        let slots = flows.max_entries + half_open.max_entries;
+        let mut rows = Vec::new();
+        for (name, m) in [("FLOWS (established)", flows), ("HALF_OPEN", half_open)] {
+            let per = m.memlock as f64 / m.max_entries as f64;
+            let ok = per <= TARGET_BYTES;
+            t.row(vec![
+                label.to_owned(),
+                name.to_owned(),
+                m.max_entries.to_string(),
+                m.memlock.to_string(),
+                num(per, 1),
+                format!("≤ {TARGET_BYTES} B"),
+                met(Some(ok)),
+            ]);
+            rows.push(json!({
+                "map": name, "max_entries": m.max_entries, "memlock": m.memlock,
+                "bytes_per_flow": per, "met": ok,
+            }));
+        }
+        let per_slot = total as f64 / slots as f64;
+        t.row(vec![
+            label.to_owned(),
+            format!("all {} maps, per slot of both tables", maps.len()),
+            slots.to_string(),
+            total.to_string(),
+            num(per_slot, 1),
+            format!("≤ {TARGET_BYTES} B"),
+            met(Some(per_slot <= TARGET_BYTES)),
+        ]);
+        json_configs.push(json!({
+            "capacities": label,
+            "tables": rows,
+            "all_maps_memlock": total,
+            "all_maps_bytes_per_flow_slot": per_slot,
+            "maps": maps.values().map(|m| json!({
+                "name": m.name, "max_entries": m.max_entries, "memlock": m.memlock,
+            })).collect::<Vec<_>>(),
+        }));
+    }
+    Ok(Section {
+        key: KEY,
+        title: TITLE.to_owned(),
+        intro: vec![
+            "The release agent, started once per configuration; `memlock:` of each of its \
+             maps from /proc/<pid>/fdinfo divided by the map's max_entries. The tables are \
+             preallocated hashes: the figure is what a full table costs, allocated at load. \
+             Exact figures (one reading each); report.json lists every map."
+                .to_owned(),
+            format!("**Target:** ≤ {TARGET_BYTES} bytes per flow."),
+        ],
+        tables: vec![t],
+        notes: vec![
+            "Per element of a preallocated kernel hash: 48 B `htab_elem` header, the 40 B \
+             key and the 104 B value (record and spin lock), each rounded up to 8 B, plus \
+             16 B of bucket (buckets = max_entries rounded up to a power of two)."
+                .to_owned(),
+        ],
+        json: json!({ "configs": json_configs }),
+    })
+}
