@@ -494,7 +494,7 @@ impl Tracker {
     }
 }
 
-/// The oldest kernel the whole test suite passes on (`cargo xtask vm`: Debian 12's 6.1).
+/// The oldest kernel the test suite passes on (`cargo xtask vm`: Debian 12's 6.1).
 pub const MIN_KERNEL: KernelVersion = KernelVersion::new(6, 1, 0);
 
 /// The running kernel's version, or why the tracker cannot run on it.
@@ -503,6 +503,7 @@ pub const MIN_KERNEL: KernelVersion = KernelVersion::new(6, 1, 0);
 /// [`Error::KernelTooOld`] below [`MIN_KERNEL`], naming what is missing.
 pub fn check_kernel() -> Result<KernelVersion, Error> {
     // An unreadable version (unusual `uname -r`) is no reason to refuse: loading will tell.
+    // It counts as the oldest supported one, whose fallbacks work on every kernel.
     let Ok(found) = KernelVersion::current() else {
         return Ok(MIN_KERNEL);
     };
