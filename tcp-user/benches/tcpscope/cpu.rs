@@ -192,28 +192,22 @@ pub fn run(cfg: &Config, bed: &Testbed, agent_bin: &Path) -> Result<Section> {
         "target",
         "met?",
     ]);
-    t.row(vec![
-        "idle".to_owned(),
-        idle[0].cell(2),
-        idle[0].range(2),
-        idle[1].cell(3),
-        idle_rates[0].cell(0),
-        idle_rates[1].cell(0),
-        idle_rates[2].cell(0),
-        "none set".to_owned(),
-        met(None),
-    ]);
-    t.row(vec![
-        format!("{FLOWS} flows churning"),
-        churn[0].cell(2),
-        churn[0].range(2),
-        churn[1].cell(3),
-        rates[0].cell(0),
-        rates[1].cell(0),
-        rates[2].cell(0),
-        "none set".to_owned(),
-        met(None),
-    ]);
+    for (case, cpu, seen) in [
+        ("idle".to_owned(), &idle, &idle_rates),
+        (format!("{FLOWS} flows churning"), &churn, &rates),
+    ] {
+        t.row(vec![
+            case,
+            cpu[0].cell(2),
+            cpu[0].range(2),
+            cpu[1].cell(3),
+            seen[0].cell(0),
+            seen[1].cell(0),
+            seen[2].cell(0),
+            "none set".to_owned(),
+            met(None),
+        ]);
+    }
     Ok(Section {
         key: KEY,
         title: TITLE.to_owned(),
