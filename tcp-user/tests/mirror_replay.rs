@@ -36,11 +36,6 @@ const NO_EXPIRY: [&str; 8] = [
     "100000000",
 ];
 
-fn pcaps_dir() -> Option<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/pcaps");
-    dir.join("truth").is_dir().then_some(dir)
-}
-
 fn tcpscope(args: &[&str]) -> Value {
     let out = Command::new(env!("CARGO_BIN_EXE_tcpscope"))
         .args(args)
@@ -102,10 +97,7 @@ fn packets_seen(stats: &Value) -> u64 {
 #[test]
 fn kernel_mirror_mode_equals_userspace_replay_on_every_capture() {
     common::require_root();
-    let Some(dir) = pcaps_dir() else {
-        eprintln!(
-            "SKIPPED: ../shared/pcaps not found; the capture tests need it beside the repository"
-        );
+    let Some(dir) = common::pcaps_dir() else {
         return;
     };
     let link = Link::new();

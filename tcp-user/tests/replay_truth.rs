@@ -1,12 +1,11 @@
 //! `tcpscope replay` over the public captures in ../shared/pcaps, against their independently
 //! computed truth (tshark streams, cross-checked with dpkt and tcptrace; see
-//! ../shared/pcaps/truth/README). No root needed. Skipped, saying so, when the captures are
-//! absent.
+//! ../shared/pcaps/truth/README). No root needed. Without the captures the tests fail, unless
+//! TCPSCOPE_ALLOW_SKIP=pcaps asks them to skip.
 
-use std::{
-    collections::BTreeMap,
-    path::{Path, PathBuf},
-};
+mod common;
+
+use std::collections::BTreeMap;
 
 use serde_json::Value;
 use tcp_common::{
@@ -15,11 +14,6 @@ use tcp_common::{
     track::Timeouts,
 };
 use tcp_user::replay::replay_file;
-
-fn pcaps_dir() -> Option<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/pcaps");
-    dir.join("truth").is_dir().then_some(dir)
-}
 
 /// The counters compared, as (name, truth summary key).
 const COMPARED: &[&str] = &[
@@ -110,10 +104,7 @@ fn exempt(capture: &str, counter: &str) -> bool {
 
 #[test]
 fn replay_agrees_with_the_truth_of_every_public_capture() {
-    let Some(dir) = pcaps_dir() else {
-        eprintln!(
-            "SKIPPED: ../shared/pcaps not found; the capture tests need it beside the repository"
-        );
+    let Some(dir) = common::pcaps_dir() else {
         return;
     };
     let mut truths: Vec<_> = std::fs::read_dir(dir.join("truth"))
@@ -198,8 +189,7 @@ fn replay_agrees_with_the_truth_of_every_public_capture() {
 
 #[test]
 fn replay_command_prints_the_exporter_metrics() {
-    let Some(dir) = pcaps_dir() else {
-        eprintln!("SKIPPED: ../shared/pcaps not found");
+    let Some(dir) = common::pcaps_dir() else {
         return;
     };
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_tcpscope"))
@@ -231,8 +221,7 @@ fn replay_command_prints_the_exporter_metrics() {
 
 #[test]
 fn time_wait_expires_with_capture_time() {
-    let Some(dir) = pcaps_dir() else {
-        eprintln!("SKIPPED: ../shared/pcaps not found");
+    let Some(dir) = common::pcaps_dir() else {
         return;
     };
     // sv__dcerpc-zerologon spans 9 minutes of capture time. The truth records when each

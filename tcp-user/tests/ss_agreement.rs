@@ -13,7 +13,7 @@ use std::{
     os::fd::AsRawFd as _,
     process::Command,
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use common::{Link, NetNs, agent::Agent};
@@ -81,12 +81,21 @@ fn tracker_states(agent: &Agent, side: &str) -> BTreeMap<(String, String), Strin
     states
 }
 
-/// Waits for the stack to settle (delayed ACKs, FIN exchanges), then compares both sides.
+/// Compares both sides once the stack has settled (delayed ACKs, FIN exchanges in flight):
+/// polls, bounded, until the tracker and `ss` agree, and requires that they do by then.
 /// Returns (client TIME-WAIT, server TIME-WAIT, sockets compared).
 fn checkpoint(what: &str, link: &Link, agent: &Agent) -> (usize, usize, usize) {
-    thread::sleep(Duration::from_millis(400));
-    let server = ss_states(&link.server);
-    let client = ss_states(&link.client);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (server, client) = loop {
+        let server = ss_states(&link.server);
+        let client = ss_states(&link.client);
+        let agree =
+            tracker_states(agent, "local") == server && tracker_states(agent, "remote") == client;
+        if agree || Instant::now() > deadline {
+            break (server, client);
+        }
+        thread::sleep(Duration::from_millis(50));
+    };
     let tracked_server = tracker_states(agent, "local");
     let tracked_client = tracker_states(agent, "remote");
     assert_eq!(
@@ -400,9 +409,7 @@ fn pin_to_cpu(cpu: usize) {
 #[test]
 fn both_directions_on_two_cpus_at_once_lose_no_state() {
     common::require_root();
-    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
-    if cpus < 2 {
-        eprintln!("SKIPPED: needs two CPUs, this machine has {cpus}");
+    if !common::two_cpus() {
         return;
     }
     const CONNECTIONS: usize = 64;

@@ -6,6 +6,7 @@
 mod bench;
 mod build;
 mod cmd;
+mod kernels;
 mod run;
 mod test;
 mod toolchain;
@@ -29,9 +30,11 @@ enum Task {
     /// Build everything and run `tcpscope run` as root; arguments after `--` go to it.
     Run(run::Options),
     /// Run every test tier: unit, eBPF test_run, root integration tests in network namespaces,
-    /// and the kernel-facing tests in a Debian 6.1 guest (`--no-vm` skips that tier).
+    /// and the kernel-facing tests in guests of every pinned Debian kernel, 6.1 and 6.12
+    /// (`--no-vm` skips that tier). TCPSCOPE_ALLOW_SKIP=pcaps,cpus lets tests skip when the
+    /// captures or a second CPU are missing (otherwise the run fails).
     Test(test::Options),
-    /// Boot Debian's stock kernel of a series (default 6.1) under QEMU and run the
+    /// Boot a pinned Debian kernel (6.1 by default, or 6.12) under QEMU and run the
     /// kernel-facing tests inside it; arguments after `--` filter the tests.
     Vm(vm::Options),
     /// Set up the pinned nightly and bpf-linker only (done implicitly by the other tasks).

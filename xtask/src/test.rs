@@ -3,19 +3,23 @@
 //! 1. pure unit and property tests (tcp-common, the agent's helpers);
 //! 2. the loaded programs fed crafted frames through `BPF_PROG_TEST_RUN`;
 //! 3. root integration tests: real attach, real TCP between network namespaces;
-//! 4. the kernel-facing tests of tier 2 and 3 again, in a QEMU guest running Debian 12's stock
-//!    6.1 kernel (`cargo xtask vm`), the oldest kernel the tracker supports.
+//! 4. the kernel-facing tests of tier 2 and 3 again, in QEMU guests running each pinned Debian
+//!    kernel (`cargo xtask vm`): 6.1, the oldest the tracker supports, and 6.12.
 //!
 //! Tiers 2 and 3 need root. As root, missing Debian packages are installed and bpffs is
 //! mounted; otherwise the test binaries run through `sudo -n`, and a missing package list is
 //! printed for the user to install.
+//!
+//! No silent passes: what the tests need from the machine ([`PREREQUISITES`]) is checked up
+//! front, and a missing one fails the run unless `TCPSCOPE_ALLOW_SKIP` names it; the tests that
+//! depend on it then skip, and the summary says so.
 
 use std::{fs, process::Command};
 
 use anyhow::{Context as _, Result, bail};
 use clap::Args;
 
-use crate::{build, cmd, vm};
+use crate::{build, cmd, kernels, vm};
 
 /// Debian packages the tests use, each with a binary that proves it is installed.
 const PACKAGES: &[(&str, &str)] = &[
@@ -28,6 +32,69 @@ const PACKAGES: &[(&str, &str)] = &[
     // tshark: handshake-latency oracle (tcp.analysis.initial_rtt).
     ("tshark", "/usr/bin/tshark"),
 ];
+
+/// Lists the prerequisites a run may skip (comma-separated names of [`PREREQUISITES`]); the
+/// tests read it too.
+pub const ALLOW_SKIP: &str = "TCPSCOPE_ALLOW_SKIP";
+
+/// A prerequisite of the tests that xtask cannot provide.
+struct Prerequisite {
+    /// Its name in [`ALLOW_SKIP`].
+    name: &'static str,
+    /// What the tests lose without it.
+    needed_by: &'static str,
+    /// `None` when met, else what is missing.
+    check: fn() -> Option<String>,
+}
+
+/// Everything the tests need that set-up cannot install.
+const PREREQUISITES: &[Prerequisite] = &[
+    Prerequisite {
+        name: "pcaps",
+        needed_by: "replay_truth, mirror_replay and the latency capture test",
+        check: || {
+            let dir = pcaps_dir();
+            (!dir.join("truth").is_dir() || !dir.join("captures").is_dir())
+                .then(|| format!("the public captures are not at {}", dir.display()))
+        },
+    },
+    Prerequisite {
+        name: "cpus",
+        needed_by: "the two-CPU streaming test of ss_agreement",
+        check: || {
+            let n = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+            (n < 2).then(|| format!("this machine has {n} CPU, the tests need 2"))
+        },
+    },
+];
+
+/// Where the public captures live: beside the repository.
+pub fn pcaps_dir() -> std::path::PathBuf {
+    cmd::workspace_root().join("../shared/pcaps")
+}
+
+/// Checks [`PREREQUISITES`]; returns those skipped on request, as lines for the summary.
+fn check_prerequisites() -> Result<Vec<String>> {
+    let allowed = std::env::var(ALLOW_SKIP).unwrap_or_default();
+    let allowed: Vec<&str> = allowed.split(',').map(str::trim).collect();
+    let mut skipped = Vec::new();
+    let mut missing = Vec::new();
+    for p in PREREQUISITES {
+        let Some(why) = (p.check)() else { continue };
+        if allowed.contains(&p.name) {
+            skipped.push(format!("{} ({why}): {} skip", p.name, p.needed_by));
+        } else {
+            missing.push(format!(
+                "{why} (needed by {}; {ALLOW_SKIP}={} skips them)",
+                p.needed_by, p.name
+            ));
+        }
+    }
+    if !missing.is_empty() {
+        bail!("missing test prerequisites: {}", missing.join("; "));
+    }
+    Ok(skipped)
+}
 
 /// Options of `cargo xtask test`.
 #[derive(Debug, Args)]
@@ -101,6 +168,7 @@ pub fn ensure_bpffs() -> Result<()> {
 
 /// Runs every tier.
 pub fn test(opts: &Options) -> Result<()> {
+    let skipped = check_prerequisites()?;
     ensure_packages(PACKAGES)?;
     ensure_bpffs()?;
     let object = build::build_ebpf()?;
@@ -118,18 +186,25 @@ pub fn test(opts: &Options) -> Result<()> {
         c.arg(filter);
     }
     let host = cmd::run(&mut c);
-    if opts.no_vm {
-        return host;
+    // The VM tiers run even when a host test failed: every verdict is worth having.
+    let mut failures = Vec::new();
+    if let Err(e) = host {
+        failures.push(format!("{e:#}"));
     }
-    // The VM tier runs even when a host test failed: both verdicts are worth having.
-    let guest = vm::vm(&vm::Options {
-        filter: opts.filter.clone(),
-        ..vm::Options::default()
-    });
-    match (host, guest) {
-        (Ok(()), Ok(())) => Ok(()),
-        (Err(e), Ok(())) => Err(e),
-        (Ok(()), Err(e)) => Err(e.context("the VM tier failed")),
-        (Err(h), Err(g)) => bail!("{h:#}; the VM tier failed too: {g:#}"),
+    if !opts.no_vm {
+        for pin in kernels::PINS {
+            let guest = vm::vm(&vm::Options::pinned(pin.series, opts.filter.clone()));
+            if let Err(e) = guest {
+                failures.push(format!("the {} VM tier failed: {e:#}", pin.series));
+            }
+        }
+    }
+    for s in &skipped {
+        eprintln!("xtask: SKIPPED on request ({ALLOW_SKIP}): {s}");
+    }
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        bail!("{}", failures.join("; "))
     }
 }

@@ -22,6 +22,9 @@ done < /lib/modules/list
 
 echo "tcpscope-vm: kernel $(uname -r), $(nproc) CPUs, booted in $(cut -d' ' -f1 /proc/uptime) s"
 filter=$(cat /tests/filter)
+# Prerequisites the host run was allowed to skip (TCPSCOPE_ALLOW_SKIP) may be skipped here too.
+allow_skip=$(cat /tests/allow_skip)
+[ -n "$allow_skip" ] && export TCPSCOPE_ALLOW_SKIP="$allow_skip"
 failed=""
 while read -r t; do
     start=$(cut -d' ' -f1 /proc/uptime)

@@ -1,12 +1,12 @@
 //! `cargo xtask vm`: the kernel-facing tests on another kernel, in a QEMU guest.
 //!
-//! Production hosts run older kernels than a developer's machine (Debian 12: 6.1). This task
-//! boots Debian's stock cloud kernel of a series, unmodified, with an initramfs holding
-//! busybox, the iproute2 tools, the agent and the kernel-facing test binaries, and runs those
-//! tests inside; it fails when any of them does.
+//! Production hosts run older kernels than a developer's machine (Debian 12: 6.1, Debian 13:
+//! 6.12). This task boots one of Debian's stock cloud kernels, unmodified and pinned to an exact
+//! build (see [`kernels`]), with an initramfs holding busybox, the iproute2 tools, the agent and
+//! the kernel-facing test binaries, and runs those tests inside; it fails when any of them does.
 //!
-//! - The kernel package is fetched with `apt-get download` into the cache and unpacked there;
-//!   nothing is installed on the host.
+//! - The kernel package is fetched into the cache, checked against its pinned SHA-256 and
+//!   unpacked there; nothing is installed on the host.
 //! - QEMU runs with TCG (software emulation): hardware virtualization is not available
 //!   everywhere (nested guests), TCG is. A hard timeout bounds every boot.
 //! - Binaries keep their absolute host paths inside the guest (`env!("CARGO_BIN_EXE_…")` in
@@ -25,7 +25,11 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use clap::Args;
 
-use crate::{build, cmd, test, toolchain};
+use crate::{
+    build, cmd,
+    kernels::{self, Kernel},
+    test,
+};
 
 /// Test targets of `tcp-user` run in the guest: every one that loads the programs into the
 /// kernel, except the latency tests (their oracle, tshark, brings 160 MB of libraries, and
@@ -49,6 +53,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("prometheus", "/usr/bin/promtool"),
     ("hping3", "/usr/sbin/hping3"),
     ("tcpreplay", "/usr/bin/tcpreplay"),
+    // Debian 13 ships its modules xz-compressed.
+    ("xz-utils", "/usr/bin/xz"),
 ];
 
 /// Host programs copied into the guest (glibc builds; busybox's `ip` has no netns support).
@@ -63,19 +69,14 @@ const GUEST_TOOLS: &[&str] = &[
     "/usr/bin/tcpreplay",
 ];
 
-/// Kernel modules the tests need that Debian builds as modules (veth pairs, the `clsact`
-/// qdisc and `cls_bpf` for TC attach without TCX). None depends on another.
-const MODULES: &[&str] = &[
-    "drivers/net/veth.ko",
-    "net/sched/sch_ingress.ko",
-    "net/sched/cls_bpf.ko",
-];
+/// Kernel modules the tests need that Debian builds as modules: veth pairs, and the `clsact`
+/// qdisc and `cls_bpf` for TC attach without TCX. Their own dependencies are added from each
+/// module's `depends=` field.
+const MODULES: &[&str] = &["veth", "sch_ingress", "cls_bpf"];
 
 /// The guest's init script.
 const INIT: &str = include_str!("vm-init.sh");
 
-/// Debian 12's kernel series, the oldest the tracker supports.
-const DEFAULT_SERIES: &str = "6.1";
 /// A full run takes about 4 min under TCG on 2 CPUs; the limit leaves room for slower hosts.
 const DEFAULT_TIMEOUT_SECS: u64 = 900;
 /// The default flow tables take about 70 MiB; the tests and their tools fit in the rest.
@@ -84,9 +85,14 @@ const DEFAULT_MEMORY_MIB: u32 = 2048;
 /// Options of `cargo xtask vm`.
 #[derive(Debug, Args)]
 pub struct Options {
-    /// Kernel series: Debian's newest `linux-image-<SERIES>.0-*-cloud-amd64-unsigned`.
-    #[arg(long, default_value = DEFAULT_SERIES, value_name = "SERIES")]
+    /// Pinned kernel to boot (see xtask/src/kernels.rs): 6.1 (Debian 12, the oldest kernel
+    /// supported) or 6.12 (Debian 13).
+    #[arg(long, default_value = kernels::PINS[0].series, value_name = "SERIES", value_parser = series)]
     pub kernel: String,
+    /// Boot this Debian kernel package instead of a pinned one (fetched with apt; its SHA-256
+    /// is printed, for pinning).
+    #[arg(long, value_name = "NAME=VERSION", conflicts_with = "kernel")]
+    pub kernel_package: Option<String>,
     /// Hard limit on the guest's run, boot included, in seconds.
     #[arg(long, default_value_t = DEFAULT_TIMEOUT_SECS, value_name = "SECS")]
     pub timeout: u64,
@@ -98,109 +104,40 @@ pub struct Options {
     pub filter: Option<String>,
 }
 
-impl Default for Options {
-    fn default() -> Self {
-        Self {
-            kernel: DEFAULT_SERIES.into(),
-            timeout: DEFAULT_TIMEOUT_SECS,
-            memory: DEFAULT_MEMORY_MIB,
-            filter: None,
-        }
-    }
+/// `--kernel` values: the pinned series.
+fn series(s: &str) -> Result<String, String> {
+    kernels::pin(s)
+        .map(|p| p.series.to_owned())
+        .map_err(|e| format!("{e:#}"))
 }
 
-/// A kernel unpacked from its Debian package.
-struct Kernel {
-    /// `uname -r` of the kernel, e.g. `6.1.0-56-cloud-amd64`.
-    release: String,
-    /// Root of the unpacked package (`boot/`, `lib/modules/`).
-    root: PathBuf,
+impl Options {
+    /// The options of a run of the pinned kernel `series` (`cargo xtask test`).
+    pub fn pinned(series: &str, filter: Option<String>) -> Self {
+        Self {
+            kernel: series.to_owned(),
+            kernel_package: None,
+            timeout: DEFAULT_TIMEOUT_SECS,
+            memory: DEFAULT_MEMORY_MIB,
+            filter,
+        }
+    }
 }
 
 /// Runs the kernel-facing tests in a guest; fails when the guest does not report success.
 pub fn vm(opts: &Options) -> Result<()> {
     test::ensure_packages(PACKAGES)?;
-    let kernel = fetch_kernel(&opts.kernel)?;
+    let choice = match &opts.kernel_package {
+        Some(arg) => kernels::Choice::package(arg)?,
+        None => kernels::Choice::Pinned(kernels::pin(&opts.kernel)?),
+    };
+    eprintln!("xtask: guest kernel {}", choice.describe());
+    let kernel = kernels::fetch(&choice)?;
     let object = build::build_ebpf()?;
     let tests = build_tests(&object)?;
     let work = cmd::workspace_root().join("target/vm");
     let initramfs = build_initramfs(&work, &kernel, &tests, opts.filter.as_deref())?;
     boot(&work, &kernel, &initramfs, opts)
-}
-
-/// The newest package of `series` apt knows, downloaded and unpacked into the cache once.
-fn fetch_kernel(series: &str) -> Result<Kernel> {
-    if !series.chars().all(|c| c.is_ascii_digit() || c == '.') || series.is_empty() {
-        bail!("--kernel takes a series such as 6.1, not {series:?}");
-    }
-    let cache = toolchain::cache_dir()?.join("vm");
-    let pattern = format!(
-        "^linux-image-{}\\.0-[0-9]+-cloud-amd64-unsigned$",
-        series.replace('.', "\\.")
-    );
-    let search = || {
-        cmd::stdout_of(Command::new("apt-cache").args(["search", "--names-only", &pattern]))
-            .unwrap_or_default()
-    };
-    let mut found = search();
-    if found.is_empty() {
-        // A fresh machine may have no package lists yet.
-        cmd::run(Command::new("apt-get").args(["update", "-q"]))?;
-        found = search();
-    }
-    let package = found
-        .lines()
-        .filter_map(|l| l.split_whitespace().next())
-        .max_by_key(|name| abi_number(name))
-        .with_context(|| format!("apt knows no Debian cloud kernel of series {series}"))?
-        .to_owned();
-    let release = package
-        .strip_prefix("linux-image-")
-        .and_then(|s| s.strip_suffix("-unsigned"))
-        .context("unexpected kernel package name")?
-        .to_owned();
-    let root = cache.join(&release);
-    if root
-        .join("boot")
-        .join(format!("vmlinuz-{release}"))
-        .exists()
-    {
-        return Ok(Kernel { release, root });
-    }
-    let debs = cache.join("debs");
-    fs::create_dir_all(&debs).with_context(|| format!("creating {}", debs.display()))?;
-    let deb = |dir: &Path| -> Option<PathBuf> {
-        fs::read_dir(dir)
-            .ok()?
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with(&format!("{package}_")) && n.ends_with(".deb"))
-            })
-    };
-    if deb(&debs).is_none() {
-        cmd::run(
-            Command::new("apt-get")
-                .args(["download", "-q", &package])
-                .current_dir(&debs),
-        )?;
-    }
-    let deb = deb(&debs).context("apt-get download left no .deb")?;
-    let partial = cache.join(format!("{release}.partial"));
-    let _ = fs::remove_dir_all(&partial);
-    cmd::run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&partial))?;
-    fs::rename(&partial, &root).with_context(|| format!("moving into {}", root.display()))?;
-    Ok(Kernel { release, root })
-}
-
-/// The ABI number of a package name (`linux-image-6.1.0-56-…` → 56).
-fn abi_number(name: &str) -> u32 {
-    name.split('-')
-        .nth(3)
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
 }
 
 /// Builds the agent and the [`VM_TESTS`] binaries; returns `(target name, executable)`.
@@ -296,26 +233,25 @@ fn build_initramfs(
     // compiled into them: both exist under the same names in the guest.
     let crate_dir = cmd::workspace_root().join("tcp-user");
     fs::create_dir_all(under(&root, &crate_dir))?;
-    let pcaps = cmd::workspace_root().join("../shared/pcaps");
+    let pcaps = test::pcaps_dir();
     if pcaps.is_dir() {
         let normal = lexically_normal(&pcaps);
         copy_tree(&pcaps, &under(&root, &normal))?;
     }
     fs::write(root.join("tests/filter"), filter.unwrap_or(""))?;
+    fs::write(
+        root.join("tests/allow_skip"),
+        std::env::var(test::ALLOW_SKIP).unwrap_or_default(),
+    )?;
     for lib in shared_libraries(&binaries)? {
         copy(&lib, &under(&root, &lib))?;
     }
 
-    let modules = kernel
-        .root
-        .join("lib/modules")
-        .join(&kernel.release)
-        .join("kernel");
     let mut list = String::new();
-    for m in MODULES {
-        let name = Path::new(m).file_name().expect("module path has a name");
-        copy(&modules.join(m), &root.join("lib/modules").join(name))?;
-        list.push_str(&format!("/lib/modules/{}\n", name.to_string_lossy()));
+    for (name, bytes) in modules(kernel, MODULES)? {
+        let file = format!("{name}.ko");
+        fs::write(root.join("lib/modules").join(&file), bytes)?;
+        list.push_str(&format!("/lib/modules/{file}\n"));
     }
     fs::write(root.join("lib/modules/list"), list)?;
 
@@ -332,6 +268,103 @@ fn build_initramfs(
 /// `path` (absolute) re-rooted under `root`.
 fn under(root: &Path, path: &Path) -> PathBuf {
     root.join(path.strip_prefix("/").unwrap_or(path))
+}
+
+/// The modules `wanted` and everything they depend on, dependencies first, uncompressed
+/// (busybox `insmod` loads plain ELF objects; Debian 13 ships `.ko.xz`). The packages carry no
+/// `modules.dep` (depmod writes it at install time), so dependencies come from each module's
+/// own `depends=` field.
+fn modules(kernel: &Kernel, wanted: &[&str]) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut files = std::collections::BTreeMap::new();
+    index_modules(&kernel.modules_dir()?.join("kernel"), &mut files)?;
+    let mut out: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut pending: Vec<(String, bool)> = wanted
+        .iter()
+        .rev()
+        .map(|m| ((*m).to_owned(), false))
+        .collect();
+    while let Some((name, deps_done)) = pending.pop() {
+        if out.iter().any(|(n, _)| *n == name) {
+            continue;
+        }
+        let path = files
+            .get(&name)
+            .with_context(|| format!("{} has no module {name}", kernel.package))?;
+        let bytes = read_module(path)?;
+        let deps = module_depends(&bytes);
+        if deps_done || deps.iter().all(|d| out.iter().any(|(n, _)| n == d)) {
+            out.push((name, bytes));
+        } else {
+            pending.push((name, true));
+            pending.extend(deps.into_iter().map(|d| (d, false)));
+        }
+    }
+    Ok(out)
+}
+
+/// Module name (`veth`; `-` and `_` are the same to the kernel) → file, under `dir`.
+fn index_modules(dir: &Path, out: &mut std::collections::BTreeMap<String, PathBuf>) -> Result<()> {
+    for entry in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        if path.is_dir() {
+            index_modules(&path, out)?;
+            continue;
+        }
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        if let Some(stem) = [".ko", ".ko.xz", ".ko.zst", ".ko.gz"]
+            .iter()
+            .find_map(|ext| name.strip_suffix(ext))
+        {
+            out.insert(stem.replace('-', "_"), path.clone());
+        }
+    }
+    Ok(())
+}
+
+/// A module file's ELF bytes.
+fn read_module(path: &Path) -> Result<Vec<u8>> {
+    let name = path.to_string_lossy();
+    let tool = if name.ends_with(".xz") {
+        Some("xz")
+    } else if name.ends_with(".zst") {
+        Some("zstd")
+    } else if name.ends_with(".gz") {
+        Some("gzip")
+    } else {
+        None
+    };
+    match tool {
+        None => fs::read(path).with_context(|| format!("reading {}", path.display())),
+        Some(tool) => {
+            let out = cmd::output(Command::new(tool).arg("-dc").arg(path))?;
+            if !out.status.success() {
+                bail!(
+                    "{tool} -dc {} failed: {}",
+                    path.display(),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            Ok(out.stdout)
+        }
+    }
+}
+
+/// The `depends=` field of a module's `.modinfo` (NUL-separated `key=value` strings).
+fn module_depends(elf: &[u8]) -> Vec<String> {
+    const KEY: &[u8] = b"\0depends=";
+    let Some(at) = elf.windows(KEY.len()).position(|w| w == KEY) else {
+        return Vec::new();
+    };
+    let rest = &elf[at + KEY.len()..];
+    let end = rest.iter().position(|b| *b == 0).unwrap_or(rest.len());
+    String::from_utf8_lossy(&rest[..end])
+        .split(',')
+        .filter(|d| !d.is_empty())
+        .map(|d| d.replace('-', "_"))
+        .collect()
 }
 
 /// The shared libraries (and the dynamic loader) `ldd` lists for `binaries`.
@@ -407,11 +440,8 @@ fn shell_quote(path: &Path) -> String {
 
 /// Boots the guest, echoes its console, and fails unless it reports success in time.
 fn boot(work: &Path, kernel: &Kernel, initramfs: &Path, opts: &Options) -> Result<()> {
-    let vmlinuz = kernel
-        .root
-        .join("boot")
-        .join(format!("vmlinuz-{}", kernel.release));
-    let log_path = work.join("console.log");
+    let vmlinuz = kernel.vmlinuz();
+    let log_path = work.join(format!("console-{}.log", kernel.release));
     let mut log = fs::File::create(&log_path)?;
     let mut c = Command::new("timeout");
     c.args([
@@ -439,8 +469,9 @@ fn boot(work: &Path, kernel: &Kernel, initramfs: &Path, opts: &Options) -> Resul
     .stdout(Stdio::piped())
     .stderr(Stdio::inherit());
     eprintln!(
-        "xtask: booting {} under QEMU/TCG (timeout {} s); console in {}",
+        "xtask: booting {} ({}) under QEMU/TCG (timeout {} s); console in {}",
         kernel.release,
+        kernel.package,
         opts.timeout,
         log_path.display()
     );
@@ -450,6 +481,7 @@ fn boot(work: &Path, kernel: &Kernel, initramfs: &Path, opts: &Options) -> Resul
     let mut verdict = None;
     let mut summary = Vec::new();
     let mut tests_started = None;
+    let mut booted = None;
     for line in BufReader::new(stdout).lines() {
         let line = line.unwrap_or_default();
         let line = line.trim_end_matches('\r');
@@ -457,8 +489,9 @@ fn boot(work: &Path, kernel: &Kernel, initramfs: &Path, opts: &Options) -> Resul
         println!("vm [{:7.2}] {line}", elapsed.as_secs_f64());
         writeln!(log, "[{:7.2}] {line}", elapsed.as_secs_f64())?;
         if let Some(rest) = line.strip_prefix("tcpscope-vm: ") {
-            if rest.starts_with("kernel ") {
+            if let Some(k) = rest.strip_prefix("kernel ") {
                 tests_started = Some(elapsed);
+                booted = k.split(',').next().map(str::to_owned);
             }
             if let Some(v) = rest.strip_prefix("verdict ") {
                 verdict = Some(v.to_owned());
@@ -468,7 +501,10 @@ fn boot(work: &Path, kernel: &Kernel, initramfs: &Path, opts: &Options) -> Resul
     }
     let status = child.wait()?;
     let total = start.elapsed();
-    eprintln!("xtask: vm summary ({}):", kernel.release);
+    eprintln!(
+        "xtask: vm summary ({}, {}):",
+        kernel.release, kernel.package
+    );
     for s in &summary {
         eprintln!("xtask:   {s}");
     }
@@ -479,6 +515,11 @@ fn boot(work: &Path, kernel: &Kernel, initramfs: &Path, opts: &Options) -> Resul
         (total - boot).as_secs_f64(),
         total.as_secs_f64()
     );
+    if let Some(booted) = &booted
+        && *booted != kernel.release
+    {
+        bail!("the guest runs {booted}, not {}", kernel.release);
+    }
     match verdict.as_deref() {
         Some("pass") => Ok(()),
         Some(v) => bail!("tests failed in the {} guest ({v})", kernel.release),

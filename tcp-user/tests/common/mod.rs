@@ -26,6 +26,39 @@ pub fn require_root() {
     );
 }
 
+/// Names the prerequisites a run may go without (comma-separated: `pcaps`, `cpus`); set by
+/// whoever runs the suite, reported by `cargo xtask test`.
+pub const ALLOW_SKIP: &str = "TCPSCOPE_ALLOW_SKIP";
+
+/// `Ok(())` when the prerequisite `name` is met (`missing` is `None`). When it is not, the test
+/// fails, unless [`ALLOW_SKIP`] names it: then it prints SKIPPED and the caller returns.
+fn prerequisite(name: &str, missing: Option<String>) -> Result<(), ()> {
+    let Some(why) = missing else { return Ok(()) };
+    let allowed = std::env::var(ALLOW_SKIP).unwrap_or_default();
+    assert!(
+        allowed.split(',').any(|a| a.trim() == name),
+        "{why}; set {ALLOW_SKIP}={name} to skip the tests that need it"
+    );
+    eprintln!("SKIPPED ({ALLOW_SKIP}={name}): {why}");
+    Err(())
+}
+
+/// The public captures and their truth, beside the repository (`../shared/pcaps`); `None`
+/// only when they are absent and skipping was asked for.
+pub fn pcaps_dir() -> Option<std::path::PathBuf> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/pcaps");
+    let present = dir.join("truth").is_dir() && dir.join("captures").is_dir();
+    let missing = (!present).then(|| format!("the public captures are not at {}", dir.display()));
+    prerequisite("pcaps", missing).ok().map(|()| dir)
+}
+
+/// Whether the machine has two CPUs (false only when skipping was asked for).
+pub fn two_cpus() -> bool {
+    let n = thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let missing = (n < 2).then(|| format!("this test needs two CPUs, the machine has {n}"));
+    prerequisite("cpus", missing).is_ok()
+}
+
 /// A name unique to this process and call, short enough for an interface name (15 bytes).
 pub fn unique(prefix: &str) -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
