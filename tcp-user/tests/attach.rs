@@ -11,6 +11,7 @@ use std::{
 };
 
 use common::{Link, NetNs, agent::Agent};
+use tcp_common::counters::{Counter, Hook};
 
 const PORT: u16 = 8080;
 const CLOSED_PORT: u16 = 8081;
@@ -36,6 +37,18 @@ fn request(addr: SocketAddr) {
     let mut answer = Vec::new();
     s.read_to_end(&mut answer).expect("answer");
     assert_eq!(answer, b"done");
+}
+
+/// Waits (bounded) until something listens on `port` in `ns`.
+fn wait_listening(ns: &NetNs, port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !ns.sh(&["ss", "-Htln"]).contains(&format!(":{port}")) {
+        assert!(
+            Instant::now() < deadline,
+            "listener on {port} never came up"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn xdp_attached(ns: &NetNs, iface: &str) -> bool {
@@ -69,17 +82,8 @@ fn hooks_count_exactly_what_the_kernel_tcp_stack_counts() {
         let listener = TcpListener::bind(("::", PORT)).expect("dual-stack listener");
         serve(listener, total);
     });
-    // Wait until the listener is up (bounded).
     let (v4, v6) = link.server_addrs(PORT);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !link
-        .server
-        .sh(&["ss", "-Htln"])
-        .contains(&format!(":{PORT}"))
-    {
-        assert!(Instant::now() < deadline, "listener never came up");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_listening(&link.server, PORT);
     let client_before = link.client.tcp_counters();
     let server_before = link.server.tcp_counters();
     link.client.enter(move || {
@@ -96,10 +100,23 @@ fn hooks_count_exactly_what_the_kernel_tcp_stack_counts() {
         }
     });
     server.join().expect("server");
-    // Let the last FIN/ACK exchanges and delayed ACKs finish before reading the counters.
-    std::thread::sleep(Duration::from_millis(500));
-    let client = link.client.tcp_counters();
-    let srv = link.server.tcp_counters();
+    // The last FIN/ACK exchanges and delayed ACKs may still be in flight: poll (bounded) until
+    // the hooks have counted as many segments as both stacks, and compare exactly below.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (client, srv) = loop {
+        let client = link.client.tcp_counters();
+        let srv = link.server.tcp_counters();
+        let (hooks, _) = tcp_user::counters::read_pinned(&agent.pin_dir).expect("pinned counters");
+        let seen = |h: Hook| hooks.hook(h).get(Counter::Tcp);
+        let settled = seen(Hook::XdpIngress) == srv.delta(&server_before, "Tcp.InSegs")
+            && seen(Hook::XdpIngress) == client.delta(&client_before, "Tcp.OutSegs")
+            && seen(Hook::TcEgress) == srv.delta(&server_before, "Tcp.OutSegs")
+            && seen(Hook::TcEgress) == client.delta(&client_before, "Tcp.InSegs");
+        if settled || Instant::now() > deadline {
+            break (client, srv);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     let summary = agent.stop();
     assert!(
         !xdp_attached(&link.server, &link.server_if),
@@ -179,7 +196,7 @@ fn hooks_count_exactly_what_the_kernel_tcp_stack_counts() {
         let listener = TcpListener::bind(("::", PORT)).expect("listener again");
         serve(listener, 1);
     });
-    std::thread::sleep(Duration::from_millis(100));
+    wait_listening(&link.server, PORT);
     link.client.enter(move || request(v4));
     again.join().expect("server again");
 }

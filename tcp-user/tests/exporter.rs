@@ -161,16 +161,29 @@ fn time_wait_gauges_equal_ss_per_side_through_prometheus_and_expire() {
     connections(&link, CLIENT_CLOSED, false);
     connections(&link, SERVER_CLOSED, true);
     // The kernel's truth, per namespace: the agent sits on the server, so client sockets are
-    // the remote side and server sockets the local one.
-    let (remote, local) = (ss_time_wait(&link.client), ss_time_wait(&link.server));
-    assert_eq!((remote, local), (CLIENT_CLOSED, SERVER_CLOSED), "ss");
-    let samples = parse(&scrape_text(&link.server));
-    let tw = |side: &str, role: &str| {
+    // the remote side and server sockets the local one. The last FINs and ACKs may still be in
+    // flight: poll (bounded) until the kernel shows every TIME-WAIT the test made and the
+    // tracker agrees, then compare exactly.
+    let tw_of = |samples: &std::collections::BTreeMap<String, f64>, side: &str, role: &str| {
         sample(
-            &samples,
+            samples,
             &format!("tcpscope_endpoints{{role=\"{role}\",side=\"{side}\",state=\"time_wait\"}}"),
         )
     };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (remote, local, samples) = loop {
+        let (remote, local) = (ss_time_wait(&link.client), ss_time_wait(&link.server));
+        let samples = parse(&scrape_text(&link.server));
+        let settled = (remote, local) == (CLIENT_CLOSED, SERVER_CLOSED)
+            && tw_of(&samples, "remote", "client") == remote as f64
+            && tw_of(&samples, "local", "server") == local as f64;
+        if settled || Instant::now() > deadline {
+            break (remote, local, samples);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!((remote, local), (CLIENT_CLOSED, SERVER_CLOSED), "ss");
+    let tw = |side: &str, role: &str| tw_of(&samples, side, role);
     assert_eq!(
         tw("remote", "client"),
         remote as f64,

@@ -101,11 +101,16 @@ fn spoofed_syn_flood_raises_the_flag_and_real_load_does_not() {
             })
             .collect()
     });
-    thread::sleep(Duration::from_millis(300));
-    assert_eq!(
-        established_local_servers(&scrape(&link.server)),
-        HELD as f64
-    );
+    // The server's side is ESTABLISHED once the client's final ACK (and its byte) arrived.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let tracked = loop {
+        let n = established_local_servers(&scrape(&link.server));
+        if n == HELD as f64 || Instant::now() > deadline {
+            break n;
+        }
+        thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(tracked, HELD as f64);
 
     // Real load at a high connection rate: never flagged.
     let before = scrape(&link.server);

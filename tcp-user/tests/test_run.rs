@@ -55,15 +55,19 @@ fn expected_counters(case: &tcp_common::frames::Case) -> Vec<Counter> {
     want
 }
 
-/// The kernel's skb test harness (`bpf_prog_test_run_skb`) refuses, with EINVAL, a frame
-/// whose untagged IPv4/IPv6 header is shorter than its fixed part: it pulls that header
-/// before the program runs. XDP test runs take such frames, so the XDP side still checks them.
-fn skb_harness_refuses(frame: &[u8]) -> bool {
-    match frame.get(12..14) {
+/// Frames that no driver delivers and that a kernel's test harness may refuse before the
+/// program runs: anything shorter than an Ethernet header (every kernel refuses those), and,
+/// for skb programs, an untagged IPv4/IPv6 header shorter than its fixed part, which
+/// `bpf_prog_test_run_skb` pulls first on some builds (6.1.0-57, 6.18) and not on others
+/// (6.1.0-48). Whether it does is the harness's business; tcpscope's is what happens when the
+/// program runs, which the test checks whenever it does.
+fn harness_may_refuse(frame: &[u8], hook: Hook) -> bool {
+    let cut_ip = match frame.get(12..14) {
         Some([0x08, 0x00]) => frame.len() < 14 + 20,
         Some([0x86, 0xdd]) => frame.len() < 14 + 40,
         _ => false,
-    }
+    };
+    frame.len() < 14 || (hook == Hook::TcEgress && cut_ip)
 }
 
 #[test]
@@ -99,26 +103,21 @@ fn every_crafted_frame_passes_unchanged_and_is_counted_once() {
                 Hook::XdpIngress => (xdp.test_run(opts), XDP_PASS),
                 Hook::TcEgress => (tc.test_run(opts), TC_ACT_OK),
             };
-            // The kernel refuses test runs of frames shorter than an Ethernet header (ETH_HLEN);
-            // no driver hands such a runt to XDP or TC either.
-            if case.frame.len() < 14 {
-                assert!(
-                    result.is_err(),
-                    "{}: the kernel accepted a runt frame",
-                    case.name
-                );
-                continue;
-            }
-            if hook == Hook::TcEgress && skb_harness_refuses(&case.frame) {
-                assert!(
-                    result.is_err(),
-                    "{}: the skb harness accepted a cut IP header",
-                    case.name
-                );
-                continue;
-            }
-            let result = result
-                .unwrap_or_else(|e| panic!("{}: test_run on {}: {e}", case.name, hook.name()));
+            let result = match result {
+                Ok(r) => r,
+                Err(e) if harness_may_refuse(&case.frame, hook) => {
+                    // The program did not run: it must not have counted anything.
+                    assert_eq!(
+                        tracker.counters().expect("counters"),
+                        before,
+                        "{}: the harness refused the frame on {} ({e}), yet something counted",
+                        case.name,
+                        hook.name()
+                    );
+                    continue;
+                }
+                Err(e) => panic!("{}: test_run on {}: {e}", case.name, hook.name()),
+            };
             assert_eq!(
                 result.return_value,
                 pass,
