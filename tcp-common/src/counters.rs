@@ -4,7 +4,7 @@
 //! Each hook (XDP ingress, TC egress) owns one [`HookCounters`] value per CPU: a single map
 //! lookup per packet reaches every counter the packet touches.
 
-use crate::parse::{PacketClass, Parsed, notes, tcp_flags};
+use crate::parse::{PacketClass, Parsed, Segment, notes, tcp_flags};
 
 /// Where a packet was observed. The discriminant is the key into the counters map.
 #[repr(u32)]
@@ -74,6 +74,9 @@ pub enum Counter {
     Fin = 15,
     /// TCP segments with RST.
     Rst = 16,
+    /// TCP segments that took the fast path: both endpoints ESTABLISHED, nothing for the
+    /// segment to change but its sender's ACK and window (no lock, no clock).
+    FastPath = 17,
 }
 
 /// Number of slots in [`HookCounters`] (room to grow without changing the value size).
@@ -81,7 +84,7 @@ pub const COUNTER_SLOTS: usize = 32;
 
 impl Counter {
     /// Every counter, in slot order.
-    pub const ALL: [Self; 17] = [
+    pub const ALL: [Self; 18] = [
         Self::Tcp,
         Self::NonIp,
         Self::NonTcp,
@@ -99,6 +102,7 @@ impl Counter {
         Self::SynAck,
         Self::Fin,
         Self::Rst,
+        Self::FastPath,
     ];
 
     /// Stable snake-case name, used as a metric label value.
@@ -122,6 +126,7 @@ impl Counter {
             Self::SynAck => "syn_ack",
             Self::Fin => "fin",
             Self::Rst => "rst",
+            Self::FastPath => "fast_path",
         }
     }
 
@@ -203,7 +208,13 @@ impl HookCounters {
         if parsed.class != PacketClass::Tcp {
             return;
         }
-        let seg = &parsed.segment;
+        self.count_segment(&parsed.segment);
+    }
+
+    /// Counts what a TCP segment adds besides its class and notes: its address family and
+    /// SYN / SYN-ACK / FIN / RST flags.
+    #[inline(always)]
+    pub fn count_segment(&mut self, seg: &Segment) {
         self.bump(if seg.ipv6 {
             Counter::TcpV6
         } else {
@@ -294,7 +305,7 @@ mod tests {
 /// Slots of the event counters map (one [`EventCounters`] per CPU): one per bit of
 /// [`crate::state::events`] (slot = bit position), then table pressure.
 pub mod event_slots {
-    /// A new record could not be stored in the established table (full).
+    /// A new record could not be stored in the IPv4 established table (full).
     pub const FLOWS_INSERT_FAILED: usize = 24;
     /// A new record could not be stored in the half-open table (full).
     pub const HALF_OPEN_INSERT_FAILED: usize = 25;
@@ -307,6 +318,19 @@ pub mod event_slots {
     pub const LOST_RACE: usize = 28;
     /// Half-open records removed on their idle timeout after a SYN (failed handshakes).
     pub const HANDSHAKES_TIMED_OUT: usize = 29;
+    /// A new record could not be stored in the IPv6 established table (full);
+    /// [`FLOWS_INSERT_FAILED`] counts the IPv4 one.
+    pub const FLOWS6_INSERT_FAILED: usize = 30;
+    /// The insert-failure slot of an established table.
+    #[must_use]
+    #[inline(always)]
+    pub const fn flows_insert_failed(ipv6: bool) -> usize {
+        if ipv6 {
+            FLOWS6_INSERT_FAILED
+        } else {
+            FLOWS_INSERT_FAILED
+        }
+    }
 }
 
 /// Per-CPU tally of state-machine events and table pressure.

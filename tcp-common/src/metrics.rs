@@ -10,7 +10,7 @@
 
 use crate::{
     counters::EventCounters,
-    flow::Flow,
+    flow::{Established, Flow},
     state::{Role, Side, TcpState},
 };
 
@@ -39,22 +39,36 @@ pub const fn gauge_slot(state: TcpState, role: Role, side: Side) -> u8 {
 #[must_use]
 #[inline(always)]
 pub fn endpoint_slot(flow: &Flow, i: usize) -> u8 {
-    // Plain arithmetic on the stored bytes (no enum tables): this runs under the record's
-    // lock in the kernel. Same result as `gauge_slot(state, role, side)`.
     let ep = &flow.ep[i & 1];
-    let state = ep.state as usize;
+    slot_of(ep.state, flow.client, ep.side, i)
+}
+
+/// Gauge slot of endpoint `i` (0 or 1) of a compact record.
+#[must_use]
+#[inline(always)]
+pub fn established_slot(rec: &Established, i: usize) -> u8 {
+    let i = i & 1;
+    slot_of(rec.state[i] & 0x0f, rec.client, rec.ep_flags[i] >> 6, i)
+}
+
+/// Gauge slot of endpoint `i` from the stored bytes of its state, the flow's client index and
+/// its side. Plain arithmetic (no enum tables): this runs under the record's lock in the
+/// kernel. Same result as `gauge_slot(state, role, side)`.
+#[inline(always)]
+fn slot_of(state: u8, client: u8, side: u8, i: usize) -> u8 {
+    let state = state as usize;
     if state == 0 || state >= TcpState::COUNT {
         return NO_SLOT;
     }
-    let role = if flow.client as usize == (i & 1) {
+    let role = if client as usize == (i & 1) {
         Role::Client as usize
-    } else if flow.client < 2 {
+    } else if client < 2 {
         Role::Server as usize
     } else {
         Role::Unknown as usize
     };
-    let side = if (ep.side as usize) < SIDES {
-        ep.side as usize
+    let side = if (side as usize) < SIDES {
+        side as usize
     } else {
         0
     };
@@ -184,12 +198,21 @@ pub const fn handshake_phases(syn_ns: u64, synack_ns: u64, ack_ns: u64) -> Optio
 
 /// Flow tables, as indices of the per-table fields.
 pub mod table {
-    /// Connections past their handshake (or picked up).
-    pub const ESTABLISHED: usize = 0;
-    /// Handshakes in progress.
-    pub const HALF_OPEN: usize = 1;
+    /// IPv4 connections past their handshake (or picked up).
+    pub const ESTABLISHED_V4: usize = 0;
+    /// IPv6 connections past their handshake (or picked up).
+    pub const ESTABLISHED_V6: usize = 1;
+    /// Handshakes in progress, both families.
+    pub const HALF_OPEN: usize = 2;
     /// Number of tables.
-    pub const COUNT: usize = 2;
+    pub const COUNT: usize = 3;
+
+    /// The established table of a family.
+    #[must_use]
+    #[inline(always)]
+    pub const fn established(ipv6: bool) -> usize {
+        if ipv6 { ESTABLISHED_V6 } else { ESTABLISHED_V4 }
+    }
 }
 
 /// Everything the tracker accounts for, one copy per CPU.
@@ -331,6 +354,9 @@ pub struct ReapRequest {
     pub reaped: [u64; table::COUNT],
 }
 
+/// Words of a [`ReapRequest`].
+const REAP_WORDS: usize = 5 + 2 * table::COUNT;
+
 impl ReapRequest {
     /// The request bytes (at least an Ethernet header's worth, as the kernel requires).
     #[must_use]
@@ -353,19 +379,24 @@ impl ReapRequest {
         if b.len() < core::mem::size_of::<Self>() {
             return None;
         }
-        let mut words = [0u64; 9];
+        let mut words = [0u64; REAP_WORDS];
         for (w, chunk) in words.iter_mut().zip(b.as_chunks::<8>().0) {
             *w = u64::from_ne_bytes(*chunk);
         }
-        Some(Self {
-            timeouts: [words[0], words[1], words[2], words[3], words[4]],
-            visited: [words[5], words[6]],
-            reaped: [words[7], words[8]],
-        })
+        let mut r = Self::default();
+        let fields = r
+            .timeouts
+            .iter_mut()
+            .chain(r.visited.iter_mut())
+            .chain(r.reaped.iter_mut());
+        for (f, w) in fields.zip(words) {
+            *f = w;
+        }
+        Some(r)
     }
 }
 
-const _: () = assert!(core::mem::size_of::<ReapRequest>() == 72);
+const _: () = assert!(core::mem::size_of::<ReapRequest>() == REAP_WORDS * 8);
 
 #[cfg(test)]
 mod tests {
@@ -455,8 +486,8 @@ mod tests {
     fn reap_request_round_trips() {
         let r = ReapRequest {
             timeouts: [1, 2, 3, 4, 5],
-            visited: [6, 7],
-            reaped: [8, 9],
+            visited: [6, 7, 8],
+            reaped: [9, 10, 11],
         };
         assert_eq!(ReapRequest::from_bytes(&r.to_bytes()), Some(r));
     }

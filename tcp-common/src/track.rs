@@ -15,13 +15,10 @@
 //! usual assumption for a mirror port.
 
 use crate::{
-    flow::{CLIENT_UNKNOWN, Flow, NO_WSCALE, endpoint_flags as ef, flow_flags as ff},
+    flow::{CLIENT_UNKNOWN, Established, Flow, endpoint_flags as ef, flow_flags as ff},
     parse::{Segment, tcp_flags},
     state::{Side, TcpState as S, events as ev, seq},
 };
-
-/// Largest window shift allowed by RFC 7323.
-const MAX_WSCALE: u8 = 14;
 
 /// Window assumed for a receiver whose advertised window is not known yet.
 const UNKNOWN_WINDOW: u32 = 1 << 30;
@@ -74,32 +71,15 @@ pub fn track(flow: &mut Flow, seg: &Segment, dir: usize, side: Side, now: u64) -
 /// Bookkeeping of what the sender has sent and received.
 #[inline(always)]
 fn record_sent(flow: &mut Flow, seg: &Segment, d: usize, side: Side) {
-    let syn = seg.has(tcp_flags::SYN);
-    let fin = seg.has(tcp_flags::FIN);
-    let end = seg
-        .seq
-        .wrapping_add(seg.payload_len)
-        .wrapping_add(u32::from(syn))
-        .wrapping_add(u32::from(fin));
-    let peer_wscale = flow.ep[1 - d].wscale;
     let s = &mut flow.ep[d];
     if !seg.has(tcp_flags::RST) {
-        s.next_seq = if s.has(ef::SENT_ANY) {
-            seq::max(s.next_seq, end)
+        // Kept as sent: the shift is applied where the window is used (a SYN's never is).
+        s.window = seg.window;
+        if seg.has(tcp_flags::SYN) {
+            s.flags |= ef::SYN_WINDOW;
         } else {
-            end
-        };
-        // Windows of SYN segments are never scaled; others are, once both sides offered it.
-        // When neither scale is known (the handshake was not seen, or an unusual option
-        // layout hid it) the largest shift is assumed: validation stays permissive rather
-        // than rejecting real RSTs and FINs sent with data in flight.
-        let shift = match (syn, s.wscale, peer_wscale) {
-            (true, _, _) => 0,
-            (false, NO_WSCALE, NO_WSCALE) => MAX_WSCALE,
-            (false, NO_WSCALE, _) | (false, _, NO_WSCALE) => 0,
-            (false, own, _) => own.min(MAX_WSCALE),
-        };
-        s.window = u32::from(seg.window) << shift;
+            s.flags &= !ef::SYN_WINDOW;
+        }
         s.flags |= ef::SENT_ANY;
     }
     if seg.has(tcp_flags::ACK) {
@@ -191,8 +171,8 @@ fn on_syn_ack(flow: &mut Flow, seg: &Segment, d: usize, fresh: bool, now: u64) -
         let rcv = &mut flow.ep[r];
         rcv.state = S::SynSent as u8;
         rcv.isn = seg.ack.wrapping_sub(1);
-        rcv.next_seq = seg.ack;
-        rcv.flags |= ef::SENT_SYN | ef::SENT_ANY;
+        // Its SYN's window is not known: 0 (RST/FIN validation then waits for its ACK).
+        rcv.flags |= ef::SENT_SYN | ef::SENT_ANY | ef::SYN_WINDOW;
         return ev::SYN_ACK | ev::NEW_FLOW | ev::PICKED_UP;
     }
     let acks_syn = flow.ep[r].has(ef::SENT_SYN) && seg.ack == flow.ep[r].isn.wrapping_add(1);
@@ -227,7 +207,6 @@ fn on_syn_ack(flow: &mut Flow, seg: &Segment, d: usize, fresh: bool, now: u64) -
         && !flow.has(ff::HANDSHAKE_DONE)
     {
         flow.flags |= ff::HANDSHAKE_DONE;
-        flow.established_ns = now;
         out |= ev::HANDSHAKE_COMPLETED;
     }
     out
@@ -243,7 +222,7 @@ fn in_window(flow: &Flow, seg: &Segment, d: usize) -> bool {
         return true;
     }
     let window = if rcv.has(ef::SENT_ANY) {
-        rcv.window.max(1)
+        rcv.scaled_window(flow.ep[d].wscale).max(1)
     } else {
         UNKNOWN_WINDOW
     };
@@ -303,11 +282,8 @@ fn pick_up(flow: &mut Flow, seg: &Segment, d: usize) {
         core::cmp::Ordering::Less => (1 - d) as u8,
         core::cmp::Ordering::Equal => CLIENT_UNKNOWN,
     };
-    // The receiver has sent everything the ACK field acknowledges.
-    let rcv = &mut flow.ep[1 - d];
-    rcv.next_seq = seg.ack;
-    rcv.flags |= ef::SENT_ANY;
-    rcv.window = UNKNOWN_WINDOW;
+    // The receiver's window is not known until it sends: validation then assumes the
+    // largest (see `in_window`).
 }
 
 #[inline(always)]
@@ -346,7 +322,6 @@ fn on_ack(flow: &mut Flow, seg: &Segment, d: usize, now: u64) -> u32 {
         }
         if !flow.has(ff::HANDSHAKE_DONE) {
             flow.flags |= ff::HANDSHAKE_DONE;
-            flow.established_ns = now;
             out |= ev::HANDSHAKE_COMPLETED;
         }
     } else if flow.ep[d].state() == S::SynSent && flow.ep[r].state() == S::Established {
@@ -468,6 +443,14 @@ impl Timeouts {
 const NS: u64 = 1_000_000_000;
 
 impl Timeouts {
+    /// Longest TIME-WAIT and closed timeouts the established tables can measure, seconds
+    /// (their close time wraps after ~19.5 hours; see [`crate::flow::Established`]).
+    pub const MAX_SINCE_CLOSE_SECS: u64 = crate::flow::MAX_CLOSED_AGE_NS / NS;
+    /// Longest idle timeouts the established tables can measure, seconds (~52 days).
+    pub const MAX_IDLE_SECS: u64 = crate::flow::MAX_IDLE_NS / NS;
+}
+
+impl Timeouts {
     /// The fields in declaration order (the reaper request's layout).
     #[must_use]
     pub const fn to_array(&self) -> [u64; 5] {
@@ -498,33 +481,78 @@ impl Timeouts {
 /// sides) rather than given up on an idle timeout while live.
 #[must_use]
 #[inline(always)]
-pub fn finished(flow: &Flow) -> bool {
+pub fn finished(states: [S; 2]) -> bool {
     let done = |s: S| matches!(s, S::TimeWait | S::Closed);
-    done(flow.ep[0].state()) && done(flow.ep[1].state())
+    done(states[0]) && done(states[1])
 }
 
-/// Whether a record has outlived its timeout at `now`. TIME-WAIT counts from the moment the
-/// first endpoint entered it, like the kernel's timer; the others from the last segment.
+/// How old a record is, whichever layout it is kept in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Age {
+    /// Both endpoints' states.
+    pub states: [S; 2],
+    /// Since the last segment, ns.
+    pub idle_ns: u64,
+    /// Since the first endpoint entered TIME-WAIT or one last became CLOSED, ns (`None`:
+    /// neither happened).
+    pub since_closed_ns: Option<u64>,
+}
+
+impl Age {
+    /// The age of a full record at `now`.
+    #[must_use]
+    #[inline(always)]
+    pub fn of_flow(flow: &Flow, now: u64) -> Self {
+        Self {
+            states: [flow.ep[0].state(), flow.ep[1].state()],
+            idle_ns: now.saturating_sub(flow.last_ns),
+            since_closed_ns: (flow.closed_ns != 0).then(|| now.saturating_sub(flow.closed_ns)),
+        }
+    }
+
+    /// The age of a compact record at `now` (0 idle when the fast path saw it since the last
+    /// walk).
+    #[must_use]
+    #[inline(always)]
+    pub fn of_established(rec: &Established, now: u64) -> Self {
+        let closed = rec.closed_ns(now);
+        Self {
+            states: [rec.ep_state(0), rec.ep_state(1)],
+            idle_ns: now.saturating_sub(rec.last_ns(now)),
+            since_closed_ns: (closed != 0).then(|| now.saturating_sub(closed)),
+        }
+    }
+
+    /// Whether a record of this age has outlived its timeout. TIME-WAIT counts from the moment
+    /// the first endpoint entered it, like the kernel's timer; the others from the last
+    /// segment.
+    #[must_use]
+    #[inline(always)]
+    pub fn expired(&self, t: &Timeouts) -> bool {
+        let [a, b] = self.states;
+        let closed = self.since_closed_ns.unwrap_or(u64::MAX);
+        if a == S::Closed && b == S::Closed {
+            return closed.min(self.idle_ns) >= t.closed;
+        }
+        if a == S::TimeWait || b == S::TimeWait {
+            return closed >= t.time_wait && (finished(self.states) || self.idle_ns >= t.closing);
+        }
+        if a.is_opening() || b.is_opening() {
+            return self.idle_ns >= t.half_open;
+        }
+        let closing = |s: S| s.fin_sent() || s == S::CloseWait;
+        if closing(a) || closing(b) {
+            return self.idle_ns >= t.closing;
+        }
+        self.idle_ns >= t.established
+    }
+}
+
+/// Whether a full record has outlived its timeout at `now` (see [`Age::expired`]).
 #[must_use]
 #[inline(always)]
 pub fn expired(flow: &Flow, now: u64, t: &Timeouts) -> bool {
-    let idle = now.saturating_sub(flow.last_ns);
-    let states = [flow.ep[0].state(), flow.ep[1].state()];
-    if flow.is_closed() {
-        return now.saturating_sub(flow.closed_ns.max(flow.last_ns)) >= t.closed;
-    }
-    if states.contains(&S::TimeWait) {
-        let since = now.saturating_sub(flow.closed_ns);
-        let others_done = states.iter().all(|s| matches!(s, S::TimeWait | S::Closed));
-        return since >= t.time_wait && (others_done || idle >= t.closing);
-    }
-    if flow.is_half_open() {
-        return idle >= t.half_open;
-    }
-    if states.iter().any(|s| s.fin_sent() || *s == S::CloseWait) {
-        return idle >= t.closing;
-    }
-    idle >= t.established
+    Age::of_flow(flow, now).expired(t)
 }
 
 #[cfg(test)]

@@ -47,6 +47,47 @@ fn read_direct<T: Copy>(start: usize, end: usize, offset: usize) -> Option<T> {
     Some(unsafe { (at as *const T).read_unaligned() })
 }
 
+/// One 4-byte load at `start + offset` when it lies before `end`, as the bytes' native-order
+/// `u32`. The load is written in assembly: header words sit at any offset, and a Rust read of
+/// an unaligned word is compiled for BPF into four byte loads and the shifts to join them,
+/// while the kernel allows the one-instruction load on packet data wherever the CPU handles
+/// misaligned access (x86-64, arm64).
+#[inline(always)]
+fn word_direct(start: usize, end: usize, offset: usize) -> Option<u32> {
+    if offset > MAX_OFFSET {
+        return None;
+    }
+    let at = start + bounded(offset);
+    if at + 4 > end {
+        return None;
+    }
+    let v: u64;
+    // SAFETY: [at, at + 4) lies inside the packet (checked just above; the verifier checks it
+    // again); a register load, no other memory or stack touched.
+    unsafe {
+        core::arch::asm!("{0} = *(u32 *)({1} + 0)", out(reg) v, in(reg) at, options(pure, readonly, nostack));
+    }
+    Some(v as u32)
+}
+
+/// [`word_direct`] for 2 bytes.
+#[inline(always)]
+fn half_direct(start: usize, end: usize, offset: usize) -> Option<u16> {
+    if offset > MAX_OFFSET {
+        return None;
+    }
+    let at = start + bounded(offset);
+    if at + 2 > end {
+        return None;
+    }
+    let v: u64;
+    // SAFETY: as in `word_direct`, for 2 bytes.
+    unsafe {
+        core::arch::asm!("{0} = *(u16 *)({1} + 0)", out(reg) v, in(reg) at, options(pure, readonly, nostack));
+    }
+    Some(v as u16)
+}
+
 /// An XDP frame: linear, read in place.
 pub struct XdpFrame<'a> {
     ctx: &'a XdpContext,
@@ -81,6 +122,18 @@ impl Frame for XdpFrame<'_> {
     fn load<T: Copy>(&self, offset: usize) -> Option<T> {
         let (data, end) = self.bounds();
         read_direct(data, end, offset)
+    }
+
+    #[inline(always)]
+    fn word_at(&self, offset: usize) -> Option<u32> {
+        let (data, end) = self.bounds();
+        word_direct(data, end, offset)
+    }
+
+    #[inline(always)]
+    fn half_at(&self, offset: usize) -> Option<u16> {
+        let (data, end) = self.bounds();
+        half_direct(data, end, offset)
     }
 
     #[inline(always)]
@@ -130,6 +183,20 @@ impl Frame for SkbFrame<'_> {
             return None;
         }
         self.ctx.load::<T>(offset).ok()
+    }
+
+    #[inline(always)]
+    fn word_at(&self, offset: usize) -> Option<u32> {
+        let (data, end) = self.bounds();
+        word_direct(data, end, offset)
+            .or_else(|| self.load::<[u8; 4]>(offset).map(u32::from_ne_bytes))
+    }
+
+    #[inline(always)]
+    fn half_at(&self, offset: usize) -> Option<u16> {
+        let (data, end) = self.bounds();
+        half_direct(data, end, offset)
+            .or_else(|| self.load::<[u8; 2]>(offset).map(u16::from_ne_bytes))
     }
 
     #[inline(always)]

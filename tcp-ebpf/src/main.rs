@@ -1,12 +1,14 @@
 //! tcpscope eBPF programs: entry points only.
 //!
-//! Both hooks are thin wrappers that hand the packet to [`observe::observe`] and then pass it
-//! on unchanged: the tracker observes, it never drops or modifies traffic.
+//! Both hooks are thin wrappers that hand the packet to [`observe::hot`] (and, by tail call,
+//! their slow path to [`observe::slow`]) and then pass it on unchanged: the tracker observes,
+//! it never drops or modifies traffic.
 #![no_std]
 #![no_main]
 // `asm!` on BPF: see `frame::bounded`.
 #![feature(asm_experimental_arch)]
 
+mod fast;
 mod frame;
 mod maps;
 mod observe;
@@ -20,19 +22,36 @@ use aya_ebpf::{
 };
 use tcp_common::counters::Hook;
 
-use crate::frame::{SkbFrame, XdpFrame};
+use crate::{
+    frame::{SkbFrame, XdpFrame},
+    maps::{SLOW_TC, SLOW_XDP},
+};
 
 /// Ingress: every frame the interface receives, before the stack allocates an skb.
 #[xdp]
 pub fn tcpscope_xdp(ctx: XdpContext) -> u32 {
-    observe::observe(&ctx, &XdpFrame::new(&ctx), Hook::XdpIngress);
+    observe::hot(&ctx, &XdpFrame::new(&ctx), Hook::XdpIngress, &SLOW_XDP);
+    xdp_action::XDP_PASS
+}
+
+/// The ingress slow path, reached by tail call from [`tcpscope_xdp`] (never attached).
+#[xdp]
+pub fn tcpscope_xdp_slow(ctx: XdpContext) -> u32 {
+    observe::slow(&ctx, &XdpFrame::new(&ctx), Hook::XdpIngress);
     xdp_action::XDP_PASS
 }
 
 /// Egress: every packet the interface transmits (XDP has no egress hook).
 #[classifier]
 pub fn tcpscope_tc(ctx: TcContext) -> i32 {
-    observe::observe(&ctx, &SkbFrame::new(&ctx), Hook::TcEgress);
+    observe::hot(&ctx, &SkbFrame::new(&ctx), Hook::TcEgress, &SLOW_TC);
+    TC_ACT_OK
+}
+
+/// The egress slow path, reached by tail call from [`tcpscope_tc`] (never attached).
+#[classifier]
+pub fn tcpscope_tc_slow(ctx: TcContext) -> i32 {
+    observe::slow(&ctx, &SkbFrame::new(&ctx), Hook::TcEgress);
     TC_ACT_OK
 }
 

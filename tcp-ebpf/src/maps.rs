@@ -2,23 +2,28 @@
 //!
 //! Table choice: plain hashes, not LRU. A record's `bpf_spin_lock` is only allowed in
 //! (non-LRU) hash and array maps, and an LRU would let a flood evict live connections; here
-//! a full table refuses new records (counted) and the agent's sweeper frees expired ones.
+//! a full table refuses new records (counted) and the in-kernel reaper frees expired ones.
 //! Half-open records have their own table, so a spoofed-SYN flood can fill only that one.
+//! Established records live in a table per address family, so that an IPv4 flow pays for a
+//! 16-byte key, not for two IPv6 addresses.
 
 use aya_ebpf::{
     Global,
     btf_maps::HashMap,
     macros::{btf_map, map},
-    maps::{LruPerCpuHashMap, PerCpuArray},
+    maps::{LruPerCpuHashMap, PerCpuArray, ProgramArray},
 };
 use tcp_common::{
     counters::{HOOKS, HookCounters},
-    flow::{FlowEntry, FlowKey},
+    flow::{EstablishedEntry, Flow, FlowKey, FlowKey4, HalfOpenEntry},
     metrics::{Metrics, PortStats},
+    parse::Parsed,
 };
 
-/// Default capacity of the established table (the agent may change it at load time).
-pub const FLOWS_CAPACITY: usize = 262_144;
+/// Default capacity of the IPv4 established table (the agent may change it at load time).
+pub const FLOWS4_CAPACITY: usize = 262_144;
+/// Default capacity of the IPv6 established table.
+pub const FLOWS6_CAPACITY: usize = 131_072;
 /// Default capacity of the half-open table.
 pub const HALF_OPEN_CAPACITY: usize = 65_536;
 
@@ -41,34 +46,46 @@ pub const SYN_PORTS_CAPACITY: u32 = 1024;
 pub static SYN_PORTS: LruPerCpuHashMap<u32, PortStats> =
     LruPerCpuHashMap::with_max_entries(SYN_PORTS_CAPACITY, 0);
 
-/// Connections past their handshake (or picked up mid-stream).
+/// IPv4 connections past their handshake (or picked up mid-stream), compact records.
 #[btf_map]
-pub static FLOWS: HashMap<FlowKey, FlowEntry, FLOWS_CAPACITY> = HashMap::new();
+pub static FLOWS4: HashMap<FlowKey4, EstablishedEntry, FLOWS4_CAPACITY> = HashMap::new();
 
-/// Connections whose handshake is in progress.
+/// IPv6 connections past their handshake (or picked up mid-stream), compact records.
 #[btf_map]
-pub static HALF_OPEN: HashMap<FlowKey, FlowEntry, HALF_OPEN_CAPACITY> = HashMap::new();
+pub static FLOWS6: HashMap<FlowKey, EstablishedEntry, FLOWS6_CAPACITY> = HashMap::new();
+
+/// Connections of either family whose handshake is in progress, full records.
+#[btf_map]
+pub static HALF_OPEN: HashMap<FlowKey, HalfOpenEntry, HALF_OPEN_CAPACITY> = HashMap::new();
 
 /// 1 in mirror mode (both directions arrive on ingress; sides unknown), set at load time.
 #[unsafe(no_mangle)]
 pub static MIRROR: Global<u8> = Global::new(0);
 
-/// What the tracker hands from inside a record's lock to the code after it.
+/// What the slow path hands from inside a record's lock to the code after it.
 #[repr(C)]
 pub struct Scratch {
-    /// A flow record under construction or being moved (too large for the 512-byte BPF
-    /// stack next to the parser's state).
-    pub entry: FlowEntry,
+    /// A half-open record on its way into its table (new, or moved out of the established
+    /// one).
+    pub entry: HalfOpenEntry,
+    /// The full record the state machine works on for an established one (unpacked under
+    /// the lock), and on its way into the established table on promotion.
+    pub work: Flow,
     /// Gauge slots of both endpoints before and after the segment.
     pub slots: [u8; 4],
     /// Event bits of the segment.
     pub events: u32,
     /// What to do with the record.
     pub action: u32,
-    /// Always zero.
-    pub pad: u32,
-    /// SYN, SYN-ACK and completion times of the record.
-    pub times: [u64; 3],
+    /// 1: the established table holds a DEAD record of the connection (a completed handshake
+    /// then stays in the half-open table until the reaper has deleted it).
+    pub blocked: u32,
+    /// SYN and SYN-ACK times of the record when its handshake completed.
+    pub times: [u64; 2],
+    /// The record being written into an established table.
+    pub established: EstablishedEntry,
+    /// The segment's flow key (wide: the half-open and IPv6 tables').
+    pub key: FlowKey,
 }
 
 /// One [`Scratch`] per CPU. Results computed under the lock go through it rather than through
@@ -78,7 +95,29 @@ pub struct Scratch {
 #[map(name = "SCRATCH")]
 pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 
+/// What the hot path hands the slow path with the tail call.
+#[repr(C)]
+pub struct Handoff {
+    /// The packet, parsed (by the plain parser when `ready` is 1).
+    pub parsed: Parsed,
+    /// 1: `parsed.segment` holds a plain TCP segment, already counted; 0: the slow path
+    /// parses and counts the frame itself.
+    pub ready: u8,
+}
+
 /// The parser's result for the packet being handled, one per CPU: kept off the stack, whose
-/// 512 bytes the parser's and the tracker's frames already share.
+/// 512 bytes the parser's and the tracker's frames already share, and handed from the hot
+/// path to the slow path (a tail call runs on the same CPU, with nothing in between).
 #[map(name = "PARSED")]
-pub static PARSED: PerCpuArray<tcp_common::parse::Parsed> = PerCpuArray::with_max_entries(1, 0);
+pub static PARSED: PerCpuArray<Handoff> = PerCpuArray::with_max_entries(1, 0);
+
+/// The slow path of the XDP hook (index 0), set by the agent at load. A tail call, so that the
+/// verifier checks the slow path once, on its own, rather than once for every way the hot
+/// path's branches can reach it; and a tail call returns nothing, which costs less than a
+/// call on CPUs with return-stack mitigations.
+#[map(name = "SLOW_XDP")]
+pub static SLOW_XDP: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// The slow path of the TC hook (a program array holds programs of one type only).
+#[map(name = "SLOW_TC")]
+pub static SLOW_TC: ProgramArray = ProgramArray::with_max_entries(1, 0);

@@ -1,6 +1,7 @@
 //! Expiry, in the kernel: the agent runs the reaper program through `BPF_PROG_TEST_RUN` once a
-//! second with the timeouts as the "packet"; it walks both flow tables with
-//! `bpf_for_each_map_elem` and removes what has expired.
+//! second with the timeouts as the "packet"; it walks the three flow tables with
+//! `bpf_for_each_map_elem` and removes what has expired. It also turns the fast path's "seen"
+//! marks into times, and deletes established records a grace period after their DEAD mark.
 //!
 //! Why in the kernel rather than a userspace sweep of lookups and deletes: a record must leave
 //! the gauges exactly when it leaves its table, and a segment may update it between a
@@ -21,21 +22,28 @@ use aya_ebpf::{
 };
 use tcp_common::{
     counters::event_slots,
-    flow::{FlowEntry, flow_flags},
-    metrics::{NO_SLOT, ReapRequest, endpoint_slot, table},
-    track::{Timeouts, expired, finished},
+    flow::{Established, EstablishedEntry, HalfOpenEntry, flow_flags},
+    metrics::{NO_SLOT, ReapRequest, endpoint_slot, established_slot, table},
+    track::{Age, Timeouts, finished},
 };
 
 use crate::{
-    maps::{FLOWS, HALF_OPEN},
+    maps::{FLOWS4, FLOWS6, HALF_OPEN},
     tracker::{REAPER, metrics},
 };
 
-/// How long a record that a packet program marked DEAD, or created and not yet touched, is
-/// left to that program (which deletes or fills it within microseconds) before the reaper
-/// takes it as abandoned. Deleting it earlier could let a new record be created under its key
-/// and then be deleted by the marking program's delete-by-key.
+/// How long a half-open record that a packet program marked DEAD is left to that program
+/// (which deletes it within microseconds) before the reaper takes it as abandoned. Deleting it
+/// earlier could let a new record be created under its key and then be deleted by the marking
+/// program's delete-by-key.
 const GRACE_NS: u64 = 10_000_000_000;
+
+/// How long an established record stays in its table after its DEAD mark before the reaper
+/// deletes it. The fast path writes into records without their lock; the mark turns it away,
+/// and this grace period outlasts any packet program that read the record before the mark
+/// (they run to completion in microseconds, with preemption off), so none of them can write
+/// into the element once it holds another flow. Half a second: deleted at the next walk.
+const DEAD_GRACE_NS: u64 = 500_000_000;
 
 /// 1 on kernels before 6.2, set at load time. Their verifier knows a held lock only by the id
 /// of the pointer it was taken through, and the record pointer a map walk hands its callback
@@ -45,7 +53,7 @@ const GRACE_NS: u64 = 10_000_000_000;
 #[unsafe(no_mangle)]
 pub static LOCK_BY_LOOKUP: Global<u8> = Global::new(0);
 
-/// State shared with the per-record callback (on the reaper's stack).
+/// State shared with the per-record callbacks (on the reaper's stack).
 #[repr(C)]
 struct Walk {
     timeouts: Timeouts,
@@ -55,39 +63,114 @@ struct Walk {
     reaped: u64,
 }
 
-/// Called for every record of a table.
+/// The record a callback is handed, locked-through-able on every kernel (see
+/// [`LOCK_BY_LOOKUP`]).
+#[inline(always)]
+fn lockable<T>(map: *mut c_void, key: *mut c_void, value: *mut c_void) -> Option<*mut T> {
+    if LOCK_BY_LOOKUP.load() == 0 {
+        return Some(value.cast());
+    }
+    // SAFETY: `map` and `key` are the walked map and the current record's key, as the kernel
+    // passes them.
+    let found = unsafe { bpf_map_lookup_elem(map, key) };
+    (!found.is_null()).then_some(found.cast())
+}
+
+/// Deletes the current record of a walk.
+#[inline(always)]
+fn delete(map: *mut c_void, key: *mut c_void) -> bool {
+    // SAFETY: `map` and `key` are the walked map and the current record's key, as the kernel
+    // passes them; deleting the current element during the walk is allowed for hash maps.
+    unsafe { aya_ebpf::helpers::bpf_map_delete_elem(map, key) == 0 }
+}
+
+/// Called for every record of an established table.
 #[inline(never)]
-extern "C" fn visit(
+extern "C" fn visit_established(
     map: *mut c_void,
     key: *mut c_void,
     value: *mut c_void,
     ctx: *mut c_void,
 ) -> i64 {
     let walk = ctx.cast::<Walk>();
-    let entry = if LOCK_BY_LOOKUP.load() == 0 {
-        value.cast::<FlowEntry>()
-    } else {
-        // SAFETY: `map` and `key` are the walked map and the current record's key, as the
-        // kernel passes them.
-        let found = unsafe { bpf_map_lookup_elem(map, key) };
-        if found.is_null() {
-            return 0;
-        }
-        found.cast::<FlowEntry>()
+    let Some(entry) = lockable::<EstablishedEntry>(map, key, value) else {
+        return 0;
     };
+    // What happened to the record under its lock: 0 kept, 1 marked DEAD now, 2 DEAD long
+    // enough to delete.
     // SAFETY: the kernel passes the caller's context and a live record of the walked table.
-    let (was_dead, slots, failed_handshake, evicted, table) = unsafe {
+    let (fate, slots, evicted, table) = unsafe {
         (*walk).visited += 1;
         let table = (*walk).table as usize;
+        let now = (*walk).now;
+        aya_ebpf::helpers::bpf_spin_lock((&raw mut (*entry).lock).cast());
+        let rec = &raw mut (*entry).rec;
+        let fate = if (*rec).flags & flow_flags::DEAD != 0 {
+            let marked = (*rec).last_ns(now);
+            u8::from(now.saturating_sub(marked) >= DEAD_GRACE_NS) * 2
+        } else {
+            // The fast path's "seen" mark becomes the time of this walk.
+            if core::ptr::read_volatile(&raw const (*rec).last) == 0 {
+                core::ptr::write_volatile(&raw mut (*rec).last, Established::ticks(now));
+            }
+            u8::from(Age::of_established(&*rec, now).expired(&(*walk).timeouts))
+        };
+        let slots = [established_slot(&*rec, 0), established_slot(&*rec, 1)];
+        let evicted = !finished([(*rec).ep_state(0), (*rec).ep_state(1)]);
+        if fate == 1 {
+            Established::mark_dead(rec, now);
+        }
+        aya_ebpf::helpers::bpf_spin_unlock((&raw mut (*entry).lock).cast());
+        (fate, slots, evicted, table)
+    };
+    let Some(m) = metrics(REAPER) else {
+        return 0;
+    };
+    match fate {
+        // Accounted when marked: its endpoints leave the gauges and the table's count; the
+        // element itself is deleted a grace period later.
+        1 => {
+            m.move_endpoint(slots[0], NO_SLOT);
+            m.move_endpoint(slots[1], NO_SLOT);
+            if evicted && let Some(e) = m.evictions.get_mut(table) {
+                *e = e.wrapping_add(1);
+            }
+            m.removed(table);
+        }
+        2 => {
+            if delete(map, key) {
+                // SAFETY: the caller's context.
+                unsafe { (*walk).reaped += 1 };
+            }
+        }
+        _ => {}
+    }
+    0
+}
+
+/// Called for every record of the half-open table.
+#[inline(never)]
+extern "C" fn visit_half_open(
+    map: *mut c_void,
+    key: *mut c_void,
+    value: *mut c_void,
+    ctx: *mut c_void,
+) -> i64 {
+    let walk = ctx.cast::<Walk>();
+    let Some(entry) = lockable::<HalfOpenEntry>(map, key, value) else {
+        return 0;
+    };
+    // SAFETY: the kernel passes the caller's context and a live record of the walked table.
+    let (was_dead, slots, failed_handshake, evicted) = unsafe {
+        (*walk).visited += 1;
         aya_ebpf::helpers::bpf_spin_lock((&raw mut (*entry).lock).cast());
         let flow = &mut (*entry).flow;
         let now = (*walk).now;
         let was_dead = flow.flags & flow_flags::DEAD != 0;
-        let fresh = flow.flags == 0 || was_dead;
-        let keep = if fresh {
+        let keep = if was_dead {
             now.saturating_sub(flow.last_ns) < GRACE_NS
         } else {
-            !expired(flow, now, &(*walk).timeouts)
+            !Age::of_flow(flow, now).expired(&(*walk).timeouts)
         };
         if keep {
             aya_ebpf::helpers::bpf_spin_unlock((&raw mut (*entry).lock).cast());
@@ -96,10 +179,10 @@ extern "C" fn visit(
         let slots = [endpoint_slot(flow, 0), endpoint_slot(flow, 1)];
         let failed_handshake =
             flow.is_half_open() && flow.syn_ns != 0 && flow.flags & flow_flags::HANDSHAKE_DONE == 0;
-        let evicted = !finished(flow);
+        let evicted = !finished([flow.ep[0].state(), flow.ep[1].state()]);
         flow.flags |= flow_flags::DEAD;
         aya_ebpf::helpers::bpf_spin_unlock((&raw mut (*entry).lock).cast());
-        (was_dead, slots, failed_handshake, evicted, table)
+        (was_dead, slots, failed_handshake, evicted)
     };
     let Some(m) = metrics(REAPER) else {
         return 0;
@@ -112,36 +195,28 @@ extern "C" fn visit(
         if failed_handshake {
             m.events.bump(event_slots::HANDSHAKES_TIMED_OUT);
         }
-        if evicted && let Some(e) = m.evictions.get_mut(table) {
+        if evicted && let Some(e) = m.evictions.get_mut(table::HALF_OPEN) {
             *e = e.wrapping_add(1);
         }
     }
-    // SAFETY: `map` and `key` are the walked map and the current record's key, as the kernel
-    // passes them; deleting the current element during the walk is allowed for hash maps.
-    let gone = unsafe { aya_ebpf::helpers::bpf_map_delete_elem(map, key) } == 0;
-    if gone {
-        m.removed(table);
-        // SAFETY: as above.
+    if delete(map, key) {
+        m.removed(table::HALF_OPEN);
+        // SAFETY: the caller's context.
         unsafe { (*walk).reaped += 1 };
     }
     0
 }
 
-/// Walks one table.
+/// Walks one table with `visit`.
 #[inline(always)]
-fn walk_table(map: *mut c_void, walk: &mut Walk, t: usize) {
+fn walk_table(map: *mut c_void, visit: *mut c_void, walk: &mut Walk, t: usize) {
     walk.table = t as u64;
     walk.visited = 0;
     walk.reaped = 0;
     // SAFETY: `map` is one of this object's hash maps, `visit` has the callback signature the
-    // helper expects, and `walk` outlives the call.
+    // helper expects for its values, and `walk` outlives the call.
     unsafe {
-        bpf_for_each_map_elem(
-            map,
-            visit as *mut c_void,
-            core::ptr::from_mut(walk).cast(),
-            0,
-        );
+        bpf_for_each_map_elem(map, visit, core::ptr::from_mut(walk).cast(), 0);
     }
 }
 
@@ -164,19 +239,27 @@ pub fn reap(ctx: &XdpContext) -> u32 {
         visited: 0,
         reaped: 0,
     };
-    let tables: [(*mut c_void, usize); 2] = [
+    let established = visit_established as *mut c_void;
+    let tables: [(*mut c_void, *mut c_void, usize); 3] = [
         (
-            core::ptr::from_ref(&FLOWS).cast_mut().cast(),
-            table::ESTABLISHED,
+            core::ptr::from_ref(&FLOWS4).cast_mut().cast(),
+            established,
+            table::ESTABLISHED_V4,
+        ),
+        (
+            core::ptr::from_ref(&FLOWS6).cast_mut().cast(),
+            established,
+            table::ESTABLISHED_V6,
         ),
         (
             core::ptr::from_ref(&HALF_OPEN).cast_mut().cast(),
+            visit_half_open as *mut c_void,
             table::HALF_OPEN,
         ),
     ];
-    for (map, t) in tables {
-        walk_table(map, &mut walk, t);
-        // SAFETY: bounds checked above; `t` is 0 or 1.
+    for (map, visit, t) in tables {
+        walk_table(map, visit, &mut walk, t);
+        // SAFETY: bounds checked above; `t` is below table::COUNT.
         unsafe {
             if let Some(v) = (*req).visited.get_mut(t) {
                 *v = walk.visited;

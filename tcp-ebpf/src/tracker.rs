@@ -1,20 +1,37 @@
-//! Running the shared state machine on the flow tables, and keeping the metrics exact.
+//! The slow path: running the shared state machine on the flow tables, and keeping the
+//! metrics exact. Every segment the fast path (see `fast`) does not take comes here.
 //!
-//! One code path for every segment: find the record (established table, then half-open;
-//! a connection neither holds first gets an empty record in the half-open table), take its
-//! `bpf_spin_lock`, run the pure, inlined `track`, release. Nothing between lock and unlock
-//! calls a helper, as the verifier requires, and `track` is expanded once, which keeps the
-//! verifier's work bounded. Afterwards a record that must not be kept (the segment cannot
-//! start a flow) is removed, and one whose handshake completed moves to the established table
-//! (copied out under the lock into a per-CPU scratch slot), so a spoofed-SYN flood can only
-//! ever fill the half-open table.
+//! Three tables: an established table per address family (compact records, see
+//! [`Established`]) and one half-open table (full records). A segment's record is looked up
+//! in the established table of its family first, then in the half-open one:
+//! - **Established record**: under its `bpf_spin_lock` it is unpacked into this CPU's scratch
+//!   record, the pure, inlined `track` runs on that, and only the fields that changed are
+//!   written back (the fast path may be updating the other endpoint's fields meanwhile). A
+//!   segment that starts a new handshake on the 4-tuple (TIME-WAIT reuse, a new attempt after a
+//!   reset) moves the record to the half-open table, where handshakes are timed: the
+//!   established record is marked DEAD and a half-open one inserted.
+//! - **Half-open record**: `track` runs on it in place under its lock; one whose handshake
+//!   completed is packed and moves to the established table (marked DEAD here, then deleted).
+//! - **Neither**: `track` runs on an empty record in this CPU's scratch, and the result is
+//!   inserted, finished, into the table it belongs in (nothing at all for a segment that cannot
+//!   start a flow): no lock, no second lookup. A handshake in progress goes to the half-open
+//!   table, so that a spoofed-SYN flood can only ever fill that one; a connection picked up
+//!   mid-stream goes straight to its established table.
 //!
-//! Exact gauges: under the lock the gauge slots of both endpoints are read before and after
-//! `track`, and the difference is applied to this CPU's [`Metrics`] after the unlock. A record
-//! that leaves its table (dropped, promoted, or expired by the reaper) is first marked
-//! [`DEAD`](flow_flags::DEAD) under the same lock; a segment that then finds it (on another
-//! CPU, before the delete) changes nothing and is counted as a lost race. So every endpoint
-//! is added to the gauges exactly once and removed exactly once.
+//! Nothing between lock and unlock calls a function, as the verifier requires (6.1 refuses
+//! even `memcpy`): copies there are field by field.
+//!
+//! Exact gauges: the gauge slots of both endpoints are taken before and after `track` under
+//! the lock, and the difference is applied to this CPU's [`Metrics`] after the unlock. A record
+//! that leaves its table is first marked DEAD under the same lock; a segment that then finds it
+//! changes nothing. So every endpoint is added to the gauges exactly once and removed exactly
+//! once.
+//!
+//! Deleting: half-open records are deleted at once by whoever marks them (the element may be
+//! reused at once, hence the key tag checked under the lock). Established records are deleted
+//! only by the reaper, a grace period after they were marked DEAD: the fast path holds no lock,
+//! and the grace period is what guarantees that no CPU still writes into an element that has
+//! been reused (README: Per-packet path).
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
@@ -22,21 +39,28 @@ use aya_ebpf::{
 };
 use tcp_common::{
     counters::event_slots,
-    flow::{Flow, FlowEntry, FlowKey, flow_flags},
-    metrics::{Metrics, NO_SLOT, PortStats, endpoint_slot, handshake_phases, table},
+    flow::{Established, EstablishedEntry, Flow, FlowKey, FlowKey4, HalfOpenEntry, flow_flags},
+    metrics::{
+        Metrics, NO_SLOT, PortStats, endpoint_slot, established_slot, handshake_phases, table,
+    },
     parse::{Segment, tcp_flags},
     state::{Side, events as ev},
     track::track,
 };
 
-use crate::maps::{FLOWS, HALF_OPEN, METRICS, SCRATCH, SYN_PORTS};
+use crate::maps::{FLOWS4, FLOWS6, HALF_OPEN, METRICS, SCRATCH, SYN_PORTS, Scratch};
 
-/// What to do with a record after the update.
+/// What to do with a record after the update (set under the lock, in the scratch slot).
 const KEEP: u32 = 0;
-const DROP: u32 = 1;
+/// A half-open record completed its handshake: into the established table.
 const PROMOTE: u32 = 2;
-/// The record was already on its way out: nothing changed.
+/// The record was already on its way out (or its element holds another flow now): nothing
+/// changed.
 const LOST: u32 = 3;
+/// An established record starts a new handshake: into the half-open table.
+const DEMOTE: u32 = 4;
+/// The established record is DEAD: the connection, if any, is in the half-open table.
+const BLOCKED: u32 = 5;
 
 /// This CPU's metrics for `writer` ([`PACKETS`] or [`REAPER`]).
 ///
@@ -55,14 +79,21 @@ pub const PACKETS: u32 = 0;
 /// [`metrics`] copy of the reaper.
 pub const REAPER: u32 = 1;
 
+/// A port's first tallies (in read-only data: a zero value built on the stack costs a
+/// `memset` call, and a frame of its own on the call chain).
+static NO_PORT_STATS: PortStats = PortStats {
+    syn: 0,
+    completed: 0,
+};
+
 /// Adds to this CPU's tallies of listening port `port`.
-#[inline(never)]
+#[inline(always)]
 fn count_port(port: u16, syn: u64, completed: u64) {
     let key = u32::from(port);
     let stats = match SYN_PORTS.get_ptr_mut(&key) {
         Some(s) => s,
         None => {
-            let _ = SYN_PORTS.insert(&key, &PortStats::default(), 0);
+            let _ = SYN_PORTS.insert(&key, &NO_PORT_STATS, 0);
             match SYN_PORTS.get_ptr_mut(&key) {
                 Some(s) => s,
                 None => return,
@@ -91,9 +122,9 @@ fn coarse_now() -> u64 {
     unsafe { bpf_ktime_get_coarse_ns() }
 }
 
-/// Copies a record word by word with volatile accesses. A plain assignment may be compiled
-/// into a call to `memcpy`, and older kernels (6.1 among them) refuse any function call while a spin
-/// lock is held.
+/// Copies a full record word by word with volatile accesses. A plain assignment may be
+/// compiled into a call to `memcpy`, and older kernels (6.1 among them) refuse any function
+/// call while a spin lock is held.
 ///
 /// # Safety
 /// Both pointers are valid, aligned and do not overlap.
@@ -110,6 +141,51 @@ unsafe fn copy_flow(dst: *mut Flow, src: *const Flow) {
     }
 }
 
+/// The record a new connection starts from, in read-only data: copied word by word (a plain
+/// assignment becomes a `memset` call and stores).
+static EMPTY: Flow = Flow::EMPTY;
+
+/// Whether the segment came over IPv6. Read from the parser's map slot as a plain byte at each
+/// use: the compiler then cannot drop a bounds check on the bool's assumed range where it
+/// becomes an index (the verifier does not share that assumption), and the verifier's paths
+/// for the two families, split at the established table's lookup, converge after it instead
+/// of being checked twice through everything that follows.
+#[inline(always)]
+fn is_ipv6(seg: &Segment) -> bool {
+    // SAFETY: `bool` has the size of a byte; reading it as one is always valid.
+    unsafe { core::ptr::read_volatile((&raw const seg.ipv6).cast::<u8>()) != 0 }
+}
+
+/// The established-table record of a segment's connection, if its table holds one.
+#[inline(always)]
+fn established_lookup(seg: &Segment, ipv6: bool, key: &FlowKey) -> Option<*mut EstablishedEntry> {
+    if ipv6 {
+        FLOWS6.get_ptr_mut(key)
+    } else {
+        FLOWS4.get_ptr_mut(&FlowKey4::of(seg).0)
+    }
+}
+
+/// Inserts `entry` into the established table of the segment's family (only if absent);
+/// the error is the kernel's (negative errno).
+#[inline(always)]
+fn established_insert(
+    seg: &Segment,
+    ipv6: bool,
+    key: &FlowKey,
+    entry: &EstablishedEntry,
+) -> Result<(), i32> {
+    let flags = u64::from(BPF_NOEXIST);
+    if ipv6 {
+        FLOWS6.insert(key, entry, flags)
+    } else {
+        FLOWS4.insert(&FlowKey4::of(seg).0, entry, flags)
+    }
+}
+
+/// `-EEXIST`: another CPU inserted the same key first.
+const EEXIST: i32 = -17;
+
 /// Tracks one parsed TCP segment sent by an endpoint on `side`. A BPF-to-BPF call of its own,
 /// so that the parser's frame and the tracker's are separate.
 #[inline(never)]
@@ -124,54 +200,224 @@ pub fn track_segment(seg: &Segment, side: Side) {
     // remote side) or, in mirror mode, every port. Counted before any table insert, so that
     // a full half-open table cannot hide a flood.
     let towards_listener = side != Side::Local;
+    let syn = seg.flags & tcp_flags::SYN != 0;
     if towards_listener && seg.flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN {
         count_port(seg.dport, 1, 0);
     }
-    let (key, dir) = FlowKey::of(seg);
-    let tag = key.tag();
-    let syn = seg.flags & tcp_flags::SYN != 0;
-    let (entry, half_open, now) = match FLOWS.get_ptr_mut(&key) {
-        // The hot path. Past the handshake a record's times only drive expiry (seconds): the
-        // coarse clock (one tick behind at most) costs a fraction of the precise one. A SYN
-        // may start a new handshake on the record (TIME-WAIT reuse), which is timed.
-        Some(e) => (e, false, if syn { precise_now() } else { coarse_now() }),
-        None => match HALF_OPEN.get_ptr_mut(&key) {
-            Some(e) => (e, true, precise_now()),
-            None => {
-                let now = precise_now();
-                // SAFETY: this CPU's scratch slot. Stamped with the time, so that the reaper
-                // leaves it to its creator for a while.
-                unsafe {
-                    (*scratch).entry = FlowEntry::new(Flow::EMPTY, tag);
-                    (*scratch).entry.flow.last_ns = now;
-                }
-                // SAFETY: as above; the map copies the value.
-                let stored =
-                    HALF_OPEN.insert(&key, unsafe { &(*scratch).entry }, u64::from(BPF_NOEXIST));
-                match stored {
-                    Ok(()) => m.inserted(table::HALF_OPEN),
-                    // EEXIST: another CPU created it just now, and the lookup below finds it.
-                    Err(-17) => {}
-                    Err(_) => {
-                        m.events.bump(event_slots::HALF_OPEN_INSERT_FAILED);
-                        m.events.bump(event_slots::UNTRACKED_SEGMENTS);
-                        return;
+    // The key lives in the scratch slot, off the stack (the verifier limits a call chain's
+    // stack to 512 bytes, and 6.1 rounds every frame up to 32).
+    // SAFETY: this CPU's scratch slot.
+    let key = unsafe { &mut (*scratch).key };
+    let dir = {
+        let (k, dir) = FlowKey::of(seg);
+        *key = k;
+        dir
+    };
+    let key: &FlowKey = key;
+    // 1. The established table of the family.
+    // SAFETY: this CPU's scratch slot.
+    unsafe { core::ptr::write_volatile(&raw mut (*scratch).blocked, 0) };
+    if let Some(entry) = established_lookup(seg, is_ipv6(seg), key) {
+        // Past the handshake a record's times only drive expiry (seconds): the coarse clock
+        // (one tick behind at most) costs a fraction of the precise one. A SYN may start a
+        // new handshake on the record (TIME-WAIT reuse), which is timed.
+        let now = if syn { precise_now() } else { coarse_now() };
+        // SAFETY: `entry` comes from a successful lookup and stays valid while the program
+        // runs (RCU; established elements are reused only a grace period after their DEAD
+        // mark); the scratch slot is this CPU's.
+        unsafe { update_established(entry, seg, dir, side, now, &mut *scratch) };
+        // SAFETY: this CPU's scratch slot, filled above.
+        let action = unsafe { core::ptr::read_volatile(&raw const (*scratch).action) };
+        if action == BLOCKED {
+            // SAFETY: this CPU's scratch slot.
+            unsafe { core::ptr::write_volatile(&raw mut (*scratch).blocked, 1) };
+        } else {
+            if action == DEMOTE {
+                m.removed(table::established(is_ipv6(seg)));
+                // SAFETY: this CPU's scratch slot, filled under the lock.
+                let entry = unsafe { &mut (*scratch).entry };
+                entry.lock = Default::default();
+                entry.tag = key.tag();
+                if HALF_OPEN.insert(key, entry, u64::from(BPF_NOEXIST)).is_ok() {
+                    m.inserted(table::HALF_OPEN);
+                } else {
+                    // The new attempt is not tracked (as a SYN that finds the half-open table
+                    // full): the old endpoints leave the gauges, no new ones join, and the
+                    // segment's events are not counted.
+                    m.events.bump(event_slots::HALF_OPEN_INSERT_FAILED);
+                    m.events.bump(event_slots::UNTRACKED_SEGMENTS);
+                    // SAFETY: this CPU's scratch slot.
+                    unsafe {
+                        (*scratch).slots[2] = NO_SLOT;
+                        (*scratch).slots[3] = NO_SLOT;
+                        (*scratch).events = 0;
                     }
                 }
-                match HALF_OPEN.get_ptr_mut(&key) {
-                    Some(e) => (e, true, now),
-                    None => return,
+            }
+            // SAFETY: this CPU's scratch slot.
+            finish(m, unsafe { &*scratch }, seg, towards_listener, now);
+            return;
+        }
+    }
+    let now = precise_now();
+    // 2. The half-open table.
+    if let Some(entry) = HALF_OPEN.get_ptr_mut(key) {
+        // SAFETY: as above (a reused half-open element is told apart by its tag).
+        unsafe { update_half_open(entry, seg, dir, side, now, key.tag(), &mut *scratch) };
+        // SAFETY: this CPU's scratch slot, filled above.
+        let action = unsafe { core::ptr::read_volatile(&raw const (*scratch).action) };
+        if action == PROMOTE {
+            // SAFETY: this CPU's scratch slot, packed under the lock.
+            let est = unsafe { &mut (*scratch).established };
+            est.lock = Default::default();
+            if established_insert(seg, is_ipv6(seg), key, est).is_ok() {
+                m.inserted(table::established(is_ipv6(seg)));
+                m.events.bump(event_slots::PROMOTIONS);
+            } else {
+                // The connection is lost to the tracker: so are its endpoints.
+                m.events
+                    .bump(event_slots::flows_insert_failed(is_ipv6(seg)));
+                // SAFETY: this CPU's scratch slot.
+                unsafe {
+                    (*scratch).slots[2] = NO_SLOT;
+                    (*scratch).slots[3] = NO_SLOT;
                 }
             }
-        },
+            if HALF_OPEN.remove(key).is_ok() {
+                m.removed(table::HALF_OPEN);
+            }
+        }
+        // SAFETY: this CPU's scratch slot.
+        finish(m, unsafe { &*scratch }, seg, towards_listener, now);
+        return;
+    }
+    // 3. Neither: a new record, built before it is published.
+    // SAFETY: this CPU's scratch slot; nothing else uses it while this program runs.
+    let scratch = unsafe { &mut *scratch };
+    // SAFETY: a field of this CPU's scratch slot, and a constant.
+    unsafe { copy_flow(&raw mut scratch.work, &raw const EMPTY) };
+    let events = track(&mut scratch.work, seg, dir, side, now);
+    scratch.events = events;
+    scratch.action = KEEP;
+    scratch.times = [scratch.work.syn_ns, scratch.work.synack_ns];
+    if events & ev::UNTRACKED != 0 {
+        // Nothing to store (a lone RST or FIN, invalid flags): only the events count.
+        scratch.slots = [NO_SLOT; 4];
+        finish(m, scratch, seg, towards_listener, now);
+        return;
+    }
+    scratch.slots = [
+        NO_SLOT,
+        NO_SLOT,
+        endpoint_slot(&scratch.work, 0),
+        endpoint_slot(&scratch.work, 1),
+    ];
+    let stored = if scratch.work.is_half_open() {
+        scratch.entry.lock = Default::default();
+        scratch.entry.tag = key.tag();
+        // SAFETY: two distinct fields of this CPU's scratch slot.
+        unsafe { copy_flow(&raw mut scratch.entry.flow, &raw const scratch.work) };
+        HALF_OPEN
+            .insert(key, &scratch.entry, u64::from(BPF_NOEXIST))
+            .map(|()| table::HALF_OPEN)
+            .map_err(|e| (e, event_slots::HALF_OPEN_INSERT_FAILED))
+    } else {
+        scratch.established.lock = Default::default();
+        scratch.established.rec.pack_from(&scratch.work);
+        established_insert(seg, is_ipv6(seg), key, &scratch.established)
+            .map(|()| table::established(is_ipv6(seg)))
+            .map_err(|e| (e, event_slots::flows_insert_failed(is_ipv6(seg))))
     };
-    // SAFETY: `entry` comes from a successful lookup and stays valid while the program runs
-    // (RCU); the lock serializes every writer of its record; `track` is inlined pure code;
-    // the scratch slot is this CPU's, written with plain stores (allowed under the lock).
+    match stored {
+        Ok(t) => {
+            m.inserted(t);
+            finish(m, scratch, seg, towards_listener, now);
+        }
+        // Another CPU created the record just now, from a segment of its own; this one is
+        // counted as a lost race and changes nothing.
+        Err((EEXIST, _)) => m.events.bump(event_slots::LOST_RACE),
+        Err((_, full)) => {
+            m.events.bump(full);
+            m.events.bump(event_slots::UNTRACKED_SEGMENTS);
+        }
+    }
+}
+
+/// Runs the state machine on an established record under its lock; leaves the action, slots,
+/// events and (for [`DEMOTE`]) the new half-open record in `out`.
+///
+/// # Safety
+/// `entry` points to a live element of an established table.
+#[inline(always)]
+unsafe fn update_established(
+    entry: *mut EstablishedEntry,
+    seg: &Segment,
+    dir: usize,
+    side: Side,
+    now: u64,
+    out: &mut Scratch,
+) {
+    // SAFETY: `entry` is live (caller); the lock serializes every writer of its record but the
+    // fast path, whose fields `apply` leaves alone unless this segment changed them; `track`
+    // is inlined pure code; the scratch slot is this CPU's, written with plain stores
+    // (allowed under the lock).
+    unsafe {
+        aya_ebpf::helpers::bpf_spin_lock((&raw mut (*entry).lock).cast());
+        let rec = &raw mut (*entry).rec;
+        let before = Established::read(rec);
+        if before.flags & flow_flags::DEAD != 0 {
+            out.action = BLOCKED;
+        } else {
+            before.unpack_into(&mut out.work, seg, dir, now);
+            out.slots[0] = established_slot(&before, 0);
+            out.slots[1] = established_slot(&before, 1);
+            let events = track(&mut out.work, seg, dir, side, now);
+            let work = &out.work;
+            out.slots[2] = endpoint_slot(work, 0);
+            out.slots[3] = endpoint_slot(work, 1);
+            out.events = events;
+            out.times = [work.syn_ns, work.synack_ns];
+            if work.is_half_open() {
+                // A new handshake: it is timed in the half-open table.
+                copy_flow(&raw mut out.entry.flow, &raw const out.work);
+                Established::mark_dead(rec, now);
+                out.action = DEMOTE;
+            } else {
+                out.established.rec.pack_from(work);
+                Established::apply(rec, &before, &out.established.rec);
+                out.action = KEEP;
+            }
+        }
+        aya_ebpf::helpers::bpf_spin_unlock((&raw mut (*entry).lock).cast());
+    }
+}
+
+/// Runs the state machine on a half-open record in place under its lock; leaves the action,
+/// slots, events and (for [`PROMOTE`]) the packed record in `out`. `out.blocked`: the
+/// established table still holds a DEAD record of this connection, so a completed handshake
+/// stays here until the reaper has deleted that one.
+///
+/// # Safety
+/// `entry` points to a live element of the half-open table.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one call site, all of them needed"
+)]
+#[inline(always)]
+unsafe fn update_half_open(
+    entry: *mut HalfOpenEntry,
+    seg: &Segment,
+    dir: usize,
+    side: Side,
+    now: u64,
+    tag: u32,
+    out: &mut Scratch,
+) {
+    // SAFETY: `entry` is live (caller); the lock serializes every writer of its record; `track`
+    // is inlined pure code; the scratch slot is this CPU's.
     unsafe {
         aya_ebpf::helpers::bpf_spin_lock((&raw mut (*entry).lock).cast());
         let flow = &mut (*entry).flow;
-        let out = &mut *scratch;
         // DEAD: on its way out of the table. Another tag: the element was deleted and its
         // memory reused for another flow since the lookup.
         if flow.flags & flow_flags::DEAD != 0 || (*entry).tag != tag {
@@ -183,17 +429,10 @@ pub fn track_segment(seg: &Segment, side: Side) {
             out.slots[2] = endpoint_slot(flow, 0);
             out.slots[3] = endpoint_slot(flow, 1);
             out.events = events;
-            out.times = [flow.syn_ns, flow.synack_ns, flow.established_ns];
-            // A record marked DEAD here is deleted by this CPU just after the unlock (by key:
-            // nobody can create another record under the key while this one is in the
-            // table); the reaper leaves such records alone (see `reaper`), `last_ns` dates
-            // the mark.
-            out.action = if events & ev::UNTRACKED != 0 && flow.flags == 0 {
-                flow.flags |= flow_flags::DEAD;
-                flow.last_ns = now;
-                DROP
-            } else if half_open && !flow.is_half_open() {
-                copy_flow(&mut out.entry.flow, flow);
+            out.times = [flow.syn_ns, flow.synack_ns];
+            let blocked = core::ptr::read_volatile(&raw const out.blocked) != 0;
+            out.action = if !blocked && !flow.is_half_open() {
+                out.established.rec.pack_from(flow);
                 flow.flags |= flow_flags::DEAD;
                 PROMOTE
             } else {
@@ -202,13 +441,19 @@ pub fn track_segment(seg: &Segment, side: Side) {
         }
         aya_ebpf::helpers::bpf_spin_unlock((&raw mut (*entry).lock).cast());
     }
-    // SAFETY: this CPU's scratch slot, filled above. Volatile reads keep the compiler from
-    // forwarding the values in registers (see `Scratch`).
+}
+
+/// After the unlock: the gauges, the events, the handshake's phases.
+#[inline(always)]
+fn finish(m: &mut Metrics, out: &Scratch, seg: &Segment, towards_listener: bool, now: u64) {
+    // Volatile reads keep the compiler from forwarding the values in registers (see
+    // `Scratch`).
+    // SAFETY: fields of this CPU's scratch slot.
     let (action, events, slots) = unsafe {
         (
-            core::ptr::read_volatile(&raw const (*scratch).action),
-            core::ptr::read_volatile(&raw const (*scratch).events),
-            core::ptr::read_volatile(&raw const (*scratch).slots),
+            core::ptr::read_volatile(&raw const out.action),
+            core::ptr::read_volatile(&raw const out.events),
+            core::ptr::read_volatile(&raw const out.slots),
         )
     };
     if action == LOST {
@@ -217,32 +462,10 @@ pub fn track_segment(seg: &Segment, side: Side) {
     }
     m.move_endpoint(slots[0], slots[2]);
     m.move_endpoint(slots[1], slots[3]);
-    if action == DROP {
-        if HALF_OPEN.remove(&key).is_ok() {
-            m.removed(table::HALF_OPEN);
-        }
-    } else if action == PROMOTE {
-        // SAFETY: this CPU's scratch slot.
-        let copy = unsafe { &mut (*scratch).entry };
-        copy.lock = Default::default();
-        copy.tag = tag;
-        if FLOWS.insert(&key, copy, u64::from(BPF_NOEXIST)).is_ok() {
-            m.inserted(table::ESTABLISHED);
-            m.events.bump(event_slots::PROMOTIONS);
-        } else {
-            // The connection is lost to the tracker: so are its endpoints.
-            m.events.bump(event_slots::FLOWS_INSERT_FAILED);
-            m.move_endpoint(slots[2], NO_SLOT);
-            m.move_endpoint(slots[3], NO_SLOT);
-        }
-        if HALF_OPEN.remove(&key).is_ok() {
-            m.removed(table::HALF_OPEN);
-        }
-    }
     if events & ev::HANDSHAKE_COMPLETED != 0 {
         // SAFETY: as above.
-        let times = unsafe { core::ptr::read_volatile(&raw const (*scratch).times) };
-        if let Some(phases) = handshake_phases(times[0], times[1], times[2]) {
+        let times = unsafe { core::ptr::read_volatile(&raw const out.times) };
+        if let Some(phases) = handshake_phases(times[0], times[1], now) {
             m.observe_handshake(phases);
         }
         // The completing ACK goes from the client to the listening port.

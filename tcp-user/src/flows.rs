@@ -5,13 +5,14 @@ use std::path::Path;
 use aya::maps::{HashMap, Map, MapData, MapError};
 use serde::Serialize;
 use tcp_common::{
-    flow::{Flow, FlowEntry, FlowKey, flow_flags},
+    flow::{EstablishedEntry, Flow, FlowKey, FlowKey4, HalfOpenEntry, flow_flags},
+    parse::Segment,
     state::TcpState,
 };
 
 use crate::{
     error::Error,
-    loader::{FLOWS_MAP, HALF_OPEN_MAP, layout_dir},
+    loader::{FLOWS4_MAP, FLOWS6_MAP, HALF_OPEN_MAP, layout_dir},
     report::endpoint_string,
 };
 
@@ -50,24 +51,11 @@ impl Table {
     }
 }
 
-/// Every record of a table.
-///
-/// # Errors
-/// When the kernel refuses the reads.
-pub fn entries<T: std::borrow::Borrow<MapData>>(
-    map: &HashMap<T, FlowKey, FlowEntry>,
-) -> Result<Vec<(FlowKey, Flow)>, MapError> {
-    map.iter().map(|r| r.map(|(k, e)| (k, e.flow))).collect()
-}
-
-/// Opens a pinned flow table of this build's layout under `base`.
+/// Opens a pinned map of this build's layout under `base`.
 ///
 /// # Errors
 /// When nothing (or an incompatible layout) is pinned there.
-pub fn open_pinned(
-    base: &Path,
-    name: &'static str,
-) -> Result<HashMap<MapData, FlowKey, FlowEntry>, Error> {
+pub fn open_pinned_map(base: &Path, name: &'static str) -> Result<Map, Error> {
     let path = layout_dir(base).join(name);
     if !path.exists() {
         let others: Vec<String> = std::fs::read_dir(base)
@@ -82,29 +70,66 @@ pub fn open_pinned(
         });
     }
     let data = MapData::from_pin(&path).map_err(|source| Error::Map { name, source })?;
-    HashMap::try_from(Map::HashMap(data)).map_err(|source| Error::Map { name, source })
+    Ok(Map::HashMap(data))
 }
 
-/// Both tables of a pinned tracker, records tagged with their table.
+/// The records of an established table, as full records at `now` (a compact record keeps
+/// no handshake times and 16 bits of each ISN), DEAD ones left out.
+fn established<K: aya::Pod, T: std::borrow::Borrow<MapData>>(
+    map: &HashMap<T, K, EstablishedEntry>,
+    now: u64,
+    widen: impl Fn(&K) -> FlowKey,
+) -> Result<Vec<(FlowKey, Flow)>, MapError> {
+    let mut out = Vec::new();
+    for r in map.iter() {
+        let (k, e) = r?;
+        if !e.rec.has(flow_flags::DEAD) {
+            out.push((widen(&k), e.rec.unpack(&Segment::default(), 0, now)));
+        }
+    }
+    Ok(out)
+}
+
+/// Every record of the three tables of a loaded or pinned tracker (`maps`: the IPv4 and IPv6
+/// established tables and the half-open one), at `now`, tagged with their table, in key
+/// order; records on their way out (DEAD: already off the gauges) are left out.
 ///
 /// # Errors
-/// When the tables are not pinned under `base` or cannot be read.
-pub fn read_pinned(base: &Path) -> Result<Vec<(Table, FlowKey, Flow)>, Error> {
+/// When the kernel refuses the reads.
+pub fn read_tables(maps: [&Map; 3], now: u64) -> Result<Vec<(Table, FlowKey, Flow)>, Error> {
+    let err = |name| move |source| Error::Map { name, source };
     let mut out = Vec::new();
-    for (table, name) in [
-        (Table::Established, FLOWS_MAP),
-        (Table::HalfOpen, HALF_OPEN_MAP),
-    ] {
-        let map = open_pinned(base, name)?;
-        for (k, f) in entries(&map).map_err(|source| Error::Map { name, source })? {
-            // A DEAD record is being removed (its endpoints already left the gauges).
-            if !f.has(flow_flags::DEAD) {
-                out.push((table, k, f));
-            }
+    let v4: HashMap<&MapData, FlowKey4, EstablishedEntry> =
+        HashMap::try_from(maps[0]).map_err(err(FLOWS4_MAP))?;
+    for (k, f) in established(&v4, now, FlowKey4::widen).map_err(err(FLOWS4_MAP))? {
+        out.push((Table::Established, k, f));
+    }
+    let v6: HashMap<&MapData, FlowKey, EstablishedEntry> =
+        HashMap::try_from(maps[1]).map_err(err(FLOWS6_MAP))?;
+    for (k, f) in established(&v6, now, |k| *k).map_err(err(FLOWS6_MAP))? {
+        out.push((Table::Established, k, f));
+    }
+    let half: HashMap<&MapData, FlowKey, HalfOpenEntry> =
+        HashMap::try_from(maps[2]).map_err(err(HALF_OPEN_MAP))?;
+    for r in half.iter() {
+        let (k, e) = r.map_err(err(HALF_OPEN_MAP))?;
+        if !e.flow.has(flow_flags::DEAD) {
+            out.push((Table::HalfOpen, k, e.flow));
         }
     }
     out.sort_by_key(|r| r.1);
     Ok(out)
+}
+
+/// [`read_tables`] of the tracker pinned under `base`.
+///
+/// # Errors
+/// When the tables are not pinned under `base` or cannot be read.
+pub fn read_pinned(base: &Path) -> Result<Vec<(Table, FlowKey, Flow)>, Error> {
+    let v4 = open_pinned_map(base, FLOWS4_MAP)?;
+    let v6 = open_pinned_map(base, FLOWS6_MAP)?;
+    let half = open_pinned_map(base, HALF_OPEN_MAP)?;
+    read_tables([&v4, &v6, &half], monotonic_ns())
 }
 
 /// One endpoint of a flow, for display.

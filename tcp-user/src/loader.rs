@@ -15,7 +15,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader, TestRun as _,
-    maps::{MapData, PerCpuHashMap},
+    maps::{MapData, PerCpuHashMap, ProgramArray},
     programs::{
         LinkOrder, SchedClassifier, TcAttachType, TestRunOptions, Xdp, XdpMode,
         tc::{self, NlOptions, TcAttach},
@@ -37,14 +37,29 @@ pub const XDP_PROGRAM: &str = "tcpscope_xdp";
 pub const TC_PROGRAM: &str = "tcpscope_tc";
 /// Name of the expiry program (never attached; run through `BPF_PROG_TEST_RUN`).
 pub const REAP_PROGRAM: &str = "tcpscope_reap";
+/// The slow path of each hook (never attached: reached by tail call through the program
+/// array named next to it).
+pub const SLOW_PROGRAMS: [(&str, &str); 2] = [
+    ("tcpscope_xdp_slow", "SLOW_XDP"),
+    ("tcpscope_tc_slow", "SLOW_TC"),
+];
 /// Per-port SYN tallies for the SYN-flood rule.
 pub const SYN_PORTS_MAP: &str = "SYN_PORTS";
-/// Established-flow table.
-pub const FLOWS_MAP: &str = "FLOWS";
+/// IPv4 established-flow table.
+pub const FLOWS4_MAP: &str = "FLOWS4";
+/// IPv6 established-flow table.
+pub const FLOWS6_MAP: &str = "FLOWS6";
 /// Half-open flow table.
 pub const HALF_OPEN_MAP: &str = "HALF_OPEN";
 /// Maps pinned so that an agent restart keeps every tracked flow and counter.
-pub const PINNED_MAPS: [&str; 5] = ["FLOWS", "HALF_OPEN", "COUNTERS", "METRICS", "SYN_PORTS"];
+pub const PINNED_MAPS: [&str; 6] = [
+    FLOWS4_MAP,
+    FLOWS6_MAP,
+    HALF_OPEN_MAP,
+    "COUNTERS",
+    "METRICS",
+    "SYN_PORTS",
+];
 /// Default bpffs directory for the pinned maps.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/tcpscope";
 
@@ -55,6 +70,25 @@ pub fn layout_dir(base: &Path) -> PathBuf {
     base.join(format!("v{}", tcp_common::LAYOUT_VERSION))
 }
 
+/// The layout directories under `base` other than this build's (`v2`, ...).
+fn other_layouts(base: &Path) -> Vec<String> {
+    let ours = layout_dir(base);
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return Vec::new();
+    };
+    let mut found: Vec<String> = entries
+        .filter_map(Result::ok)
+        .filter(|e| e.path() != ours)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| {
+            n.strip_prefix('v')
+                .is_some_and(|v| v.parse::<u32>().is_ok())
+        })
+        .collect();
+    found.sort();
+    found
+}
+
 /// How to load the programs.
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
@@ -62,19 +96,29 @@ pub struct LoadOptions {
     pub mode: Mode,
     /// Pin (and reuse) the maps under this bpffs directory; `None`: no pinning.
     pub pin_dir: Option<PathBuf>,
-    /// Capacity of the established-flow table.
+    /// Capacity of the IPv4 established-flow table.
     pub flows_capacity: u32,
+    /// Capacity of the IPv6 established-flow table.
+    pub flows6_capacity: u32,
     /// Capacity of the half-open table.
     pub half_open_capacity: u32,
 }
+
+/// Default capacity of the IPv4 established table.
+pub const DEFAULT_FLOWS_CAPACITY: u32 = 262_144;
+/// Default capacity of the IPv6 established table.
+pub const DEFAULT_FLOWS6_CAPACITY: u32 = 131_072;
+/// Default capacity of the half-open table.
+pub const DEFAULT_HALF_OPEN_CAPACITY: u32 = 65_536;
 
 impl Default for LoadOptions {
     fn default() -> Self {
         Self {
             mode: Mode::Host,
             pin_dir: None,
-            flows_capacity: 262_144,
-            half_open_capacity: 65_536,
+            flows_capacity: DEFAULT_FLOWS_CAPACITY,
+            flows6_capacity: DEFAULT_FLOWS6_CAPACITY,
+            half_open_capacity: DEFAULT_HALF_OPEN_CAPACITY,
         }
     }
 }
@@ -158,7 +202,8 @@ impl fmt::Display for Attachment {
     }
 }
 
-/// The loaded programs and everything attached. Dropping it detaches all.
+/// The loaded programs and everything attached. Dropping it detaches all. `Sync`: the
+/// reaper thread runs the expiry program while the main loop reads the maps.
 pub struct Tracker {
     ebpf: Ebpf,
     attachments: Vec<Attachment>,
@@ -199,7 +244,8 @@ impl Tracker {
             .override_global("AYA_LOG_LEVEL", &level, true)
             .override_global("MIRROR", &mirror, true)
             .override_global("LOCK_BY_LOOKUP", &lock_by_lookup, true)
-            .map_max_entries(FLOWS_MAP, opts.flows_capacity)
+            .map_max_entries(FLOWS4_MAP, opts.flows_capacity)
+            .map_max_entries(FLOWS6_MAP, opts.flows6_capacity)
             .map_max_entries(HALF_OPEN_MAP, opts.half_open_capacity);
         let pins: Vec<(&'static str, PathBuf)> = match &opts.pin_dir {
             Some(base) => {
@@ -208,6 +254,13 @@ impl Tracker {
                     dir: dir.clone(),
                     source,
                 })?;
+                for other in other_layouts(base) {
+                    info!(
+                        "{} holds the maps of another layout ({other}), which this build \
+                         cannot read: left as they are (remove the directory to free them)",
+                        base.join(&other).display()
+                    );
+                }
                 PINNED_MAPS.iter().map(|m| (*m, dir.join(m))).collect()
             }
             None => Vec::new(),
@@ -216,18 +269,54 @@ impl Tracker {
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(Error::Load)?;
-        for name in [XDP_PROGRAM, TC_PROGRAM, REAP_PROGRAM] {
+        let [(xdp_slow, _), (tc_slow, _)] = SLOW_PROGRAMS;
+        for name in [XDP_PROGRAM, TC_PROGRAM, REAP_PROGRAM, xdp_slow, tc_slow] {
             let program = ebpf.program_mut(name).ok_or(Error::Missing {
                 kind: "program",
                 name,
             })?;
-            let loaded = match name {
-                TC_PROGRAM => {
-                    <&mut SchedClassifier>::try_from(program).and_then(SchedClassifier::load)
+            let loaded = match program {
+                aya::programs::Program::SchedClassifier(p) => p.load(),
+                aya::programs::Program::Xdp(p) => p.load(),
+                _ => {
+                    return Err(Error::Missing {
+                        kind: "XDP or TC program",
+                        name,
+                    });
                 }
-                _ => <&mut Xdp>::try_from(program).and_then(Xdp::load),
             };
             loaded.map_err(|source| Error::Program { name, source })?;
+        }
+        // The hot paths hand everything but the fast path's segments to their slow path.
+        for (program, array) in SLOW_PROGRAMS {
+            let fd = ebpf
+                .program(program)
+                .ok_or(Error::Missing {
+                    kind: "program",
+                    name: program,
+                })?
+                .fd()
+                .map_err(|source| Error::Program {
+                    name: program,
+                    source,
+                })?
+                .try_clone()
+                .map_err(|e| Error::Program {
+                    name: program,
+                    source: aya::programs::ProgramError::IOError(e),
+                })?;
+            let map = ebpf.map_mut(array).ok_or(Error::Missing {
+                kind: "map",
+                name: array,
+            })?;
+            let mut slots = ProgramArray::try_from(map).map_err(|source| Error::Map {
+                name: array,
+                source,
+            })?;
+            slots.set(0, &fd, 0).map_err(|source| Error::Map {
+                name: array,
+                source,
+            })?;
         }
         Ok(Self {
             ebpf,
@@ -292,16 +381,22 @@ impl Tracker {
                 .map_err(|source| Error::Map { name, source })?
                 .max_entries())
         };
-        Ok(vec![
-            TableStats {
+        let established = |family, map, t: usize, ipv6| -> Result<TableStats, Error> {
+            Ok(TableStats {
                 name: "established",
-                held: metrics.held(table::ESTABLISHED),
-                capacity: capacity(FLOWS_MAP)?,
-                insert_failures: metrics.events.slots[event_slots::FLOWS_INSERT_FAILED],
-                evictions: metrics.evictions[table::ESTABLISHED],
-            },
+                family,
+                held: metrics.held(t),
+                capacity: capacity(map)?,
+                insert_failures: metrics.events.slots[event_slots::flows_insert_failed(ipv6)],
+                evictions: metrics.evictions[t],
+            })
+        };
+        Ok(vec![
+            established("ipv4", FLOWS4_MAP, table::ESTABLISHED_V4, false)?,
+            established("ipv6", FLOWS6_MAP, table::ESTABLISHED_V6, true)?,
             TableStats {
                 name: "half_open",
+                family: "all",
                 held: metrics.held(table::HALF_OPEN),
                 capacity: capacity(HALF_OPEN_MAP)?,
                 insert_failures: metrics.events.slots[event_slots::HALF_OPEN_INSERT_FAILED],
@@ -345,10 +440,10 @@ impl Tracker {
     ///
     /// # Errors
     /// When the kernel refuses the test run.
-    pub fn reap(&mut self, timeouts: &Timeouts) -> Result<ReapRequest, Error> {
-        let program: &mut Xdp = self
+    pub fn reap(&self, timeouts: &Timeouts) -> Result<ReapRequest, Error> {
+        let program: &Xdp = self
             .ebpf
-            .program_mut(REAP_PROGRAM)
+            .program(REAP_PROGRAM)
             .and_then(|p| p.try_into().ok())
             .ok_or(Error::Missing {
                 kind: "program",
@@ -493,6 +588,11 @@ impl Tracker {
             })
     }
 }
+
+const _: () = {
+    const fn shared<T: Send + Sync>() {}
+    shared::<Tracker>();
+};
 
 /// The oldest kernel the test suite passes on (`cargo xtask vm`: Debian 12's 6.1).
 pub const MIN_KERNEL: KernelVersion = KernelVersion::new(6, 1, 0);

@@ -89,11 +89,15 @@ struct RunArgs {
     pin_dir: PathBuf,
     #[command(flatten)]
     timeouts: TimeoutArgs,
-    /// Capacity of the established-flow table.
-    #[arg(long, default_value_t = 262_144, value_name = "N")]
+    /// Capacity of the IPv4 established-flow table (120 bytes of kernel memory per slot).
+    #[arg(long, default_value_t = loader::DEFAULT_FLOWS_CAPACITY, value_name = "N")]
     flows_capacity: u32,
-    /// Capacity of the half-open (handshake in progress) table.
-    #[arg(long, default_value_t = 65_536, value_name = "N")]
+    /// Capacity of the IPv6 established-flow table (144 bytes per slot).
+    #[arg(long, default_value_t = loader::DEFAULT_FLOWS6_CAPACITY, value_name = "N")]
+    flows6_capacity: u32,
+    /// Capacity of the half-open (handshake in progress) table, both families (192 bytes per
+    /// slot).
+    #[arg(long, default_value_t = loader::DEFAULT_HALF_OPEN_CAPACITY, value_name = "N")]
     half_open_capacity: u32,
     /// Serve GET /metrics (Prometheus) and GET /healthz on this address; `off`: no server.
     #[arg(long, default_value = "0.0.0.0:9977", value_name = "ADDR:PORT|off", value_parser = parse_listen)]
@@ -158,22 +162,23 @@ fn parse_ratio(s: &str) -> Result<f64, String> {
 /// Record timeouts (the kernel's reaper removes records past them, once a second).
 #[derive(Debug, Args)]
 struct TimeoutArgs {
-    /// Seconds an endpoint stays in TIME-WAIT (Linux: 60).
-    #[arg(long, default_value_t = 60, value_name = "SECS")]
+    /// Seconds an endpoint stays in TIME-WAIT (Linux: 60; at most 70367, ~19.5 h).
+    #[arg(long, default_value_t = 60, value_name = "SECS", value_parser = clap::value_parser!(u64).range(..=Timeouts::MAX_SINCE_CLOSE_SECS))]
     time_wait_secs: u64,
     /// Seconds a record with both endpoints CLOSED is kept (late segments of a reset
-    /// connection must not start a new one).
-    #[arg(long, default_value_t = 10, value_name = "SECS")]
+    /// connection must not start a new one; at most 70367).
+    #[arg(long, default_value_t = 10, value_name = "SECS", value_parser = clap::value_parser!(u64).range(..=Timeouts::MAX_SINCE_CLOSE_SECS))]
     closed_secs: u64,
     /// Seconds without traffic after which a handshake in progress is dropped.
     #[arg(long, default_value_t = 75, value_name = "SECS")]
     half_open_secs: u64,
-    /// Seconds without traffic after which an established connection is dropped.
-    #[arg(long, default_value_t = 432_000, value_name = "SECS")]
+    /// Seconds without traffic after which an established connection is dropped (at most
+    /// 4503599, ~52 days).
+    #[arg(long, default_value_t = 432_000, value_name = "SECS", value_parser = clap::value_parser!(u64).range(..=Timeouts::MAX_IDLE_SECS))]
     established_secs: u64,
     /// Seconds without traffic after which a closing connection (FIN sent, not in
-    /// TIME-WAIT) is dropped.
-    #[arg(long, default_value_t = 120, value_name = "SECS")]
+    /// TIME-WAIT) is dropped (at most 4503599).
+    #[arg(long, default_value_t = 120, value_name = "SECS", value_parser = clap::value_parser!(u64).range(..=Timeouts::MAX_IDLE_SECS))]
     closing_secs: u64,
 }
 
@@ -301,6 +306,7 @@ async fn run(args: RunArgs) -> Result<()> {
         mode: args.mode,
         pin_dir: Some(args.pin_dir.clone()),
         flows_capacity: args.flows_capacity,
+        flows6_capacity: args.flows6_capacity,
         half_open_capacity: args.half_open_capacity,
     };
     let timeouts = args.timeouts.timeouts();
@@ -345,6 +351,11 @@ async fn run(args: RunArgs) -> Result<()> {
             Err(e) => bail!("{}{}", error_chain(&e), hint(&e)),
         }
     }
+    // From here on the tracker is shared: the reaper thread runs the expiry program while the
+    // main loop serves scrapes.
+    let tracker = std::sync::Arc::new(tracker);
+    let reaper = tcp_user::reaper::Reaper::start(std::sync::Arc::clone(&tracker), timeouts)
+        .context("starting the reaper thread")?;
     let rule = args.flood.rule();
     let mut flood = FloodDetector::new(rule);
     info!(
@@ -370,17 +381,7 @@ async fn run(args: RunArgs) -> Result<()> {
                 guard.get_inner_mut().flush();
                 guard.clear_ready();
             }
-            _ = ticker.tick() => {
-                match tracker.reap(&timeouts) {
-                    Ok(r) if r.reaped.iter().any(|n| *n > 0) => debug!(
-                        "expired {} established and {} half-open records",
-                        r.reaped[0], r.reaped[1]
-                    ),
-                    Ok(_) => {}
-                    Err(e) => warn!("expiring flows: {}", error_chain(&e)),
-                }
-                watch_floods(&tracker, &mut flood);
-            }
+            _ = ticker.tick() => watch_floods(&tracker, &mut flood),
             Some(request) = requests.recv() => match request {
                 http::Request::Metrics(answer) => {
                     let _ = answer.send(exposition(&tracker, &flood).map_err(|e| format!("{e:#}")));
@@ -402,6 +403,7 @@ async fn run(args: RunArgs) -> Result<()> {
     if let Some(server) = server {
         server.abort();
     }
+    reaper.stop();
     if let Some(log) = ebpf_log.as_mut() {
         log.get_mut().flush();
     }

@@ -67,7 +67,7 @@ impl Replay {
         }
         self.report.count_events(events);
         if events & ev::HANDSHAKE_COMPLETED != 0 {
-            self.report.observe_handshake(&flow);
+            self.report.observe_handshake(&flow, ts_ns);
         }
         self.flows.insert(key, flow);
     }

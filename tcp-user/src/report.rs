@@ -133,10 +133,10 @@ impl Report {
         report
     }
 
-    /// Adds a handshake that just completed in `flow` (userspace replay).
-    pub fn observe_handshake(&mut self, flow: &Flow) {
+    /// Adds a handshake of `flow` that its segment at `now` completed (userspace replay).
+    pub fn observe_handshake(&mut self, flow: &Flow, now: u64) {
         if let Some(phases) =
-            tcp_common::metrics::handshake_phases(flow.syn_ns, flow.synack_ns, flow.established_ns)
+            tcp_common::metrics::handshake_phases(flow.syn_ns, flow.synack_ns, now)
         {
             for (h, ns) in self.handshake.iter_mut().zip(phases) {
                 h.observe(ns);
@@ -200,6 +200,9 @@ impl Report {
 pub struct TableStats {
     /// `established` or `half_open`.
     pub name: &'static str,
+    /// The address family it holds: `ipv4` or `ipv6` (the established tables), `all` (the
+    /// half-open one).
+    pub family: &'static str,
     /// Records held now.
     pub held: i64,
     /// Configured capacity.
@@ -348,13 +351,13 @@ impl Exposition<'_> {
                 |name: &str, help: &str, kind: MetricType, f: &dyn Fn(&TableStats) -> f64| {
                     let mut fam = Family::new(name, help, kind);
                     for t in &self.tables {
-                        fam = fam.value(&[("table", t.name)], f(t));
+                        fam = fam.value(&[("table", t.name), ("family", t.family)], f(t));
                     }
                     fam.done()
                 };
             out.push(table(
                 "tcpscope_flows",
-                "Flow records held now, per table",
+                "Flow records held now, per table (the established one per address family)",
                 MetricType::GAUGE,
                 &|t| t.held.max(0) as f64,
             ));

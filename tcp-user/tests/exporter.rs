@@ -227,7 +227,7 @@ fn time_wait_gauges_equal_ss_per_side_through_prometheus_and_expire() {
     assert_eq!(
         sample(
             &samples,
-            "tcpscope_flow_table_capacity{table=\"established\"}"
+            "tcpscope_flow_table_capacity{family=\"ipv4\",table=\"established\"}"
         ),
         262_144.0
     );

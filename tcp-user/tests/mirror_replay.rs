@@ -19,21 +19,22 @@ use common::{Link, agent::Agent};
 use serde_json::Value;
 use tcp_common::{
     counters::HookCounters,
-    flow::{FlowEntry, FlowKey},
+    flow::{EstablishedEntry, FlowKey, FlowKey4, HalfOpenEntry},
     metrics::Metrics,
 };
+use tcp_user::loader::{FLOWS4_MAP, FLOWS6_MAP, HALF_OPEN_MAP};
 
-/// Timeouts far beyond any capture's span, for both the agent and replay: nothing expires
-/// in either path.
+/// Timeouts far beyond any capture's span (the longest the agent takes), for both the agent
+/// and replay: nothing expires in either path.
 const NO_EXPIRY: [&str; 8] = [
     "--time-wait-secs",
-    "100000000",
+    "70000",
     "--closed-secs",
-    "100000000",
+    "70000",
     "--half-open-secs",
     "100000000",
     "--closing-secs",
-    "100000000",
+    "4500000",
 ];
 
 fn tcpscope(args: &[&str]) -> Value {
@@ -52,15 +53,17 @@ fn tcpscope(args: &[&str]) -> Value {
 /// Empties the pinned tables and counters between captures.
 fn reset(pin_dir: &Path) {
     let dir = pin_dir.join(format!("v{}", tcp_common::LAYOUT_VERSION));
-    for name in ["FLOWS", "HALF_OPEN"] {
-        let data = MapData::from_pin(dir.join(name)).expect("pinned table");
-        let mut map: HashMap<_, FlowKey, FlowEntry> =
-            HashMap::try_from(Map::HashMap(data)).expect("hash");
-        let keys: Vec<FlowKey> = map.keys().map(|k| k.expect("key")).collect();
+    fn clear<K: aya::Pod, V: aya::Pod>(path: &Path) {
+        let data = MapData::from_pin(path).expect("pinned table");
+        let mut map: HashMap<_, K, V> = HashMap::try_from(Map::HashMap(data)).expect("hash");
+        let keys: Vec<K> = map.keys().map(|k| k.expect("key")).collect();
         for k in keys {
             let _ = map.remove(&k);
         }
     }
+    clear::<FlowKey4, EstablishedEntry>(&dir.join(FLOWS4_MAP));
+    clear::<FlowKey, EstablishedEntry>(&dir.join(FLOWS6_MAP));
+    clear::<FlowKey, HalfOpenEntry>(&dir.join(HALF_OPEN_MAP));
     let cpus = aya::util::nr_cpus().expect("cpus").get() as usize;
     let data = MapData::from_pin(dir.join("COUNTERS")).expect("counters");
     let mut counters: PerCpuArray<_, HookCounters> =

@@ -23,6 +23,9 @@ pub struct Options {
     pub release: bool,
 }
 
+/// Flags of the eBPF build (see [`build_ebpf`]).
+const EBPF_RUSTFLAGS: &[&str] = &["-Cdebuginfo=2", "-Clink-arg=--btf"];
+
 /// Target directory of the eBPF build.
 pub fn ebpf_target_dir() -> PathBuf {
     cmd::workspace_root().join("target/ebpf")
@@ -51,10 +54,7 @@ pub fn build_ebpf() -> Result<PathBuf> {
         .env("PATH", std::env::join_paths(paths)?)
         // Debug info is what bpf-linker turns into BTF (needed for BTF maps, spin locks,
         // CO-RE and readable verifier logs).
-        .env(
-            "CARGO_ENCODED_RUSTFLAGS",
-            "-Cdebuginfo=2\x1f-Clink-arg=--btf",
-        );
+        .env("CARGO_ENCODED_RUSTFLAGS", EBPF_RUSTFLAGS.join("\x1f"));
     cmd::run(&mut c)?;
     Ok(ebpf_target_dir().join("bpfel-unknown-none/release/tcp-ebpf"))
 }

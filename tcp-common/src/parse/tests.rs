@@ -131,3 +131,72 @@ fn window_scale_option_of_syns() {
         crate::flow::NO_WSCALE
     );
 }
+
+/// What the plain-frame parser makes of a frame, where it accepts it.
+fn plain(frame: &[u8]) -> Option<Segment> {
+    let mut seg = Parsed::EMPTY.segment;
+    parse_plain(frame, &mut seg).then_some(seg)
+}
+
+/// The plain-frame parser either declines a frame or finds exactly what the general one does.
+fn assert_plain_agrees(frame: &[u8], what: &str) {
+    let Some(seg) = plain(frame) else { return };
+    let p = parse(frame);
+    assert_eq!(
+        p.class,
+        PacketClass::Tcp,
+        "{what}: accepted a non-TCP frame"
+    );
+    assert_eq!(p.notes, 0, "{what}: accepted a frame with notes");
+    assert_eq!(p.syn_options_len, 0, "{what}: accepted a SYN");
+    assert_eq!(seg, p.segment, "{what}");
+}
+
+#[test]
+fn plain_parser_agrees_with_the_general_one_on_every_case() {
+    let mut accepted = 0;
+    for case in catalogue() {
+        assert_plain_agrees(&case.frame, case.name);
+        accepted += usize::from(plain(&case.frame).is_some());
+    }
+    // The catalogue's plain segments: IPv4 and IPv6 data, and a FIN.
+    assert!(accepted >= 3, "the plain parser took only {accepted} cases");
+    for (spec, ipv6) in [
+        (v4(ACK | PSH), false),
+        (v6(ACK), true),
+        (v4(FIN | ACK), false),
+    ] {
+        let seg = plain(&spec.build()).expect("a plain segment");
+        assert_eq!(seg.ipv6, ipv6);
+    }
+    for declined in [
+        v4(SYN).build(),
+        with(v4(ACK), |s| s.ipv4_options = 4).build(),
+        with(v4(ACK), |s| s.vlans = vec![(0x8100, 7)]).build(),
+        with(v6(ACK), |s| s.ipv6_ext = vec![(0, 8)]).build(),
+    ] {
+        assert!(plain(&declined).is_none());
+    }
+}
+
+proptest::proptest! {
+    /// Any byte changed anywhere in a plain segment, and any length: the plain parser declines
+    /// or agrees.
+    #[test]
+    fn plain_parser_agrees_on_mutated_frames(
+        ipv6 in proptest::bool::ANY,
+        flags in 0u8..=255,
+        payload in 0usize..64,
+        at in 0usize..100,
+        byte in 0u8..=255,
+        cut in 0usize..200,
+    ) {
+        let spec = with(if ipv6 { v6(flags) } else { v4(flags) }, |s| s.payload = payload);
+        let mut frame = spec.build();
+        if let Some(b) = frame.get_mut(at) {
+            *b = byte;
+        }
+        frame.truncate(cut.max(1));
+        assert_plain_agrees(&frame, "mutated frame");
+    }
+}

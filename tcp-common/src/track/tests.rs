@@ -7,7 +7,7 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::{
-    flow::FlowKey,
+    flow::{FlowKey, NO_WSCALE},
     parse::tcp_flags::{ACK, FIN, PSH, RST, SYN},
     state::{Role, TcpState, events as E},
 };
@@ -111,7 +111,8 @@ fn normal_open() {
     );
     assert_eq!(c.flow.syn_ns, 1_000 + 1_000_000);
     assert_eq!(c.flow.synack_ns, 1_000 + 2_000_000);
-    assert_eq!(c.flow.established_ns, 1_000 + 3_000_000);
+    // Completed by the ACK at 1_000 + 3_000_000, the last segment's time.
+    assert_eq!(c.flow.last_ns, 1_000 + 3_000_000);
 }
 
 #[test]

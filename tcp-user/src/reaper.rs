@@ -1,0 +1,94 @@
+//! Expiry, the agent's side: a thread of its own runs the kernel's reaper program (see
+//! `tcp-ebpf/src/reaper.rs`) once a second, so that a scrape never waits behind a walk of a
+//! million records, and a slow scrape never delays expiry.
+
+use std::{
+    sync::{Arc, Condvar, Mutex, PoisonError},
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use log::{debug, warn};
+use tcp_common::{metrics::table, track::Timeouts};
+
+use crate::loader::{Tracker, error_chain};
+
+/// How often the tables are walked.
+pub const PERIOD: Duration = Duration::from_secs(1);
+
+/// The running reaper thread; stopped (and joined) on [`Reaper::stop`] or drop.
+pub struct Reaper {
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Reaper {
+    /// Starts walking `tracker`'s tables every [`PERIOD`] with `timeouts`.
+    ///
+    /// # Errors
+    /// When the thread cannot be started.
+    pub fn start(tracker: Arc<Tracker>, timeouts: Timeouts) -> std::io::Result<Self> {
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let signal = Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name("tcpscope-reap".to_owned())
+            .spawn(move || run(&tracker, &timeouts, &signal))?;
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops the thread and waits for it (a walk in progress finishes first).
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        let (flag, wake) = &*self.stop;
+        *flag.lock().unwrap_or_else(PoisonError::into_inner) = true;
+        wake.notify_all();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// The thread's loop: a walk, then sleep until the next period (after a stall, the next walk
+/// comes one period later rather than in a burst), until told to stop.
+fn run(tracker: &Tracker, timeouts: &Timeouts, stop: &(Mutex<bool>, Condvar)) {
+    let (flag, wake) = stop;
+    let mut next = Instant::now();
+    loop {
+        match tracker.reap(timeouts) {
+            Ok(r) if r.reaped.iter().any(|n| *n > 0) => debug!(
+                "expired {} IPv4 and {} IPv6 established and {} half-open records",
+                r.reaped[table::ESTABLISHED_V4],
+                r.reaped[table::ESTABLISHED_V6],
+                r.reaped[table::HALF_OPEN]
+            ),
+            Ok(_) => {}
+            Err(e) => warn!("expiring flows: {}", error_chain(&e)),
+        }
+        next = (next + PERIOD).max(Instant::now());
+        let mut stopped = flag.lock().unwrap_or_else(PoisonError::into_inner);
+        while !*stopped {
+            let Some(left) = next.checked_duration_since(Instant::now()) else {
+                break;
+            };
+            stopped = wake
+                .wait_timeout(stopped, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        if *stopped {
+            return;
+        }
+    }
+}
