@@ -295,16 +295,17 @@ pub fn syn_window_scale<F: Frame + ?Sized>(frame: &F, parsed: &Parsed) -> u8 {
 }
 
 /// The common frame in a few loads: untagged Ethernet, then IPv4 without options and not a
-/// fragment, or IPv6 with TCP as its next header, then TCP that is not a SYN (a SYN's options
-/// are walked by [`syn_window_scale`]), with the IP length given. Fills `seg` and returns true;
-/// false for any other frame (and `seg` is then unspecified), which [`parse`] handles.
+/// fragment, or IPv6 with TCP as its next header, then TCP, with the IP length given. Fills
+/// `parsed` and returns true; false for any other frame (and `parsed` is then unspecified),
+/// which [`parse`] handles.
 ///
 /// For every frame it accepts it finds exactly what [`parse`] finds: class TCP, no notes, the
-/// same segment (the tests check it on the catalogue and on random frames). The kernel's hot
-/// path runs it inline, before and instead of the general parser: fields are read as whole
-/// words ([`Frame::word_at`]), which the kernel's frames read in one load each.
+/// same segment and SYN options (the tests check it on the catalogue and on random frames).
+/// The kernel's hot path runs it inline, before and instead of the general parser: fields are
+/// read as whole words ([`Frame::word_at`]), which the kernel's frames read in one load each.
 #[inline(always)]
-pub fn parse_plain<F: Frame + ?Sized>(frame: &F, seg: &mut Segment) -> bool {
+pub fn parse_plain<F: Frame + ?Sized>(frame: &F, parsed: &mut Parsed) -> bool {
+    let seg = &mut parsed.segment;
     let be16 = |at: usize| frame.half_at(at).map(u16::from_be);
     let Some(ethertype) = be16(12) else {
         return false;
@@ -381,11 +382,7 @@ pub fn parse_plain<F: Frame + ?Sized>(frame: &F, seg: &mut Segment) -> bool {
     let flags = (w3 >> 16) as u8;
     // The whole fixed header must be in the frame, as for `parse` (its last word, checksum
     // and urgent pointer, is not needed).
-    if frame.len() < l4 + TcpHdr::LEN
-        || doff < TcpHdr::LEN
-        || ip_payload < doff
-        || flags & tcp_flags::SYN != 0
-    {
+    if frame.len() < l4 + TcpHdr::LEN || doff < TcpHdr::LEN || ip_payload < doff {
         return false;
     }
     seg.sport = (ports >> 16) as u16;
@@ -397,6 +394,14 @@ pub fn parse_plain<F: Frame + ?Sized>(frame: &F, seg: &mut Segment) -> bool {
     seg.flags = flags;
     seg.wscale = NO_WSCALE;
     seg.vlan = 0;
+    parsed.class = PacketClass::Tcp;
+    parsed.notes = 0;
+    parsed.syn_options_off = (l4 + TcpHdr::LEN) as u16;
+    parsed.syn_options_len = if flags & tcp_flags::SYN != 0 {
+        (doff - TcpHdr::LEN) as u8
+    } else {
+        0
+    };
     true
 }
 

@@ -27,13 +27,25 @@ use tcp_common::{
 
 use crate::maps::{FLOWS4, FLOWS6};
 
-/// Applies `seg`, sent from `side`, to its established record if the fast path may; returns
-/// whether it did (else the caller hands the segment to the slow path).
+/// What the fast path did with a segment.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Applied: nothing left to do.
+    Done,
+    /// The established table of its family holds no record of the connection (the slow path
+    /// need not look again).
+    Absent,
+    /// Not for the fast path: its flags, or its record's state.
+    Declined,
+}
+
+/// Applies `seg`, sent from `side`, to its established record if the fast path may; else the
+/// caller hands the segment to the slow path.
 #[inline(always)]
-pub fn track(seg: &Segment, side: Side) -> bool {
+pub fn track(seg: &Segment, side: Side) -> Outcome {
     use tcp_flags::{ACK, FIN, RST, SYN};
     if seg.flags & (ACK | SYN | FIN | RST) != ACK {
-        return false;
+        return Outcome::Declined;
     }
     let (entry, dir) = if seg.ipv6 {
         let (key, dir) = FlowKey::of(seg);
@@ -43,12 +55,16 @@ pub fn track(seg: &Segment, side: Side) -> bool {
         (FLOWS4.get_ptr_mut(&key), dir)
     };
     let Some(entry) = entry else {
-        return false;
+        return Outcome::Absent;
     };
     // SAFETY: `entry` comes from a successful lookup; the element stays valid while the program
     // runs (RCU) and is not reused for another flow within a grace period of its DEAD mark
     // (module docs). Every access is a single volatile load or store of its own width.
-    unsafe { apply(&raw mut (*entry).rec, seg, dir & 1, side) }
+    if unsafe { apply(&raw mut (*entry).rec, seg, dir & 1, side) } {
+        Outcome::Done
+    } else {
+        Outcome::Declined
+    }
 }
 
 /// The fast path's reads and writes on a record (see the module docs).

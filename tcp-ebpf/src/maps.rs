@@ -100,9 +100,12 @@ pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 pub struct Handoff {
     /// The packet, parsed (by the plain parser when `ready` is 1).
     pub parsed: Parsed,
-    /// 1: `parsed.segment` holds a plain TCP segment, already counted; 0: the slow path
-    /// parses and counts the frame itself.
+    /// 1: `parsed` holds a plain TCP segment, already counted; 0: the slow path parses and
+    /// counts the frame itself.
     pub ready: u8,
+    /// 1: the hot path found no record of the connection in its established table (the slow
+    /// path does not look again).
+    pub absent: u8,
 }
 
 /// The parser's result for the packet being handled, one per CPU: kept off the stack, whose

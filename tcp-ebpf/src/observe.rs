@@ -65,18 +65,21 @@ pub fn hot<C: EbpfContext, F: Frame>(ctx: &C, frame: &F, hook: Hook, slow: &Prog
     let Some((handoff, counters)) = slots(hook) else {
         return;
     };
-    if parse_plain(frame, &mut handoff.parsed.segment) {
+    if parse_plain(frame, &mut handoff.parsed) {
         let seg = &handoff.parsed.segment;
         // Class TCP, no notes (what `count` would find).
         counters.bump(Counter::Tcp);
         counters.count_segment(seg);
-        if fast::track(seg, side_of(hook)) {
+        let outcome = fast::track(seg, side_of(hook));
+        if outcome == fast::Outcome::Done {
             counters.bump(Counter::FastPath);
             return;
         }
         handoff.ready = 1;
+        handoff.absent = u8::from(outcome == fast::Outcome::Absent);
     } else {
         handoff.ready = 0;
+        handoff.absent = 0;
     }
     // SAFETY: `ctx` is this program's context; on success the call does not return. It fails
     // only while the agent has not yet set the slow path, before anything is attached.
@@ -96,9 +99,6 @@ pub fn slow<C: EbpfContext, F: Frame>(ctx: &C, frame: &F, hook: Hook) {
         // The class as a plain byte, so that the compiler cannot drop the bounds check on the
         // enum's assumed range (the verifier does not share that assumption).
         let class = parse_frame(frame, parsed);
-        if parsed.syn_options_len > 0 {
-            parsed.segment.wscale = window_scale(frame, parsed);
-        }
         counters.count(class, parsed);
         match parsed.class {
             PacketClass::Tcp => {}
@@ -116,5 +116,8 @@ pub fn slow<C: EbpfContext, F: Frame>(ctx: &C, frame: &F, hook: Hook) {
             _ => return,
         }
     }
-    track_segment(&parsed.segment, side_of(hook));
+    if parsed.syn_options_len > 0 {
+        parsed.segment.wscale = window_scale(frame, parsed);
+    }
+    track_segment(&parsed.segment, side_of(hook), handoff.absent != 0);
 }

@@ -186,10 +186,11 @@ fn established_insert(
 /// `-EEXIST`: another CPU inserted the same key first.
 const EEXIST: i32 = -17;
 
-/// Tracks one parsed TCP segment sent by an endpoint on `side`. A BPF-to-BPF call of its own,
-/// so that the parser's frame and the tracker's are separate.
+/// Tracks one parsed TCP segment sent by an endpoint on `side`; `absent`: the hot path found
+/// no record of the connection in its established table just now (not looked up again). A
+/// BPF-to-BPF call of its own, so that the parser's frame and the tracker's are separate.
 #[inline(never)]
-pub fn track_segment(seg: &Segment, side: Side) {
+pub fn track_segment(seg: &Segment, side: Side, absent: bool) {
     let Some(m) = metrics(PACKETS) else {
         return;
     };
@@ -217,7 +218,12 @@ pub fn track_segment(seg: &Segment, side: Side) {
     // 1. The established table of the family.
     // SAFETY: this CPU's scratch slot.
     unsafe { core::ptr::write_volatile(&raw mut (*scratch).blocked, 0) };
-    if let Some(entry) = established_lookup(seg, is_ipv6(seg), key) {
+    let established = if absent {
+        None
+    } else {
+        established_lookup(seg, is_ipv6(seg), key)
+    };
+    if let Some(entry) = established {
         // Past the handshake a record's times only drive expiry (seconds): the coarse clock
         // (one tick behind at most) costs a fraction of the precise one. A SYN may start a
         // new handshake on the record (TIME-WAIT reuse), which is timed.
@@ -260,40 +266,95 @@ pub fn track_segment(seg: &Segment, side: Side) {
         }
     }
     let now = precise_now();
-    // 2. The half-open table.
-    if let Some(entry) = HALF_OPEN.get_ptr_mut(key) {
-        // SAFETY: as above (a reused half-open element is told apart by its tag).
-        unsafe { update_half_open(entry, seg, dir, side, now, key.tag(), &mut *scratch) };
-        // SAFETY: this CPU's scratch slot, filled above.
-        let action = unsafe { core::ptr::read_volatile(&raw const (*scratch).action) };
-        if action == PROMOTE {
-            // SAFETY: this CPU's scratch slot, packed under the lock.
-            let est = unsafe { &mut (*scratch).established };
-            est.lock = Default::default();
-            if established_insert(seg, is_ipv6(seg), key, est).is_ok() {
-                m.inserted(table::established(is_ipv6(seg)));
-                m.events.bump(event_slots::PROMOTIONS);
-            } else {
-                // The connection is lost to the tracker: so are its endpoints.
-                m.events
-                    .bump(event_slots::flows_insert_failed(is_ipv6(seg)));
+    // 2. The half-open table. A SYN (no ACK) usually opens a new connection: its record is
+    // built and inserted at once, and looked up only when the insert finds one already there
+    // (a retransmission). Other segments usually belong to a record: looked up first.
+    let opening = seg.flags & (tcp_flags::SYN | tcp_flags::ACK | tcp_flags::FIN | tcp_flags::RST)
+        == tcp_flags::SYN;
+    let mut entry = if opening {
+        None
+    } else {
+        HALF_OPEN.get_ptr_mut(key)
+    };
+    if entry.is_none() {
+        // SAFETY: this CPU's scratch slot; nothing else uses it while this program runs.
+        let created = unsafe { create(m, &mut *scratch, seg, dir, side, now, key) };
+        match created {
+            Created::Done => {
                 // SAFETY: this CPU's scratch slot.
-                unsafe {
-                    (*scratch).slots[2] = NO_SLOT;
-                    (*scratch).slots[3] = NO_SLOT;
-                }
+                finish(m, unsafe { &*scratch }, seg, towards_listener, now);
+                return;
             }
-            if HALF_OPEN.remove(key).is_ok() {
-                m.removed(table::HALF_OPEN);
+            Created::Refused => return,
+            Created::Exists if opening => entry = HALF_OPEN.get_ptr_mut(key),
+            Created::Exists => {
+                // Another CPU created the record just now, from a segment of its own; this
+                // one is counted as a lost race and changes nothing.
+                m.events.bump(event_slots::LOST_RACE);
+                return;
             }
         }
-        // SAFETY: this CPU's scratch slot.
-        finish(m, unsafe { &*scratch }, seg, towards_listener, now);
-        return;
     }
-    // 3. Neither: a new record, built before it is published.
-    // SAFETY: this CPU's scratch slot; nothing else uses it while this program runs.
-    let scratch = unsafe { &mut *scratch };
+    let Some(entry) = entry else {
+        // Created and gone again since (a lost race).
+        m.events.bump(event_slots::LOST_RACE);
+        return;
+    };
+    // SAFETY: as above (a reused half-open element is told apart by its tag).
+    unsafe { update_half_open(entry, seg, dir, side, now, key.tag(), &mut *scratch) };
+    // SAFETY: this CPU's scratch slot, filled above.
+    let action = unsafe { core::ptr::read_volatile(&raw const (*scratch).action) };
+    if action == PROMOTE {
+        // SAFETY: this CPU's scratch slot, packed under the lock.
+        let est = unsafe { &mut (*scratch).established };
+        est.lock = Default::default();
+        if established_insert(seg, is_ipv6(seg), key, est).is_ok() {
+            m.inserted(table::established(is_ipv6(seg)));
+            m.events.bump(event_slots::PROMOTIONS);
+        } else {
+            // The connection is lost to the tracker: so are its endpoints.
+            m.events
+                .bump(event_slots::flows_insert_failed(is_ipv6(seg)));
+            // SAFETY: this CPU's scratch slot.
+            unsafe {
+                (*scratch).slots[2] = NO_SLOT;
+                (*scratch).slots[3] = NO_SLOT;
+            }
+        }
+        if HALF_OPEN.remove(key).is_ok() {
+            m.removed(table::HALF_OPEN);
+        }
+    }
+    // SAFETY: this CPU's scratch slot.
+    finish(m, unsafe { &*scratch }, seg, towards_listener, now);
+}
+
+/// What [`create`] did.
+enum Created {
+    /// Stored (or nothing to store): only [`finish`] is left.
+    Done,
+    /// Not stored, its table full (counted): nothing is left.
+    Refused,
+    /// A record of the connection is already in the table it belongs in.
+    Exists,
+}
+
+/// A new record: the state machine runs on an empty record in the scratch slot, and the result
+/// is inserted, finished, into the table it belongs in (nothing at all for a segment that
+/// cannot start a flow). No lock: nobody else can see the record before the insert.
+///
+/// # Safety
+/// `scratch` is this CPU's slot.
+#[inline(always)]
+unsafe fn create(
+    m: &mut Metrics,
+    scratch: &mut Scratch,
+    seg: &Segment,
+    dir: usize,
+    side: Side,
+    now: u64,
+    key: &FlowKey,
+) -> Created {
     // SAFETY: a field of this CPU's scratch slot, and a constant.
     unsafe { copy_flow(&raw mut scratch.work, &raw const EMPTY) };
     let events = track(&mut scratch.work, seg, dir, side, now);
@@ -303,8 +364,7 @@ pub fn track_segment(seg: &Segment, side: Side) {
     if events & ev::UNTRACKED != 0 {
         // Nothing to store (a lone RST or FIN, invalid flags): only the events count.
         scratch.slots = [NO_SLOT; 4];
-        finish(m, scratch, seg, towards_listener, now);
-        return;
+        return Created::Done;
     }
     scratch.slots = [
         NO_SLOT,
@@ -331,14 +391,13 @@ pub fn track_segment(seg: &Segment, side: Side) {
     match stored {
         Ok(t) => {
             m.inserted(t);
-            finish(m, scratch, seg, towards_listener, now);
+            Created::Done
         }
-        // Another CPU created the record just now, from a segment of its own; this one is
-        // counted as a lost race and changes nothing.
-        Err((EEXIST, _)) => m.events.bump(event_slots::LOST_RACE),
+        Err((EEXIST, _)) => Created::Exists,
         Err((_, full)) => {
             m.events.bump(full);
             m.events.bump(event_slots::UNTRACKED_SEGMENTS);
+            Created::Refused
         }
     }
 }

@@ -133,14 +133,14 @@ fn window_scale_option_of_syns() {
 }
 
 /// What the plain-frame parser makes of a frame, where it accepts it.
-fn plain(frame: &[u8]) -> Option<Segment> {
-    let mut seg = Parsed::EMPTY.segment;
-    parse_plain(frame, &mut seg).then_some(seg)
+fn plain(frame: &[u8]) -> Option<Parsed> {
+    let mut parsed = Parsed::EMPTY;
+    parse_plain(frame, &mut parsed).then_some(parsed)
 }
 
 /// The plain-frame parser either declines a frame or finds exactly what the general one does.
 fn assert_plain_agrees(frame: &[u8], what: &str) {
-    let Some(seg) = plain(frame) else { return };
+    let Some(mine) = plain(frame) else { return };
     let p = parse(frame);
     assert_eq!(
         p.class,
@@ -148,8 +148,22 @@ fn assert_plain_agrees(frame: &[u8], what: &str) {
         "{what}: accepted a non-TCP frame"
     );
     assert_eq!(p.notes, 0, "{what}: accepted a frame with notes");
-    assert_eq!(p.syn_options_len, 0, "{what}: accepted a SYN");
-    assert_eq!(seg, p.segment, "{what}");
+    assert_eq!(mine.segment, p.segment, "{what}");
+    assert_eq!(
+        mine.syn_options_len, p.syn_options_len,
+        "{what}: SYN options"
+    );
+    if p.syn_options_len > 0 {
+        assert_eq!(
+            mine.syn_options_off, p.syn_options_off,
+            "{what}: SYN options"
+        );
+        assert_eq!(
+            syn_window_scale(frame, &mine),
+            syn_window_scale(frame, &p),
+            "{what}: window scale"
+        );
+    }
 }
 
 #[test]
@@ -159,18 +173,18 @@ fn plain_parser_agrees_with_the_general_one_on_every_case() {
         assert_plain_agrees(&case.frame, case.name);
         accepted += usize::from(plain(&case.frame).is_some());
     }
-    // The catalogue's plain segments: IPv4 and IPv6 data, and a FIN.
+    // The catalogue's plain segments: IPv4 and IPv6 data and SYNs, a FIN.
     assert!(accepted >= 3, "the plain parser took only {accepted} cases");
     for (spec, ipv6) in [
         (v4(ACK | PSH), false),
         (v6(ACK), true),
         (v4(FIN | ACK), false),
+        (with(v4(SYN), |s| s.tcp_options = 20), false),
     ] {
-        let seg = plain(&spec.build()).expect("a plain segment");
-        assert_eq!(seg.ipv6, ipv6);
+        let p = plain(&spec.build()).expect("a plain segment");
+        assert_eq!(p.segment.ipv6, ipv6);
     }
     for declined in [
-        v4(SYN).build(),
         with(v4(ACK), |s| s.ipv4_options = 4).build(),
         with(v4(ACK), |s| s.vlans = vec![(0x8100, 7)]).build(),
         with(v6(ACK), |s| s.ipv6_ext = vec![(0, 8)]).build(),
@@ -180,19 +194,30 @@ fn plain_parser_agrees_with_the_general_one_on_every_case() {
 }
 
 proptest::proptest! {
-    /// Any byte changed anywhere in a plain segment, and any length: the plain parser declines
-    /// or agrees.
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(4000))]
+
+    /// Any byte changed anywhere in a plain segment (SYNs with random options included), and
+    /// any length: the plain parser declines or agrees.
     #[test]
     fn plain_parser_agrees_on_mutated_frames(
         ipv6 in proptest::bool::ANY,
         flags in 0u8..=255,
         payload in 0usize..64,
-        at in 0usize..100,
+        options in 0usize..=10,
+        option_bytes in proptest::collection::vec(0u8..=255, 40),
+        at in 0usize..120,
         byte in 0u8..=255,
         cut in 0usize..200,
     ) {
-        let spec = with(if ipv6 { v6(flags) } else { v4(flags) }, |s| s.payload = payload);
+        let spec = with(if ipv6 { v6(flags) } else { v4(flags) }, |s| {
+            s.payload = payload;
+            s.tcp_options = options * 4;
+        });
         let mut frame = spec.build();
+        let l4 = if ipv6 { 14 + 40 } else { 14 + 20 };
+        for (i, b) in option_bytes.iter().take(options * 4).enumerate() {
+            frame[l4 + 20 + i] = *b;
+        }
         if let Some(b) = frame.get_mut(at) {
             *b = byte;
         }
