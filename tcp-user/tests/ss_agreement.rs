@@ -455,3 +455,99 @@ fn both_directions_on_two_cpus_at_once_lose_no_state() {
     assert_eq!(stats["counters"]["invalid_fin"], 0);
     drop(listener);
 }
+
+/// The fast path (data and ACKs of ESTABLISHED connections, no lock) runs on one CPU while the
+/// slow path handles FINs and RSTs of the same connections on the other: the server streams
+/// to each client from CPU 1 (its data through TC egress, the clients' ACKs through XDP, both
+/// on CPU 1, where veth delivers them), and each client, on CPU 0, closes in the middle of
+/// the stream, half of them with a FIN (then reading on to the server's), half with a RST.
+/// Nothing may be lost or mistaken: every connection ends as `ss` says, every FIN and RST is
+/// accepted (a sequence field the fast path left stale would make one look out of window), and
+/// the closes are counted by kind.
+#[test]
+fn fins_and_rsts_race_the_fast_path_on_the_other_cpu() {
+    common::require_root();
+    if !common::two_cpus() {
+        return;
+    }
+    const CONNECTIONS: usize = 48;
+    /// What the server sends at most; the clients close after `BEFORE_CLOSE`.
+    const STREAM: usize = 2 << 20;
+    const BEFORE_CLOSE: usize = 128 * 1024;
+    let link = Link::new();
+    let mut agent = Agent::start(&link.server, &["--iface", &link.server_if]);
+    agent.wait_for("attached ");
+    let listener = link
+        .server
+        .enter(|| TcpListener::bind(("::", PORT)).expect("listener"));
+    let (v4, v6) = link.server_addrs(PORT);
+    let before = stats_counters(&agent);
+    let conns = open(&link, &listener, &[v4, v6], CONNECTIONS / 2);
+    let workers: Vec<_> = conns
+        .into_iter()
+        .enumerate()
+        .map(|(i, (mut c, mut s))| {
+            let rst = i % 2 == 1;
+            let server = thread::spawn(move || {
+                pin_to_cpu(1);
+                let chunk = vec![5u8; 16 * 1024];
+                let mut sent = 0;
+                // Until the client's RST cuts the connection, or all of it for a FIN.
+                while sent < STREAM && s.write_all(&chunk).is_ok() {
+                    sent += chunk.len();
+                }
+                if !rst {
+                    drop(s);
+                }
+            });
+            let client = thread::spawn(move || {
+                pin_to_cpu(0);
+                let mut got = vec![0u8; BEFORE_CLOSE];
+                c.read_exact(&mut got).expect("the start of the stream");
+                if rst {
+                    set_linger_zero(&c);
+                    drop(c);
+                } else {
+                    c.shutdown(Shutdown::Write).expect("client FIN");
+                    drain(&mut c);
+                }
+            });
+            (server, client)
+        })
+        .collect();
+    for (server, client) in workers {
+        client.join().expect("client");
+        server.join().expect("server");
+    }
+    let (tw_client, _, compared) = checkpoint(
+        "FINs and RSTs during the other direction's stream",
+        &link,
+        &agent,
+    );
+    assert_eq!(tw_client, CONNECTIONS / 2, "the FIN closers' TIME-WAIT");
+    assert!(compared >= CONNECTIONS / 2);
+    let after = stats_counters(&agent);
+    let d = |k: &str| after[k].as_u64().expect(k) - before[k].as_u64().expect(k);
+    assert_eq!(d("closed_by_fin"), (CONNECTIONS / 2) as u64);
+    assert_eq!(d("closed_by_rst"), (CONNECTIONS / 2) as u64);
+    assert_eq!(d("invalid_rst"), 0, "a RST taken as out of window");
+    assert_eq!(d("invalid_fin"), 0, "a FIN taken as out of window");
+    assert_eq!(d("handshakes_completed"), CONNECTIONS as u64);
+    drop(listener);
+}
+
+/// The tallies of `tcpscope stats --format json` on the agent's pins.
+fn stats_counters(agent: &Agent) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_tcpscope"))
+        .args(["stats", "--format", "json", "--pin-dir"])
+        .arg(&agent.pin_dir)
+        .output()
+        .expect("stats");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stats: Value = serde_json::from_slice(&out.stdout).expect("stats JSON");
+    stats["counters"].clone()
+}

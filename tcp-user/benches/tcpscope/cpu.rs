@@ -239,5 +239,6 @@ pub fn run(cfg: &Config, bed: &Testbed, agent_bin: &Path) -> Result<Section> {
             "churn_flows": FLOWS,
             "churn_syn_per_s": RATE,
         }),
+        targets: Vec::new(),
     })
 }

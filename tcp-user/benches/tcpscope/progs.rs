@@ -1,5 +1,5 @@
 //! The benchmark's own eBPF programs (`tcp-ebpf/src/bin/bench.rs`): the XDP_PASS and
-//! TC_ACT_OK floors, and the live-frames traffic generator.
+//! TC_ACT_OK floors, the reference tracker, and the live-frames traffic generator.
 
 use std::{ffi::CString, path::PathBuf, time::Duration};
 
@@ -18,6 +18,10 @@ const XDP_PASS_PROGRAM: &str = "bench_xdp_pass";
 const TC_OK_PROGRAM: &str = "bench_tc_ok";
 /// Generator program.
 const GENERATOR_PROGRAM: &str = "bench_gen";
+/// The reference tracker on XDP.
+const REF_XDP_PROGRAM: &str = "bench_ref_xdp";
+/// The reference tracker on TC.
+const REF_TC_PROGRAM: &str = "bench_ref_tc";
 
 /// Frames per live-frames batch: the veth NAPI budget, so that each batch is received in
 /// full when the generator re-enables bottom halves after it.
@@ -50,15 +54,14 @@ impl BenchPrograms {
             )
         })?;
         let mut ebpf = Ebpf::load(&bytes).context("loading the benchmark object")?;
-        for name in [XDP_PASS_PROGRAM, GENERATOR_PROGRAM] {
+        for name in [XDP_PASS_PROGRAM, GENERATOR_PROGRAM, REF_XDP_PROGRAM] {
             let p: &mut Xdp = ebpf.program_mut(name).context(name)?.try_into()?;
             p.load().with_context(|| format!("loading {name}"))?;
         }
-        let p: &mut SchedClassifier = ebpf
-            .program_mut(TC_OK_PROGRAM)
-            .context(TC_OK_PROGRAM)?
-            .try_into()?;
-        p.load().context("loading the TC floor")?;
+        for name in [TC_OK_PROGRAM, REF_TC_PROGRAM] {
+            let p: &mut SchedClassifier = ebpf.program_mut(name).context(name)?.try_into()?;
+            p.load().with_context(|| format!("loading {name}"))?;
+        }
         Ok(Self { ebpf })
     }
 
@@ -68,6 +71,24 @@ impl BenchPrograms {
             .ebpf
             .program(XDP_PASS_PROGRAM)
             .context(XDP_PASS_PROGRAM)?
+            .try_into()?)
+    }
+
+    /// The reference tracker on XDP (see `tcp-ebpf/src/bin/bench.rs`).
+    pub fn ref_xdp(&self) -> Result<&Xdp> {
+        Ok(self
+            .ebpf
+            .program(REF_XDP_PROGRAM)
+            .context(REF_XDP_PROGRAM)?
+            .try_into()?)
+    }
+
+    /// The reference tracker on TC.
+    pub fn ref_tc(&self) -> Result<&SchedClassifier> {
+        Ok(self
+            .ebpf
+            .program(REF_TC_PROGRAM)
+            .context(REF_TC_PROGRAM)?
             .try_into()?)
     }
 

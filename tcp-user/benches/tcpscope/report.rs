@@ -16,6 +16,11 @@ impl Runs {
         self.0.push(v);
     }
 
+    /// The value of the last run (NaN before any).
+    pub fn last(&self) -> &f64 {
+        self.0.last().unwrap_or(&f64::NAN)
+    }
+
     fn sorted(&self) -> Vec<f64> {
         let mut v = self.0.clone();
         v.sort_by(f64::total_cmp);
@@ -127,6 +132,46 @@ impl Table {
     }
 }
 
+/// A target the benchmark checks, as report.json's `targets` lists it.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// Stable id (`hot_path_vs_reference`, ...).
+    pub id: &'static str,
+    /// The measured value (NaN: not measured).
+    pub measured: f64,
+    /// The limit it must not exceed.
+    pub limit: f64,
+    /// Unit of both.
+    pub unit: &'static str,
+}
+
+impl Target {
+    /// A target met when `measured` is at most `limit`.
+    pub const fn at_most(id: &'static str, measured: f64, limit: f64, unit: &'static str) -> Self {
+        Self {
+            id,
+            measured,
+            limit,
+            unit,
+        }
+    }
+
+    /// Whether it is met (a figure that could not be measured is not).
+    pub fn met(&self) -> bool {
+        self.measured.is_finite() && self.measured <= self.limit
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "id": self.id,
+            "measured": if self.measured.is_finite() { json!(self.measured) } else { Value::Null },
+            "limit": self.limit,
+            "unit": self.unit,
+            "met": self.met(),
+        })
+    }
+}
+
 /// The report of one benchmark item.
 pub struct Section {
     /// Key in report.json.
@@ -141,6 +186,8 @@ pub struct Section {
     pub notes: Vec<String>,
     /// The same figures for machines.
     pub json: Value,
+    /// The targets this item measures.
+    pub targets: Vec<Target>,
 }
 
 impl Section {
@@ -153,6 +200,7 @@ impl Section {
             tables: Vec::new(),
             notes: Vec::new(),
             json: json!({ "error": format!("{error:#}") }),
+            targets: Vec::new(),
         }
     }
 
@@ -265,6 +313,22 @@ pub fn write(
          ratios and differences are computed within each run, then their median is taken. \
          `runs` gives min–max (number of runs).\n\n",
     );
+    let targets: Vec<&Target> = sections.iter().flat_map(|s| &s.targets).collect();
+    if !targets.is_empty() {
+        md.push_str("## Targets\n\n");
+        let mut t = Table::new(&["id", "measured", "limit", "unit", "met?"]);
+        for target in &targets {
+            t.row(vec![
+                format!("`{}`", target.id),
+                num(target.measured, 2),
+                num(target.limit, 2),
+                target.unit.to_owned(),
+                met(Some(target.met())),
+            ]);
+        }
+        md.push_str(&t.markdown());
+        md.push('\n');
+    }
     for s in sections {
         md.push_str(&s.markdown());
     }
@@ -284,6 +348,7 @@ pub fn write(
         },
         "settings": settings,
         "duration_s": elapsed_s,
+        "targets": targets.iter().map(|t| t.json()).collect::<Vec<_>>(),
         "items": items,
     });
     std::fs::write(dir.join("report.md"), md).context("writing report.md")?;

@@ -17,18 +17,18 @@ use anyhow::{Context as _, Result, ensure};
 use aya::maps::{HashMap, IterableMap as _, Map, MapData};
 use serde_json::json;
 use tcp_common::{
-    flow::{Flow, FlowEntry, FlowKey, endpoint_flags, flow_flags},
+    flow::{Established, EstablishedEntry, Flow, FlowKey4, endpoint_flags, flow_flags},
     state::{Side, TcpState},
 };
 use tcp_user::{
     flows::monotonic_ns,
-    loader::{FLOWS_MAP, layout_dir},
+    loader::{FLOWS4_MAP, layout_dir},
 };
 
 use crate::{
     Config,
     agent::Agent,
-    report::{Runs, Section, Table, met, num},
+    report::{Runs, Section, Table, Target, met, num},
     sys::{Testbed, update_batch},
 };
 
@@ -45,28 +45,29 @@ const CAPACITY: u32 = 1 << 20;
 const BATCH: usize = 1 << 16;
 /// Pause between scrapes, so that they do not queue behind one another.
 const SPACING: Duration = Duration::from_millis(20);
-/// Target at the largest point, in ms.
+/// Targets at the largest point, in ms: the median scrape, and the slowest of all.
 const TARGET_MS: f64 = 5.0;
+const TARGET_MAX_MS: f64 = 10.0;
 
 /// Key of populated flow `i`: 10.<100 + i/65536>.<i/256 % 256>.<i % 256>:40000 (a remote client,
 /// endpoint 0: the lower address) to 10.250.0.1:443.
-fn key(i: u32) -> FlowKey {
+fn key(i: u32) -> FlowKey4 {
     let [_, a, b, c] = i.to_be_bytes();
-    let mut key = FlowKey::default();
-    key.addr[0][..4].copy_from_slice(&[10, 100 + a, b, c]);
-    key.addr[1][..4].copy_from_slice(&[10, 250, 0, 1]);
-    key.port = [40_000, 443];
-    key
+    FlowKey4 {
+        addr: [[10, 100 + a, b, c], [10, 250, 0, 1]],
+        port: [40_000, 443],
+        vlan: 0,
+        pad: 0,
+    }
 }
 
 /// A record of an established connection whose handshake was seen, last active at `now`.
-fn entry(key: &FlowKey, now: u64) -> FlowEntry {
+fn entry(now: u64) -> EstablishedEntry {
     const ISN: [u32; 2] = [1000, 5000];
     let mut flow = Flow::EMPTY;
     for (i, ep) in flow.ep.iter_mut().enumerate() {
         ep.state = TcpState::Established as u8;
         ep.isn = ISN[i];
-        ep.next_seq = ISN[i].wrapping_add(1);
         ep.ack = ISN[1 - i].wrapping_add(1);
         ep.window = 64_240;
         ep.flags = endpoint_flags::SENT_SYN | endpoint_flags::SENT_ACK | endpoint_flags::SENT_ANY;
@@ -74,16 +75,16 @@ fn entry(key: &FlowKey, now: u64) -> FlowEntry {
     }
     flow.client = 0;
     flow.flags = flow_flags::SEEN | flow_flags::HANDSHAKE_DONE;
-    flow.syn_ns = now;
-    flow.synack_ns = now;
-    flow.established_ns = now;
     flow.last_ns = now;
-    FlowEntry::new(flow, key.tag())
+    EstablishedEntry {
+        lock: Default::default(),
+        rec: Established::pack(&flow),
+    }
 }
 
 /// Writes flows `from..to` into the established table pinned under the agent's directory.
 fn populate(agent: &Agent, from: u32, to: u32) -> Result<()> {
-    let path = layout_dir(agent.pin_dir()).join(FLOWS_MAP);
+    let path = layout_dir(agent.pin_dir()).join(FLOWS4_MAP);
     let map = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
     let mut keys = Vec::with_capacity(BATCH);
     let mut values = Vec::with_capacity(BATCH);
@@ -94,11 +95,10 @@ fn populate(agent: &Agent, from: u32, to: u32) -> Result<()> {
         keys.clear();
         values.clear();
         for n in i..end {
-            let k = key(n);
-            values.push(entry(&k, now));
-            keys.push(k);
+            values.push(entry(now));
+            keys.push(key(n));
         }
-        // SAFETY: FlowKey and FlowEntry are repr(C) with explicit padding only (their layout
+        // SAFETY: FlowKey4 and EstablishedEntry are repr(C) with explicit padding only (their layout
         // is asserted in tcp-common), so viewing the vectors as bytes reads initialized
         // memory; the byte slices live no longer than the vectors.
         let (k, v) = unsafe {
@@ -116,8 +116,8 @@ fn populate(agent: &Agent, from: u32, to: u32) -> Result<()> {
 /// Fails unless the first and last populated flows are still in the table (the reaper must
 /// not have expired them: otherwise the scrapes ran over fewer flows than claimed).
 fn check_present(agent: &Agent, count: u32) -> Result<()> {
-    let path = layout_dir(agent.pin_dir()).join(FLOWS_MAP);
-    let map: HashMap<MapData, FlowKey, FlowEntry> =
+    let path = layout_dir(agent.pin_dir()).join(FLOWS4_MAP);
+    let map: HashMap<MapData, FlowKey4, EstablishedEntry> =
         HashMap::try_from(Map::HashMap(MapData::from_pin(&path)?))?;
     for i in [0, count - 1] {
         map.get(&key(i), 0)
@@ -200,22 +200,32 @@ pub fn run(cfg: &Config, bed: &Testbed, agent_bin: &std::path::Path) -> Result<S
         "flows",
         "scrape ms (median)",
         "runs",
-        "slowest scrape ms",
+        "slowest scrape ms (of all runs)",
         "populate s",
         "target",
         "met?",
     ]);
     let mut rows = Vec::new();
+    let max = |r: &Runs| r.json()["max"].as_f64().unwrap_or(f64::NAN);
     for (p, count) in points.iter().enumerate() {
         let target = (p == last).then_some(TARGET_MS);
-        let ok = target.map(|t| ms[p].median() <= t);
+        let ok = target.map(|t| ms[p].median() <= t && max(&slowest[p]) <= TARGET_MAX_MS);
         t.row(vec![
             count.to_string(),
             ms[p].cell(2),
             ms[p].range(2),
-            slowest[p].cell(1),
+            num(max(&slowest[p]), 1),
             populate_s[p].cell(2),
-            target.map_or_else(|| "–".to_owned(), |t| format!("≤ {} ms", num(t, 0))),
+            target.map_or_else(
+                || "–".to_owned(),
+                |t| {
+                    format!(
+                        "median ≤ {} ms, slowest ≤ {} ms",
+                        num(t, 0),
+                        num(TARGET_MAX_MS, 0)
+                    )
+                },
+            ),
             met(ok),
         ]);
         rows.push(json!({
@@ -243,15 +253,17 @@ pub fn run(cfg: &Config, bed: &Testbed, agent_bin: &std::path::Path) -> Result<S
                 SPACING.as_millis()
             ),
             format!(
-                "**Target:** ≤ {TARGET_MS} ms at {} flows, and no growth with the number of \
+                "**Targets:** at {} flows, the median scrape ≤ {TARGET_MS} ms and the slowest \
+                 of all the runs' scrapes ≤ {TARGET_MAX_MS} ms; no growth with the number of \
                  flows.",
                 points[last]
             ),
         ],
         tables: vec![t],
         notes: vec![format!(
-            "Median at {} flows / median at 0 flows: {}. The slowest scrape of a run can \
-             wait behind the reaper's walk of the tables, which runs in the agent's main loop.",
+            "Median at {} flows / median at 0 flows: {}. The reaper walks the tables on a \
+             thread of its own, so a scrape never waits for a walk; it still shares the two \
+             CPUs with it.",
             points[last],
             num(growth, 2)
         )],
@@ -261,5 +273,13 @@ pub fn run(cfg: &Config, bed: &Testbed, agent_bin: &std::path::Path) -> Result<S
             "points": rows,
             "growth_largest_over_empty": growth,
         }),
+        targets: if cfg.quick {
+            Vec::new()
+        } else {
+            vec![
+                Target::at_most("scrape_max_ms_1m", max(&slowest[last]), TARGET_MAX_MS, "ms"),
+                Target::at_most("scrape_median_ms_1m", ms[last].median(), TARGET_MS, "ms"),
+            ]
+        },
     })
 }

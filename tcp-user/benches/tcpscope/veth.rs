@@ -19,7 +19,7 @@ use crate::{
     Config,
     agent::Agent,
     progs::BenchPrograms,
-    report::{Runs, Section, Table, met, num},
+    report::{Runs, Section, Table, Target, met, num},
     sys::{Netns, Testbed, net_counter, rx_packets},
 };
 
@@ -133,12 +133,17 @@ fn measure(
             pass = Some(p);
         }
         Receiver::Tcpscope => {
-            agent = Some(Agent::start(
-                agent_bin,
-                &bed.rx,
-                &bed.rx_if,
-                &["--listen", "off"],
-            )?);
+            let mut a = Agent::start(agent_bin, &bed.rx, &bed.rx_if, &["--listen", "off"])?;
+            // Native XDP on the veth, as measured; a fallback to generic mode would measure
+            // another path.
+            let attached = a.log().iter().find(|l| l.contains("attached")).cloned();
+            ensure!(
+                attached
+                    .as_deref()
+                    .is_some_and(|l| l.contains("XDP ingress (native)")),
+                "the agent did not attach native XDP: {attached:?}"
+            );
+            agent = Some(a);
         }
         Receiver::ConntrackIptables => {
             let r = Rules(&bed.rx);
@@ -170,6 +175,12 @@ fn measure(
         let _ns = bed.rx.enter()?;
         Ok((rx_packets(&bed.rx_if)?, net_counter("snmp", "Tcp.InSegs")?))
     };
+    // Every frame the interface receives from here on must go through the agent's XDP.
+    let rx_attached = if agent.is_some() {
+        Some(counters()?.0)
+    } else {
+        None
+    };
     traffic.configure_generator(flows, FIRST_PORT)?;
     let frame = template(ACK);
     // Every flow once before the measurement, so that it covers the steady state of
@@ -188,7 +199,13 @@ fn measure(
     let wall = started.elapsed();
     let (rx1, segs1) = counters()?;
     let received = rx1 - rx0;
-    ensure!(received > 0, "the receiver counted no packets");
+    let delivered = segs1 - segs0;
+    // A receiver that lost frames measured something else than the receive path of each.
+    ensure!(
+        received as f64 >= 0.99 * sent as f64 && delivered as f64 >= 0.99 * received as f64,
+        "{}: the receiver counted {received} of {sent} frames sent, TCP got {delivered}",
+        receiver.name()
+    );
     let ns = busy.as_nanos() as f64 / received as f64;
     let mut json = json!({
         "ns_per_packet": ns,
@@ -200,11 +217,20 @@ fn measure(
     if let Some(r) = &rules {
         json["conntrack_entries"] = json!(r.conntrack_entries()?);
     }
-    if let Some(mut a) = agent {
+    if let (Some(mut a), Some(rx_attached)) = (agent, rx_attached) {
         let attached = a.log().iter().find(|l| l.contains("attached")).cloned();
         let exit = a.stop()?;
+        let xdp = exit.counter("xdp_ingress", "packets").unwrap_or(0);
+        let rx = counters()?.0 - rx_attached;
+        // The agent saw every frame the interface received while it was attached (a few
+        // stray frames, IPv6 neighbour discovery, may arrive around the reads).
+        ensure!(
+            xdp.abs_diff(rx) <= 16,
+            "the agent's XDP program counted {xdp} frames, the interface received {rx}"
+        );
         json["agent_attached"] = json!(attached);
-        json["agent_xdp_packets"] = json!(exit.counter("xdp_ingress", "packets"));
+        json["agent_xdp_packets"] = json!(xdp);
+        json["interface_rx_while_attached"] = json!(rx);
     }
     drop(rules);
     drop(pass);
@@ -218,7 +244,8 @@ pub fn run(cfg: &Config, bed: &Testbed, agent_bin: &std::path::Path) -> Result<S
     // ns per packet by (flows, receiver); overheads over no XDP and ratios, per run.
     let mut ns: Vec<Vec<Runs>> = vec![vec![Runs::default(); Receiver::ALL.len()]; FLOWS.len()];
     let mut over: Vec<Vec<Runs>> = ns.clone();
-    let mut ratio: Vec<[Runs; 2]> = vec![Default::default(); FLOWS.len()];
+    // Per flow count: ratio to iptables', to nft's, and to the smaller of the two.
+    let mut ratio: Vec<[Runs; 3]> = vec![Default::default(); FLOWS.len()];
     let mut samples = Vec::new();
     let mut runs_done = 0;
     for run in 0..cfg.runs {
@@ -241,19 +268,21 @@ pub fn run(cfg: &Config, bed: &Testbed, agent_bin: &std::path::Path) -> Result<S
                 over[f][r].push(this[r] - this[0]);
             }
             let agent = this[2] - this[0];
-            ratio[f][0].push(agent / (this[3] - this[0]));
-            ratio[f][1].push(agent / (this[4] - this[0]));
+            let (iptables, nft) = (this[3] - this[0], this[4] - this[0]);
+            // conntrack costing nothing means the measurement failed, not that tcpscope is
+            // infinitely worse.
+            ensure!(
+                iptables > 0.0 && nft > 0.0,
+                "conntrack overheads of {iptables:.0} and {nft:.0} ns at {flows} flows: no \
+                 measurement"
+            );
+            ratio[f][0].push(agent / iptables);
+            ratio[f][1].push(agent / nft);
+            ratio[f][2].push(agent / iptables.min(nft));
         }
         runs_done += 1;
     }
     ensure!(runs_done > 0, "no run finished within the time cap");
-    let lossy = samples
-        .iter()
-        .filter(|s| {
-            let n = |k: &str| s["sample"][k].as_f64().unwrap_or(0.0);
-            n("received") < 0.99 * n("sent") || n("tcp_in_segs") < 0.99 * n("received")
-        })
-        .count();
 
     let mut tables = Vec::new();
     let mut json_flows = Vec::new();
@@ -305,7 +334,7 @@ pub fn run(cfg: &Config, bed: &Testbed, agent_bin: &std::path::Path) -> Result<S
     ]);
     let mut json_summary = Vec::new();
     for (f, flows) in FLOWS.iter().enumerate() {
-        let ok = ratio[f].iter().all(|r| r.median() <= TARGET_RATIO);
+        let ok = ratio[f][2].median() <= TARGET_RATIO;
         summary.row(vec![
             flows.to_string(),
             over[f][2].brief(0),
@@ -313,7 +342,7 @@ pub fn run(cfg: &Config, bed: &Testbed, agent_bin: &std::path::Path) -> Result<S
             ratio[f][0].brief(2),
             over[f][4].brief(0),
             ratio[f][1].brief(2),
-            "ratio ≤ 0.33 vs both".to_owned(),
+            format!("≤ 0.33 vs the cheaper ({})", num(ratio[f][2].median(), 2)),
             met(Some(ok)),
         ]);
         json_summary.push(json!({
@@ -323,6 +352,7 @@ pub fn run(cfg: &Config, bed: &Testbed, agent_bin: &std::path::Path) -> Result<S
             "ratio_vs_iptables": ratio[f][0].json(),
             "conntrack_nft_overhead_ns": over[f][4].json(),
             "ratio_vs_nft": ratio[f][1].json(),
+            "ratio_vs_cheaper": ratio[f][2].json(),
             "target_ratio": TARGET_RATIO,
             "met": ok,
         }));
@@ -346,19 +376,21 @@ pub fn run(cfg: &Config, bed: &Testbed, agent_bin: &std::path::Path) -> Result<S
                  flows picked up by `nf_conntrack_tcp_loose`; conntrack and the ruleset are \
                  flushed after each."
             ),
-            "**Target:** tcpscope's overhead over no XDP ≤ 1/3 of conntrack's at both flow \
-             counts (checked against both conntrack variants)."
+            "**Target:** tcpscope's overhead over no XDP ≤ 1/3 of conntrack's, the cheaper of \
+             the two variants (ratios taken within each run), at both flow counts."
                 .to_owned(),
         ],
         tables,
-        notes: vec![format!(
-            "Samples where the receiver counted < 99 % of the frames sent, or TCP got < 99 % \
-                 of those received: {lossy} of {}. report.json has every sample: frames sent \
-                 and received, TCP segments delivered, conntrack entries, the agent's attach \
-                 line and XDP packet count, and wall-clock ns/packet (which also counts the \
-                 XDP dispatcher updates around each generator call).",
-            samples.len()
-        )],
+        notes: vec![
+            "Checked in every sample (a failed check fails the run): the receiver counted \
+             ≥ 99 % of the frames sent and TCP got ≥ 99 % of those; the agent attached native \
+             XDP and its XDP program counted the frames the interface received while it was \
+             attached; both conntrack variants cost more than no XDP. report.json has every \
+             sample: frames sent and received, TCP segments delivered, conntrack entries, the \
+             agent's attach line and XDP packet count, and wall-clock ns/packet (which also \
+             counts the XDP dispatcher updates around each generator call)."
+                .to_owned(),
+        ],
         json: json!({
             "seconds_per_case": secs,
             "runs": runs_done,
@@ -366,5 +398,14 @@ pub fn run(cfg: &Config, bed: &Testbed, agent_bin: &std::path::Path) -> Result<S
             "summary": json_summary,
             "samples": samples,
         }),
+        targets: if cfg.quick {
+            Vec::new()
+        } else {
+            ["veth_vs_conntrack_1k", "veth_vs_conntrack_64k"]
+                .into_iter()
+                .zip(&ratio)
+                .map(|(id, r)| Target::at_most(id, r[2].median(), TARGET_RATIO, "ratio"))
+                .collect()
+        },
     })
 }
