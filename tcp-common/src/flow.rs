@@ -432,10 +432,11 @@ unsafe impl aya::Pod for HalfOpenEntry {}
 pub const LAST_SHIFT: u32 = 20;
 /// Time of [`Established::closed`]: ns >> 30 (ticks of ~1.07 s), wrapping every 19.5 hours.
 pub const CLOSED_SHIFT: u32 = 30;
-/// Longest idle time an established record can measure (a longer timeout never fires).
-pub const MAX_IDLE_NS: u64 = (u32::MAX as u64) << LAST_SHIFT;
-/// Longest time since a close an established record can measure.
-pub const MAX_CLOSED_AGE_NS: u64 = (u16::MAX as u64) << CLOSED_SHIFT;
+/// Longest idle time an established record can measure, ~26 days (half the wrap: ages are
+/// signed, see [`Established::last_ns`]; a longer timeout never fires).
+pub const MAX_IDLE_NS: u64 = (i32::MAX as u64) << LAST_SHIFT;
+/// Longest time since a close an established record can measure, ~9.8 hours (half the wrap).
+pub const MAX_CLOSED_AGE_NS: u64 = (i16::MAX as u64) << CLOSED_SHIFT;
 
 /// Bits of [`Established::ep_flags`] above the endpoint flags: the side.
 const SIDE_SHIFT: u32 = 6;
@@ -669,25 +670,38 @@ impl Established {
 
     /// Time of the last segment as an ns time at or before `now_ns` (`now_ns` itself when the
     /// fast path has seen the flow since the reaper's last walk).
+    ///
+    /// The age in ticks is signed: a record may carry a time later than the `now_ns` it is
+    /// read with (the reaper reads the clock once per walk while packets keep writing times on
+    /// the other CPU; the coarse clock runs up to a tick behind the precise one), and such a
+    /// time is the present, not 52 days ago.
     #[must_use]
     #[inline(always)]
     pub const fn last_ns(&self, now_ns: u64) -> u64 {
         if self.last == 0 {
             return now_ns;
         }
-        let age = ((now_ns >> LAST_SHIFT) as u32).wrapping_sub(self.last) as u64;
-        now_ns.saturating_sub(age << LAST_SHIFT)
+        let age = ((now_ns >> LAST_SHIFT) as u32).wrapping_sub(self.last) as i32;
+        if age <= 0 {
+            return now_ns;
+        }
+        now_ns.saturating_sub((age as u64) << LAST_SHIFT)
     }
 
-    /// Time of the close as an ns time at or before `now_ns`, or 0 for none.
+    /// Time of the close as an ns time at or before `now_ns`, or 0 for none (signed ages, as
+    /// in [`Self::last_ns`]).
     #[must_use]
     #[inline(always)]
     pub const fn closed_ns(&self, now_ns: u64) -> u64 {
         if self.closed == 0 {
             return 0;
         }
-        let age = ((now_ns >> CLOSED_SHIFT) as u16).wrapping_sub(self.closed) as u64;
-        let t = now_ns.saturating_sub(age << CLOSED_SHIFT);
+        let age = ((now_ns >> CLOSED_SHIFT) as u16).wrapping_sub(self.closed) as i16;
+        let t = if age <= 0 {
+            now_ns
+        } else {
+            now_ns.saturating_sub((age as u64) << CLOSED_SHIFT)
+        };
         if t == 0 { 1 } else { t }
     }
 

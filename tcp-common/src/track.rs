@@ -444,9 +444,9 @@ const NS: u64 = 1_000_000_000;
 
 impl Timeouts {
     /// Longest TIME-WAIT and closed timeouts the established tables can measure, seconds
-    /// (their close time wraps after ~19.5 hours; see [`crate::flow::Established`]).
+    /// (~9.8 hours: half the wrap of their close time; see [`crate::flow::Established`]).
     pub const MAX_SINCE_CLOSE_SECS: u64 = crate::flow::MAX_CLOSED_AGE_NS / NS;
-    /// Longest idle timeouts the established tables can measure, seconds (~52 days).
+    /// Longest idle timeouts the established tables can measure, seconds (~26 days: half the wrap).
     pub const MAX_IDLE_SECS: u64 = crate::flow::MAX_IDLE_NS / NS;
 }
 

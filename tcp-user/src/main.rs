@@ -162,22 +162,22 @@ fn parse_ratio(s: &str) -> Result<f64, String> {
 /// Record timeouts (the kernel's reaper removes records past them, once a second).
 #[derive(Debug, Args)]
 struct TimeoutArgs {
-    /// Seconds an endpoint stays in TIME-WAIT (Linux: 60; at most 70367, ~19.5 h).
+    /// Seconds an endpoint stays in TIME-WAIT (Linux: 60; at most 35183, ~9.8 h).
     #[arg(long, default_value_t = 60, value_name = "SECS", value_parser = clap::value_parser!(u64).range(..=Timeouts::MAX_SINCE_CLOSE_SECS))]
     time_wait_secs: u64,
     /// Seconds a record with both endpoints CLOSED is kept (late segments of a reset
-    /// connection must not start a new one; at most 70367).
+    /// connection must not start a new one; at most 35183).
     #[arg(long, default_value_t = 10, value_name = "SECS", value_parser = clap::value_parser!(u64).range(..=Timeouts::MAX_SINCE_CLOSE_SECS))]
     closed_secs: u64,
     /// Seconds without traffic after which a handshake in progress is dropped.
     #[arg(long, default_value_t = 75, value_name = "SECS")]
     half_open_secs: u64,
     /// Seconds without traffic after which an established connection is dropped (at most
-    /// 4503599, ~52 days).
+    /// 2251799, ~26 days).
     #[arg(long, default_value_t = 432_000, value_name = "SECS", value_parser = clap::value_parser!(u64).range(..=Timeouts::MAX_IDLE_SECS))]
     established_secs: u64,
     /// Seconds without traffic after which a closing connection (FIN sent, not in
-    /// TIME-WAIT) is dropped (at most 4503599).
+    /// TIME-WAIT) is dropped (at most 2251799).
     #[arg(long, default_value_t = 120, value_name = "SECS", value_parser = clap::value_parser!(u64).range(..=Timeouts::MAX_IDLE_SECS))]
     closing_secs: u64,
 }

@@ -28,13 +28,13 @@ use tcp_user::loader::{FLOWS4_MAP, FLOWS6_MAP, HALF_OPEN_MAP};
 /// and replay: nothing expires in either path.
 const NO_EXPIRY: [&str; 8] = [
     "--time-wait-secs",
-    "70000",
+    "35000",
     "--closed-secs",
-    "70000",
+    "35000",
     "--half-open-secs",
     "100000000",
     "--closing-secs",
-    "4500000",
+    "2250000",
 ];
 
 fn tcpscope(args: &[&str]) -> Value {

@@ -193,7 +193,7 @@ fn replay_command_prints_the_exporter_metrics() {
         return;
     };
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_tcpscope"))
-        .args(["replay", "--time-wait-secs", "70000"])
+        .args(["replay", "--time-wait-secs", "35000"])
         .arg(dir.join("captures/zeek__http-methods.pcap"))
         .output()
         .expect("run tcpscope replay");

@@ -8,7 +8,7 @@ use super::*;
 use crate::{
     parse::tcp_flags::{ACK, FIN, PSH, RST, SYN},
     state::events as E,
-    track::track,
+    track::{Age, track},
 };
 
 const A: [u8; 16] = [10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
@@ -150,6 +150,30 @@ fn times_round_trip_through_their_ticks() {
             assert_eq!((q.last, q.closed), (p.last, p.closed));
         }
     }
+}
+
+#[test]
+fn a_time_written_after_the_readers_clock_read_is_the_present() {
+    // The reaper reads the clock once per walk; a packet on the other CPU may write a later
+    // time into a record before the walk reaches it. That record is fresh, not a wrap old.
+    let walk = (1u64 << 52) + 5_000_000_000;
+    for later in [1u64 << LAST_SHIFT, 3 << CLOSED_SHIFT, 30_000_000_000] {
+        let mut f = Flow::EMPTY;
+        f.last_ns = walk + later;
+        f.closed_ns = walk + later;
+        let p = Established::pack(&f);
+        assert_eq!(p.last_ns(walk), walk, "{later}");
+        assert_eq!(p.closed_ns(walk), walk, "{later}");
+        let age = Age::of_established(&p, walk);
+        assert_eq!((age.idle_ns, age.since_closed_ns), (0, Some(0)));
+    }
+    // The longest measurable ages still read as themselves.
+    let mut f = Flow::EMPTY;
+    f.last_ns = walk - (MAX_IDLE_NS - (2 << LAST_SHIFT));
+    f.closed_ns = walk - (MAX_CLOSED_AGE_NS - (2 << CLOSED_SHIFT));
+    let p = Established::pack(&f);
+    assert!(walk - p.last_ns(walk) > MAX_IDLE_NS - (4 << LAST_SHIFT));
+    assert!(walk - p.closed_ns(walk) > MAX_CLOSED_AGE_NS - (4 << CLOSED_SHIFT));
 }
 
 prop_compose! {
