@@ -5,8 +5,8 @@ use std::{ffi::CString, path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
 use aya::{
-    Ebpf, TestRun as _,
-    maps::{Array, PerCpuArray, PerCpuValues},
+    Ebpf, EbpfLoader, TestRun as _,
+    maps::{Array, HashMap, PerCpuArray, PerCpuValues},
     programs::{SchedClassifier, TestRunAttrs, TestRunOptions, Xdp, XdpMode},
 };
 
@@ -22,6 +22,8 @@ const GENERATOR_PROGRAM: &str = "bench_gen";
 const REF_XDP_PROGRAM: &str = "bench_ref_xdp";
 /// The reference tracker on TC.
 const REF_TC_PROGRAM: &str = "bench_ref_tc";
+/// The reference tracker's table.
+const REF_FLOWS_MAP: &str = "REF_FLOWS";
 
 /// Frames per live-frames batch: the veth NAPI budget, so that each batch is received in
 /// full when the generator re-enables bottom halves after it.
@@ -44,8 +46,15 @@ pub struct BenchPrograms {
 }
 
 impl BenchPrograms {
-    /// Loads the object and all its programs.
+    /// Loads the object and all its programs (the reference's table at its default size).
     pub fn load() -> Result<Self> {
+        Self::load_with(None)
+    }
+
+    /// Loads the object and all its programs, the reference's table sized `reference_capacity`
+    /// when given (the per-packet item gives it tcpscope's capacity, so that both insert new
+    /// flows into tables of the same size).
+    pub fn load_with(reference_capacity: Option<u32>) -> Result<Self> {
         let path = object_path();
         let bytes = std::fs::read(&path).with_context(|| {
             format!(
@@ -53,7 +62,13 @@ impl BenchPrograms {
                 path.display()
             )
         })?;
-        let mut ebpf = Ebpf::load(&bytes).context("loading the benchmark object")?;
+        let mut loader = EbpfLoader::new();
+        if let Some(capacity) = reference_capacity {
+            loader.map_max_entries(REF_FLOWS_MAP, capacity);
+        }
+        let mut ebpf = loader
+            .load(&bytes)
+            .context("loading the benchmark object")?;
         for name in [XDP_PASS_PROGRAM, GENERATOR_PROGRAM, REF_XDP_PROGRAM] {
             let p: &mut Xdp = ebpf.program_mut(name).context(name)?.try_into()?;
             p.load().with_context(|| format!("loading {name}"))?;
@@ -63,6 +78,13 @@ impl BenchPrograms {
             p.load().with_context(|| format!("loading {name}"))?;
         }
         Ok(Self { ebpf })
+    }
+
+    /// Records in the reference tracker's table.
+    pub fn reference_flows(&self) -> Result<usize> {
+        let map = self.ebpf.map(REF_FLOWS_MAP).context(REF_FLOWS_MAP)?;
+        let table = HashMap::<_, [u8; 16], [u8; 64]>::try_from(map)?;
+        Ok(table.keys().count())
     }
 
     /// The XDP_PASS floor.
