@@ -55,19 +55,7 @@ fn ss_name(state: &str) -> String {
 /// The tracker's view: for each endpoint on `side`, `(endpoint, peer)` → `ss`-style state
 /// (endpoints in CLOSED left out, as `ss` shows no socket for them).
 fn tracker_states(agent: &Agent, side: &str) -> BTreeMap<(String, String), String> {
-    let out = Command::new(env!("CARGO_BIN_EXE_tcpscope"))
-        .arg("flows")
-        .arg("--json")
-        .arg("--pin-dir")
-        .arg(&agent.pin_dir)
-        .output()
-        .expect("tcpscope flows");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let flows: Value = serde_json::from_slice(&out.stdout).expect("flows JSON");
+    let flows = tcpscope_json(agent, &["flows", "--json"]);
     let mut states = BTreeMap::new();
     for flow in flows.as_array().expect("array") {
         let ep = flow["endpoints"].as_array().expect("endpoints");
@@ -570,16 +558,22 @@ fn fins_and_rsts_race_the_fast_path_on_the_other_cpu() {
 
 /// The tallies of `tcpscope stats --format json` on the agent's pins.
 fn stats_counters(agent: &Agent) -> Value {
+    tcpscope_json(agent, &["stats", "--format", "json"])["counters"].clone()
+}
+
+/// The JSON that `tcpscope ARGS --pin-dir <the agent's pins>` prints; panics unless it
+/// succeeds.
+fn tcpscope_json(agent: &Agent, args: &[&str]) -> Value {
     let out = Command::new(env!("CARGO_BIN_EXE_tcpscope"))
-        .args(["stats", "--format", "json", "--pin-dir"])
+        .args(args)
+        .arg("--pin-dir")
         .arg(&agent.pin_dir)
         .output()
-        .expect("stats");
+        .expect("run tcpscope");
     assert!(
         out.status.success(),
-        "{}",
+        "tcpscope {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let stats: Value = serde_json::from_slice(&out.stdout).expect("stats JSON");
-    stats["counters"].clone()
+    serde_json::from_slice(&out.stdout).expect("tcpscope's JSON")
 }
