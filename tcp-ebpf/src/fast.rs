@@ -18,6 +18,8 @@
 //!   transitions the new state calls for.
 //! - A record it finds is freed only a grace period after it was marked DEAD (the mark clears
 //!   the state word first), so its writes never land in an element that holds another flow.
+//!   Its "seen" mark may land after the DEAD mark's time; the reaper dates it on DEAD records
+//!   too, which restarts the grace period.
 
 use tcp_common::{
     flow::{Established, EstablishedEntry, FlowKey, FlowKey4, fast_path_pattern},

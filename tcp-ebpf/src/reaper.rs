@@ -105,18 +105,21 @@ extern "C" fn visit_established(
         let now = (*walk).now;
         aya_ebpf::helpers::bpf_spin_lock((&raw mut (*entry).lock).cast());
         let rec = &raw mut (*entry).rec;
-        let fate = if (*rec).flags & flow_flags::DEAD != 0 {
-            let marked = (*rec).last_ns(now);
-            u8::from(now.saturating_sub(marked) >= DEAD_GRACE_NS) * 2
+        // The fast path's "seen" mark becomes the time of this walk. On a DEAD record the mark
+        // is the write of a fast path that passed its state check just before the DEAD mark:
+        // the grace period restarts from this walk (left at 0, it would never end).
+        if core::ptr::read_volatile(&raw const (*rec).last) == 0 {
+            core::ptr::write_volatile(&raw mut (*rec).last, Established::ticks(now));
+        }
+        // The fast path may write meanwhile: every field is read once, volatile.
+        let snap = Established::read(rec);
+        let fate = if snap.flags & flow_flags::DEAD != 0 {
+            u8::from(now.saturating_sub(snap.last_ns(now)) >= DEAD_GRACE_NS) * 2
         } else {
-            // The fast path's "seen" mark becomes the time of this walk.
-            if core::ptr::read_volatile(&raw const (*rec).last) == 0 {
-                core::ptr::write_volatile(&raw mut (*rec).last, Established::ticks(now));
-            }
-            u8::from(Age::of_established(&*rec, now).expired(&(*walk).timeouts))
+            u8::from(Age::of_established(&snap, now).expired(&(*walk).timeouts))
         };
-        let slots = [established_slot(&*rec, 0), established_slot(&*rec, 1)];
-        let evicted = !finished([(*rec).ep_state(0), (*rec).ep_state(1)]);
+        let slots = [established_slot(&snap, 0), established_slot(&snap, 1)];
+        let evicted = !finished([snap.ep_state(0), snap.ep_state(1)]);
         if fate == 1 {
             Established::mark_dead(rec, now);
         }
