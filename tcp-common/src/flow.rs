@@ -503,18 +503,32 @@ unsafe impl aya::Pod for Established {}
 unsafe impl aya::Pod for EstablishedEntry {}
 
 /// `ns >> LAST_SHIFT` as a wrapping tick that is never 0 (0 means "seen, no time yet" in the
-/// compact record): the tick that wraps to 0 is stored as the one before it, one tick old.
+/// compact record): the tick that wraps to 0 is stored as the one after it, so that a time is
+/// never read back earlier than it was.
 #[inline(always)]
 const fn ticks32(ns: u64) -> u32 {
     let t = (ns >> LAST_SHIFT) as u32;
-    if t == 0 { u32::MAX } else { t }
+    if t == 0 { 1 } else { t }
 }
 
-/// `ns >> CLOSED_SHIFT` as a wrapping tick that is never 0 (0 means "not closed").
+/// `ns >> CLOSED_SHIFT` as a wrapping tick that is never 0 (0 means "not closed"; the tick
+/// that wraps to 0 is stored as the one after it).
 #[inline(always)]
 const fn ticks16(ns: u64) -> u16 {
     let t = (ns >> CLOSED_SHIFT) as u16;
-    if t == 0 { u16::MAX } else { t }
+    if t == 0 { 1 } else { t }
+}
+
+/// The time of a tick stored `age` ticks before the one of `now_ns`: the last ns of that tick,
+/// never earlier than the time stored (so a timeout never fires early) and in the same tick
+/// (packing it again gives the same tick back); `now_ns` itself for an age of 0 or less.
+#[inline(always)]
+const fn tick_time(now_ns: u64, age: i64, shift: u32) -> u64 {
+    if age <= 0 {
+        return now_ns;
+    }
+    let end = ((now_ns >> shift) + 1).saturating_sub(age as u64) << shift;
+    if end == 0 { 0 } else { end - 1 }
 }
 
 /// What the fast path checks before it touches a record, for a segment sent by endpoint `dir`
@@ -669,7 +683,7 @@ impl Established {
     }
 
     /// Time of the last segment as an ns time at or before `now_ns` (`now_ns` itself when the
-    /// fast path has seen the flow since the reaper's last walk).
+    /// fast path has seen the flow since the reaper's last walk): the end of its tick.
     ///
     /// The age in ticks is signed: a record may carry a time later than the `now_ns` it is
     /// read with (the reaper reads the clock once per walk while packets keep writing times on
@@ -682,14 +696,11 @@ impl Established {
             return now_ns;
         }
         let age = ((now_ns >> LAST_SHIFT) as u32).wrapping_sub(self.last) as i32;
-        if age <= 0 {
-            return now_ns;
-        }
-        now_ns.saturating_sub((age as u64) << LAST_SHIFT)
+        tick_time(now_ns, age as i64, LAST_SHIFT)
     }
 
-    /// Time of the close as an ns time at or before `now_ns`, or 0 for none (signed ages, as
-    /// in [`Self::last_ns`]).
+    /// Time of the close as an ns time at or before `now_ns`, or 0 for none (signed ages and
+    /// the end of the tick, as in [`Self::last_ns`]: TIME-WAIT never ends before its time).
     #[must_use]
     #[inline(always)]
     pub const fn closed_ns(&self, now_ns: u64) -> u64 {
@@ -697,11 +708,7 @@ impl Established {
             return 0;
         }
         let age = ((now_ns >> CLOSED_SHIFT) as u16).wrapping_sub(self.closed) as i16;
-        let t = if age <= 0 {
-            now_ns
-        } else {
-            now_ns.saturating_sub((age as u64) << CLOSED_SHIFT)
-        };
+        let t = tick_time(now_ns, age as i64, CLOSED_SHIFT);
         if t == 0 { 1 } else { t }
     }
 
