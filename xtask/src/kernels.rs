@@ -215,9 +215,11 @@ pub fn fetch(choice: &Choice) -> Result<Kernel> {
         Choice::Pinned(pin) => fetch_pinned(pin, &debs)?,
         Choice::Package { name, version } => fetch_with_apt(name, version, &debs)?,
     };
-    let partial = cache.join(format!("{}.partial", choice.name()));
+    let partial = cache.join(format!("{}_{}.partial", choice.name(), choice.version()));
     let _ = fs::remove_dir_all(&partial);
     cmd::run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&partial))?;
+    // What an interrupted or failed run left there.
+    let _ = fs::remove_dir_all(&kernel.root);
     fs::rename(&partial, &kernel.root)
         .with_context(|| format!("moving into {}", kernel.root.display()))?;
     if !kernel.vmlinuz().is_file() {
@@ -272,25 +274,42 @@ fn fetch_pinned(pin: &Pin, debs: &Path) -> Result<PathBuf> {
 }
 
 /// `NAME=VERSION` through the local apt sources (updating the index once if it does not know
-/// the version), into `debs`; prints the SHA-256 and archive path a pin would need.
+/// the version, or if the download fails: a stale index points at files the mirror dropped),
+/// into `debs`; prints the SHA-256 and archive path a pin would need.
 fn fetch_with_apt(name: &str, version: &str, debs: &Path) -> Result<PathBuf> {
     let file = debs.join(deb_name(name, version));
     if !file.is_file() {
         let spec = format!("{name}={version}");
         let known =
             || cmd::stdout_of(Command::new("apt-cache").args(["show", "--no-all-versions", &spec]));
+        let update = || cmd::run(Command::new("apt-get").args(["update", "-q"]));
+        let download = || {
+            cmd::run(
+                Command::new("apt-get")
+                    .args(["-o", "APT::Sandbox::User=root", "download", "-q", &spec])
+                    .current_dir(debs),
+            )
+        };
+        let mut updated = false;
         if known().is_none() {
             eprintln!("xtask: apt does not know {spec}: updating its index once");
-            cmd::run(Command::new("apt-get").args(["update", "-q"]))?;
+            update()?;
+            updated = true;
+        }
+        if known().is_none() {
+            bail!("apt knows no {spec}, even after apt-get update");
+        }
+        if let Err(e) = download() {
+            if updated {
+                return Err(e);
+            }
+            eprintln!("xtask: apt-get download {spec} failed: updating its index once, then again");
+            update()?;
+            download()?;
         }
         let Some(fields) = known() else {
-            bail!("apt knows no {spec}, even after apt-get update");
+            bail!("apt knows no {spec} after apt-get update");
         };
-        cmd::run(
-            Command::new("apt-get")
-                .args(["-o", "APT::Sandbox::User=root", "download", "-q", &spec])
-                .current_dir(debs),
-        )?;
         for line in fields.lines() {
             if line.starts_with("Filename:") || line.starts_with("SHA256:") {
                 eprintln!("xtask: {spec}: {line}");
