@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use log::{debug, warn};
+use log::{debug, info, warn};
 use tcp_common::{metrics::table, track::Timeouts};
 
 use crate::loader::{Tracker, error_chain};
@@ -65,16 +65,30 @@ impl Drop for Reaper {
 fn run(tracker: &Tracker, timeouts: &Timeouts, stop: &(Mutex<bool>, Condvar)) {
     let (flag, wake) = stop;
     let mut next = Instant::now();
+    // The error last logged: a failure that persists is logged once, not every second.
+    let mut failing: Option<String> = None;
     loop {
         match tracker.reap(timeouts) {
-            Ok(r) if r.reaped.iter().any(|n| *n > 0) => debug!(
-                "expired {} IPv4 and {} IPv6 established and {} half-open records",
-                r.reaped[table::ESTABLISHED_V4],
-                r.reaped[table::ESTABLISHED_V6],
-                r.reaped[table::HALF_OPEN]
-            ),
-            Ok(_) => {}
-            Err(e) => warn!("expiring flows: {}", error_chain(&e)),
+            Ok(r) => {
+                if failing.take().is_some() {
+                    info!("expiring flows works again");
+                }
+                if r.reaped.iter().any(|n| *n > 0) {
+                    debug!(
+                        "expired {} IPv4 and {} IPv6 established and {} half-open records",
+                        r.reaped[table::ESTABLISHED_V4],
+                        r.reaped[table::ESTABLISHED_V6],
+                        r.reaped[table::HALF_OPEN]
+                    );
+                }
+            }
+            Err(e) => {
+                let error = error_chain(&e);
+                if failing.as_ref() != Some(&error) {
+                    warn!("expiring flows: {error} (logged again only if it changes)");
+                    failing = Some(error);
+                }
+            }
         }
         next = (next + PERIOD).max(Instant::now());
         let mut stopped = flag.lock().unwrap_or_else(PoisonError::into_inner);
