@@ -19,6 +19,7 @@ use common::{
     metrics::{AGENT, http_get, parse, sample, scrape_text, sum},
     prometheus::Prometheus,
 };
+use tcp_user::loader;
 
 const PORT: u16 = 9200;
 
@@ -224,13 +225,21 @@ fn time_wait_gauges_equal_ss_per_side_through_prometheus_and_expire() {
         0.0,
         "TIME-WAIT and CLOSED records end naturally"
     );
-    assert_eq!(
-        sample(
-            &samples,
-            "tcpscope_flow_table_capacity{family=\"ipv4\",table=\"established\"}"
-        ),
-        262_144.0
-    );
+    // The agent runs with the default capacities.
+    for (family, table, capacity) in [
+        ("ipv4", "established", loader::DEFAULT_FLOWS_CAPACITY),
+        ("ipv6", "established", loader::DEFAULT_FLOWS6_CAPACITY),
+        ("all", "half_open", loader::DEFAULT_HALF_OPEN_CAPACITY),
+    ] {
+        assert_eq!(
+            sample(
+                &samples,
+                &format!("tcpscope_flow_table_capacity{{family=\"{family}\",table=\"{table}\"}}")
+            ),
+            f64::from(capacity),
+            "{family} {table}"
+        );
+    }
     promtool_check(&text);
     // Prometheus itself found nothing to complain about in any scrape.
     assert_eq!(

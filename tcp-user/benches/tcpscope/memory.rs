@@ -23,6 +23,11 @@ pub const TITLE: &str = "4. Kernel memory per tracked flow";
 /// Targets: bytes per IPv4 and per IPv6 flow (a slot of its established table).
 const TARGET_V4_BYTES: f64 = 128.0;
 const TARGET_V6_BYTES: f64 = 160.0;
+/// The targets' ids in report.json, with their limits.
+const TARGETS: [(&str, f64); 2] = [
+    ("memory_ipv4_bytes_per_flow", TARGET_V4_BYTES),
+    ("memory_ipv6_bytes_per_flow", TARGET_V6_BYTES),
+];
 
 /// One map the agent holds.
 struct MapMem {
@@ -115,27 +120,27 @@ pub fn run(bed: &Testbed, agent_bin: &std::path::Path) -> Result<Section> {
         let total: u64 = maps.values().map(|m| m.memlock).sum();
         let mut rows = Vec::new();
         for (name, m, target) in [
-            ("FLOWS4 (IPv4 established)", v4, Some(TARGET_V4_BYTES)),
-            ("FLOWS6 (IPv6 established)", v6, Some(TARGET_V6_BYTES)),
+            ("FLOWS4 (IPv4 established)", v4, Some(TARGETS[0])),
+            ("FLOWS6 (IPv6 established)", v6, Some(TARGETS[1])),
             ("HALF_OPEN (handshakes, both families)", half_open, None),
         ] {
             let per = m.memlock as f64 / m.max_entries as f64;
-            let ok = target.map(|t| per <= t);
+            let ok = target.map(|(_, limit)| per <= limit);
             t.row(vec![
                 label.to_owned(),
                 name.to_owned(),
                 m.max_entries.to_string(),
                 m.memlock.to_string(),
                 num(per, 2),
-                target.map_or_else(|| "–".to_owned(), |t| format!("≤ {t} B")),
+                target.map_or_else(|| "–".to_owned(), |(_, limit)| format!("≤ {limit} B")),
                 met(ok),
             ]);
             rows.push(json!({
                 "map": name, "max_entries": m.max_entries, "memlock": m.memlock,
                 "bytes_per_slot": per, "met": ok,
             }));
-            if let Some(limit) = target {
-                targets.push((limit, per));
+            if let Some((id, _)) = target {
+                targets.push((id, per));
             }
         }
         json_configs.push(json!({
@@ -171,20 +176,17 @@ pub fn run(bed: &Testbed, agent_bin: &std::path::Path) -> Result<Section> {
                 .to_owned(),
         ],
         json: json!({ "configs": json_configs }),
-        targets: [
-            ("memory_ipv4_bytes_per_flow", TARGET_V4_BYTES),
-            ("memory_ipv6_bytes_per_flow", TARGET_V6_BYTES),
-        ]
-        .into_iter()
-        .map(|(id, limit)| {
-            // The larger of the two capacities' figures.
-            let worst = targets
-                .iter()
-                .filter(|(l, _)| *l == limit)
-                .map(|(_, per)| *per)
-                .fold(f64::NAN, f64::max);
-            Target::at_most(id, worst, limit, "bytes")
-        })
-        .collect(),
+        targets: TARGETS
+            .into_iter()
+            .map(|(id, limit)| {
+                // The larger of the two capacities' figures.
+                let worst = targets
+                    .iter()
+                    .filter(|(i, _)| *i == id)
+                    .map(|(_, per)| *per)
+                    .fold(f64::NAN, f64::max);
+                Target::at_most(id, worst, limit, "bytes")
+            })
+            .collect(),
     })
 }
