@@ -9,7 +9,6 @@ mod common;
 
 use std::{
     path::{Path, PathBuf},
-    process::Command,
     thread,
     time::{Duration, Instant},
 };
@@ -36,19 +35,6 @@ const NO_EXPIRY: [&str; 8] = [
     "--closing-secs",
     "2250000",
 ];
-
-fn tcpscope(args: &[&str]) -> Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_tcpscope"))
-        .args(args)
-        .output()
-        .expect("run tcpscope");
-    assert!(
-        out.status.success(),
-        "tcpscope {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("JSON")
-}
 
 /// Empties the pinned tables and counters between captures.
 fn reset(pin_dir: &Path) {
@@ -129,7 +115,6 @@ fn kernel_mirror_mode_equals_userspace_replay_on_every_capture() {
     args.extend(NO_EXPIRY);
     let mut agent = Agent::start(&link.server, &args);
     agent.wait_for("attached ");
-    let pin = agent.pin_dir.to_string_lossy().into_owned();
     let mut truths: Vec<PathBuf> = std::fs::read_dir(dir.join("truth"))
         .expect("truth")
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -167,7 +152,7 @@ fn kernel_mirror_mode_equals_userspace_replay_on_every_capture() {
         let want = truth["packets"].as_u64().expect("packets");
         let deadline = Instant::now() + Duration::from_secs(20);
         let kernel = loop {
-            let stats = tcpscope(&["stats", "--format", "json", "--pin-dir", &pin]);
+            let stats = agent.json(&["stats", "--format", "json"]);
             if packets_seen(&stats) >= want || Instant::now() > deadline {
                 break stats;
             }
@@ -177,7 +162,7 @@ fn kernel_mirror_mode_equals_userspace_replay_on_every_capture() {
         let mut args = vec!["replay", "--format", "json"];
         args.extend(NO_EXPIRY);
         args.push(capture.to_str().expect("path"));
-        let user = tcpscope(&args);
+        let user = common::tcpscope_json(&args);
         for key in [
             "syn",
             "synack",

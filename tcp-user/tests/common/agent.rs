@@ -70,20 +70,19 @@ impl Agent {
         );
     }
 
+    /// The JSON that `tcpscope ARGS --pin-dir <its pins>` prints; panics unless it succeeds.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all: Vec<std::ffi::OsString> = args.iter().map(Into::into).collect();
+        all.extend(["--pin-dir".into(), self.pin_dir.clone().into_os_string()]);
+        super::tcpscope_json(&all)
+    }
+
     /// Every flow it tracks, from `tcpscope flows --json` on its pins.
     pub fn flows(&self) -> Vec<serde_json::Value> {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tcpscope"))
-            .args(["flows", "--json", "--pin-dir"])
-            .arg(&self.pin_dir)
-            .output()
-            .expect("tcpscope flows");
-        assert!(
-            out.status.success(),
-            "tcpscope flows: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let flows: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
-        flows.as_array().expect("array of flows").clone()
+        self.json(&["flows", "--json"])
+            .as_array()
+            .expect("array of flows")
+            .clone()
     }
 
     /// SIGTERM, then the summary lines it printed, by hook.

@@ -78,6 +78,20 @@ pub fn sh(argv: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The JSON that `tcpscope ARGS` prints; panics unless it succeeds.
+pub fn tcpscope_json<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_tcpscope"))
+        .args(args)
+        .output()
+        .expect("run tcpscope");
+    assert!(
+        out.status.success(),
+        "tcpscope {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("tcpscope {args:?}: {e}"))
+}
+
 /// Runs a command and returns its output, whatever the exit status.
 pub fn run(argv: &[&str]) -> Output {
     Command::new(argv[0])
