@@ -381,7 +381,7 @@ impl EventCounters {
     }
 }
 
-const _: () = assert!(crate::state::events::SIMULTANEOUS_OPEN < (1 << 24));
+const _: () = assert!(crate::state::events::TIME_WAIT_REUSE_REFUSED < (1 << 24));
 
 #[cfg(feature = "user")]
 // SAFETY: `repr(C)`, `u64`s only.

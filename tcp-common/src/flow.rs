@@ -173,7 +173,7 @@ pub const NO_WSCALE: u8 = 0xff;
 pub mod endpoint_flags {
     /// It sent a SYN (its ISN is known).
     pub const SENT_SYN: u8 = 0x01;
-    /// It sent a FIN (`fin_seq` is valid).
+    /// It sent a FIN (`end_seq` is its FIN's sequence number).
     pub const SENT_FIN: u8 = 0x02;
     /// It sent a segment with ACK (`ack` is valid).
     pub const SENT_ACK: u8 = 0x04;
@@ -181,8 +181,10 @@ pub mod endpoint_flags {
     pub const SENT_ANY: u8 = 0x08;
     /// Its last window came with a SYN, which is never scaled.
     pub const SYN_WINDOW: u8 = 0x10;
+    /// The end of what it sent is known (`end_seq` is valid).
+    pub const SENT_SEQ: u8 = 0x20;
     /// Every bit above.
-    pub const ALL: u8 = 0x1f;
+    pub const ALL: u8 = 0x3f;
 }
 
 /// What the observer knows of one endpoint.
@@ -193,8 +195,11 @@ pub struct Endpoint {
     pub isn: u32,
     /// Highest acknowledgment number it has sent: what it has received.
     pub ack: u32,
-    /// Sequence number of its FIN.
-    pub fin_seq: u32,
+    /// The end of what it sent: the sequence number after the last byte of its highest data
+    /// segment (after its ISN for a SYN without data), until it sends its FIN; from then on the
+    /// FIN's sequence number. Its next sequence number is this, plus one after a FIN. What the
+    /// peer expects next in a RST (RFC 5961), and what a keepalive probe sits one below.
+    pub end_seq: u32,
     /// Last advertised receive window, as sent (unscaled; see [`Endpoint::scaled_window`]).
     pub window: u16,
     /// RFC 793 state ([`TcpState`] as u8).
@@ -205,14 +210,39 @@ pub struct Endpoint {
     pub flags: u8,
     /// [`Side`] as u8.
     pub side: u8,
+    /// Bits of [`handshake_flags`] (kept in the half-open table only).
+    pub handshake: u8,
     /// Always zero.
-    pub pad: [u8; 2],
+    pub pad: u8,
+}
+
+/// Bits of [`Endpoint::handshake`]: what only the handshake needs, so the compact established
+/// record does not keep them.
+pub mod handshake_flags {
+    /// It sent a SYN-ACK (a second one with the same ISN is a retransmission).
+    pub const SENT_SYNACK: u8 = 0x01;
+    /// It is the endpoint that answers a SYN sent while this 4-tuple was in TIME-WAIT: its
+    /// answer (SYN-ACK, or ACK/RST) tells whether the reuse was accepted.
+    pub const REUSE_ANSWER_PENDING: u8 = 0x02;
 }
 
 /// Largest window shift allowed by RFC 7323.
 pub const MAX_WSCALE: u8 = 14;
 
 impl Endpoint {
+    /// The sequence number it sends next, if known: after its FIN, or after its highest data.
+    #[must_use]
+    #[inline(always)]
+    pub const fn next_seq(&self) -> Option<u32> {
+        if self.has(endpoint_flags::SENT_FIN) {
+            Some(self.end_seq.wrapping_add(1))
+        } else if self.has(endpoint_flags::SENT_SEQ) {
+            Some(self.end_seq)
+        } else {
+            None
+        }
+    }
+
     /// State as an enum.
     #[must_use]
     #[inline(always)]
@@ -317,13 +347,14 @@ impl Flow {
         ep: [Endpoint {
             isn: 0,
             ack: 0,
-            fin_seq: 0,
+            end_seq: 0,
             window: 0,
             state: 0,
             wscale: NO_WSCALE,
             flags: 0,
             side: 0,
-            pad: [0; 2],
+            handshake: 0,
+            pad: 0,
         }; 2],
         syn_ns: 0,
         synack_ns: 0,
@@ -458,8 +489,8 @@ const NO_WSCALE_NIBBLE: u8 = 0x0f;
 pub struct Established {
     /// Highest ACK each endpoint sent.
     pub ack: [u32; 2],
-    /// Sequence number of each endpoint's FIN.
-    pub fin_seq: [u32; 2],
+    /// The end of what each endpoint sent ([`Endpoint::end_seq`]).
+    pub end_seq: [u32; 2],
     /// Time of the last segment (ns >> [`LAST_SHIFT`], never 0), or 0: seen by the fast path
     /// since the reaper's last walk (the reaper then writes the time).
     pub last: u32,
@@ -533,16 +564,18 @@ const fn tick_time(now_ns: u64, age: i64, shift: u32) -> u64 {
 
 /// What the fast path checks before it touches a record, for a segment sent by endpoint `dir`
 /// from `side`: `(mask, expected)` over [`Established::state_word`]. Both endpoints
-/// ESTABLISHED; the sender's window and ACK known, and not from a SYN; no FIN sent by either;
-/// both sides what this hook implies (record_sent would otherwise move them).
+/// ESTABLISHED; the sender's window, ACK and end of data known, its window not from a SYN; no
+/// FIN sent by either; both sides what this hook implies (record_sent would otherwise move
+/// them).
 #[must_use]
 #[inline(always)]
 pub const fn fast_path_pattern(dir: usize, side: Side) -> (u32, u32) {
     use endpoint_flags as ef;
     let est = TcpState::Established as u32;
-    let sender_mask = (ef::SENT_ANY | ef::SENT_ACK | ef::SYN_WINDOW | ef::SENT_FIN) as u32 | 0xc0;
+    let sender_mask =
+        (ef::SENT_ANY | ef::SENT_ACK | ef::SYN_WINDOW | ef::SENT_FIN | ef::SENT_SEQ) as u32 | 0xc0;
     let receiver_mask = ef::SENT_FIN as u32 | 0xc0;
-    let sender = (ef::SENT_ANY | ef::SENT_ACK) as u32 | (side as u32) << SIDE_SHIFT;
+    let sender = (ef::SENT_ANY | ef::SENT_ACK | ef::SENT_SEQ) as u32 | (side as u32) << SIDE_SHIFT;
     let receiver = (side.opposite() as u32) << SIDE_SHIFT;
     let (m0, m1, e0, e1) = if dir & 1 == 0 {
         (sender_mask, receiver_mask, sender, receiver)
@@ -577,7 +610,7 @@ impl Established {
                 ep.wscale
             };
             self.ack[i] = ep.ack;
-            self.fin_seq[i] = ep.fin_seq;
+            self.end_seq[i] = ep.end_seq;
             self.window[i] = ep.window;
             self.isn_lo[i] = ep.isn as u16;
             self.state[i] = (ep.state & 0x0f) | w << 4;
@@ -632,7 +665,7 @@ impl Established {
                     (claim & 0xffff_0000) | u32::from(self.isn_lo[i]),
                 );
                 put(&raw mut (*ep).ack, self.ack[i]);
-                put(&raw mut (*ep).fin_seq, self.fin_seq[i]);
+                put(&raw mut (*ep).end_seq, self.end_seq[i]);
                 put(&raw mut (*ep).window, self.window[i]);
                 put(&raw mut (*ep).state, st & 0x0f);
                 put(
@@ -641,6 +674,7 @@ impl Established {
                 );
                 put(&raw mut (*ep).flags, self.ep_flags[i] & endpoint_flags::ALL);
                 put(&raw mut (*ep).side, self.ep_flags[i] >> SIDE_SHIFT);
+                put(&raw mut (*ep).handshake, 0);
             }
         }
         // SAFETY: fields of `out`. (The padding is left as it is: zero in every record.)
@@ -670,7 +704,7 @@ impl Established {
         }
         Self {
             ack: [load!(ack[0]), load!(ack[1])],
-            fin_seq: [load!(fin_seq[0]), load!(fin_seq[1])],
+            end_seq: [load!(end_seq[0]), load!(end_seq[1])],
             last: load!(last),
             window: [load!(window[0]), load!(window[1])],
             isn_lo: [load!(isn_lo[0]), load!(isn_lo[1])],
@@ -769,6 +803,19 @@ impl Established {
         }
     }
 
+    /// Closes the endpoints in FIN-WAIT-2 at `now_ns` (the reaper, when
+    /// [`crate::track::Age::fin_wait2_expired`] says their time is up; the same change as
+    /// [`crate::track::expire_fin_wait2`] makes to a full record).
+    #[inline(always)]
+    pub fn close_fin_wait2(&mut self, now_ns: u64) {
+        for st in &mut self.state {
+            if *st & 0x0f == TcpState::FinWait2 as u8 {
+                *st &= 0xf0;
+            }
+        }
+        self.closed = ticks16(now_ns);
+    }
+
     /// Ticks of `now_ns` as [`Self::last`] keeps them.
     #[must_use]
     #[inline(always)]
@@ -795,8 +842,8 @@ impl Established {
         }
         store!(ack[0]);
         store!(ack[1]);
-        store!(fin_seq[0]);
-        store!(fin_seq[1]);
+        store!(end_seq[0]);
+        store!(end_seq[1]);
         store!(last);
         store!(window[0]);
         store!(window[1]);

@@ -345,9 +345,9 @@ unsafe impl aya::Pod for PortStats {}
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ReapRequest {
-    /// Timeouts, ns: TIME-WAIT, closed, half-open, established, closing (the fields of
-    /// [`crate::track::Timeouts`] in order).
-    pub timeouts: [u64; 5],
+    /// Timeouts, ns: TIME-WAIT, closed, half-open, established, closing, FIN-WAIT-2 (the
+    /// fields of [`crate::track::Timeouts`] in order).
+    pub timeouts: [u64; 6],
     /// Out: records visited, per table.
     pub visited: [u64; table::COUNT],
     /// Out: records removed, per table.
@@ -355,7 +355,7 @@ pub struct ReapRequest {
 }
 
 /// Words of a [`ReapRequest`].
-const REAP_WORDS: usize = 5 + 2 * table::COUNT;
+const REAP_WORDS: usize = 6 + 2 * table::COUNT;
 
 impl ReapRequest {
     /// The request bytes (at least an Ethernet header's worth, as the kernel requires).
@@ -485,7 +485,7 @@ mod tests {
     #[test]
     fn reap_request_round_trips() {
         let r = ReapRequest {
-            timeouts: [1, 2, 3, 4, 5],
+            timeouts: [1, 2, 3, 4, 5, 6],
             visited: [6, 7, 8],
             reaped: [9, 10, 11],
         };

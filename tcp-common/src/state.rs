@@ -216,27 +216,42 @@ pub mod events {
     pub const SIMULTANEOUS_CLOSE: u32 = 1 << 7;
     /// Data from the side that received a FIN and has not sent its own (half-close).
     pub const HALF_CLOSE_DATA: u32 = 1 << 8;
-    /// A new SYN on a 4-tuple with an endpoint still in TIME-WAIT.
+    /// A new SYN on a 4-tuple with an endpoint still in TIME-WAIT (an attempt; its outcome
+    /// is [`TIME_WAIT_REUSE_ACCEPTED`] or [`TIME_WAIT_REUSE_REFUSED`]).
     pub const TIME_WAIT_REUSE: u32 = 1 << 9;
     /// The flow was created from a mid-stream segment (no handshake seen).
     pub const PICKED_UP: u32 = 1 << 10;
     /// The flow record was (re)started by this segment.
     pub const NEW_FLOW: u32 = 1 << 11;
-    /// RST whose sequence number is outside the receiver's window: ignored.
+    /// RST whose sequence number the receiver cannot accept (outside its window; towards an
+    /// endpoint in LISTEN, anything but the SYN's next sequence number): ignored.
     pub const INVALID_RST: u32 = 1 << 12;
     /// FIN whose sequence number is outside the receiver's window: ignored.
     pub const INVALID_FIN: u32 = 1 << 13;
     /// Impossible flag combination (SYN+FIN, SYN+RST, no SYN/ACK/RST, FIN without ACK): ignored.
     pub const INVALID_FLAGS: u32 = 1 << 14;
-    /// A SYN-ACK or handshake ACK that does not acknowledge the peer's SYN: ignored.
+    /// A SYN-ACK or handshake ACK that does not acknowledge the peer's SYN, or a segment from an
+    /// endpoint in LISTEN (it has answered nothing yet): ignored.
     pub const INVALID_ACK: u32 = 1 << 15;
     /// The segment cannot start a flow (lone RST or FIN, invalid): no record must be created.
     pub const UNTRACKED: u32 = 1 << 16;
     /// Simultaneous open (SYN crossing SYN).
     pub const SIMULTANEOUS_OPEN: u32 = 1 << 17;
+    /// A SYN-ACK repeating one its sender already sent (same ISN).
+    pub const SYNACK_RETRANSMIT: u32 = 1 << 18;
+    /// A FIN repeating one its sender already sent (same sequence number).
+    pub const FIN_RETRANSMIT: u32 = 1 << 19;
+    /// RST inside the receiver's window but not at the sequence number it expects (RFC 5961
+    /// §3.2: the receiver answers with a challenge ACK and keeps the connection): ignored.
+    pub const RST_IN_WINDOW: u32 = 1 << 20;
+    /// The answer to a TIME-WAIT reuse was a SYN-ACK: the new connection was accepted.
+    pub const TIME_WAIT_REUSE_ACCEPTED: u32 = 1 << 21;
+    /// The answer to a TIME-WAIT reuse was an ACK or a RST: the new SYN was refused.
+    pub const TIME_WAIT_REUSE_REFUSED: u32 = 1 << 22;
 
     /// Any of the invalid-segment bits.
-    pub const INVALID: u32 = INVALID_RST | INVALID_FIN | INVALID_FLAGS | INVALID_ACK;
+    pub const INVALID: u32 =
+        INVALID_RST | INVALID_FIN | INVALID_FLAGS | INVALID_ACK | RST_IN_WINDOW;
 }
 
 /// Sequence-number comparisons modulo 2^32 (RFC 1982 serial arithmetic).

@@ -9,13 +9,20 @@
 //! Validation follows netfilter's `tcp_in_window` in spirit: a RST or FIN whose sequence number
 //! lies outside what the receiver can accept changes nothing and is reported as invalid, so a
 //! spoofed RST cannot close a flow the real endpoints keep open. A RST answering a SYN must
-//! acknowledge that SYN exactly (RFC 793 p. 66).
+//! acknowledge that SYN exactly (RFC 793 p. 66). A synchronized endpoint takes a RST only at
+//! the sequence number it expects next (RFC 5961 §3.2, as Linux does): one elsewhere in its
+//! window gets a challenge ACK and changes nothing. An endpoint in LISTEN has answered nothing:
+//! a segment from it is a stray (an old connection's ACK) and changes nothing, and it takes a
+//! RST only at the SYN's next sequence number.
 //!
 //! Segments are assumed to reach their receiver: true at the host's own hooks, and the
 //! usual assumption for a mirror port.
 
 use crate::{
-    flow::{CLIENT_UNKNOWN, Established, Flow, endpoint_flags as ef, flow_flags as ff},
+    flow::{
+        CLIENT_UNKNOWN, Established, Flow, endpoint_flags as ef, flow_flags as ff,
+        handshake_flags as hf,
+    },
     parse::{Segment, tcp_flags},
     state::{Side, TcpState as S, events as ev, seq},
 };
@@ -45,6 +52,21 @@ pub fn track(flow: &mut Flow, seg: &Segment, dir: usize, side: Side, now: u64) -
     }
 
     let mut out = 0;
+    if !syn && !fresh && flow.ep[d].state() == S::Listen {
+        // It has answered nothing yet: whatever it sends is not part of this attempt (a
+        // TIME-WAIT socket's ACK of the old connection, a challenge ACK). When it is the answer
+        // to a TIME-WAIT reuse, that answer is a refusal.
+        let pending = flow.ep[d].handshake & hf::REUSE_ANSWER_PENDING != 0;
+        flow.ep[d].handshake &= !hf::REUSE_ANSWER_PENDING;
+        out |= if pending {
+            ev::TIME_WAIT_REUSE_REFUSED
+        } else {
+            0
+        };
+        if !rst {
+            return out | ev::INVALID_ACK;
+        }
+    }
     if syn {
         out |= if ack {
             on_syn_ack(flow, seg, d, fresh, now)
@@ -75,12 +97,26 @@ fn record_sent(flow: &mut Flow, seg: &Segment, d: usize, side: Side) {
     if !seg.has(tcp_flags::RST) {
         // Kept as sent: the shift is applied where the window is used (a SYN's never is).
         s.window = seg.window;
-        if seg.has(tcp_flags::SYN) {
+        let syn = seg.has(tcp_flags::SYN);
+        if syn {
             s.flags |= ef::SYN_WINDOW;
         } else {
             s.flags &= !ef::SYN_WINDOW;
         }
         s.flags |= ef::SENT_ANY;
+        // The end of what it sent; from its FIN on, the FIN's own sequence number stays.
+        if !s.has(ef::SENT_FIN) {
+            let end = seg
+                .seq
+                .wrapping_add(seg.payload_len)
+                .wrapping_add(u32::from(syn));
+            s.end_seq = if s.has(ef::SENT_SEQ) {
+                seq::max(s.end_seq, end)
+            } else {
+                end
+            };
+            s.flags |= ef::SENT_SEQ;
+        }
     }
     if seg.has(tcp_flags::ACK) {
         s.ack = if s.has(ef::SENT_ACK) {
@@ -147,7 +183,11 @@ fn on_syn(flow: &mut Flow, seg: &Segment, d: usize, fresh: bool, now: u64) -> u3
     if reusable {
         let reuse = s_state == S::TimeWait || r_state == S::TimeWait;
         start(flow, seg, d, now);
-        return ev::SYN | ev::NEW_FLOW | if reuse { ev::TIME_WAIT_REUSE } else { 0 };
+        if reuse {
+            flow.ep[1 - d].handshake = hf::REUSE_ANSWER_PENDING;
+            return ev::SYN | ev::NEW_FLOW | ev::TIME_WAIT_REUSE;
+        }
+        return ev::SYN | ev::NEW_FLOW;
     }
     // A SYN with a new ISN inside a live connection: the endpoint would answer with a
     // challenge ACK; nothing changes.
@@ -168,11 +208,13 @@ fn on_syn_ack(flow: &mut Flow, seg: &Segment, d: usize, fresh: bool, now: u64) -
         s.isn = seg.seq;
         s.wscale = seg.wscale;
         s.flags |= ef::SENT_SYN;
+        s.handshake |= hf::SENT_SYNACK;
         let rcv = &mut flow.ep[r];
         rcv.state = S::SynSent as u8;
         rcv.isn = seg.ack.wrapping_sub(1);
+        rcv.end_seq = seg.ack;
         // Its SYN's window is not known: 0 (RST/FIN validation then waits for its ACK).
-        rcv.flags |= ef::SENT_SYN | ef::SENT_ANY | ef::SYN_WINDOW;
+        rcv.flags |= ef::SENT_SYN | ef::SENT_ANY | ef::SYN_WINDOW | ef::SENT_SEQ;
         return ev::SYN_ACK | ev::NEW_FLOW | ev::PICKED_UP;
     }
     let acks_syn = flow.ep[r].has(ef::SENT_SYN) && seg.ack == flow.ep[r].isn.wrapping_add(1);
@@ -180,17 +222,30 @@ fn on_syn_ack(flow: &mut Flow, seg: &Segment, d: usize, fresh: bool, now: u64) -
         return ev::SYN_ACK | ev::INVALID_ACK;
     }
     let repeat = flow.ep[d].has(ef::SENT_SYN) && flow.ep[d].isn == seg.seq;
+    let mut out = ev::SYN_ACK;
     match flow.ep[d].state() {
         // The answer to a SYN: the sender becomes SYN-RECEIVED.
         S::Listen | S::Closed => {
             let s = &mut flow.ep[d];
+            if s.handshake & hf::REUSE_ANSWER_PENDING != 0 {
+                out |= ev::TIME_WAIT_REUSE_ACCEPTED;
+            }
             s.state = S::SynReceived as u8;
             s.isn = seg.seq;
             s.wscale = seg.wscale;
             s.flags |= ef::SENT_SYN;
+            s.handshake = hf::SENT_SYNACK;
         }
-        // A retransmission, or the second SYN-ACK of a simultaneous open.
-        _ if repeat => {}
+        // A retransmission, or the first SYN-ACK of an endpoint in a simultaneous open (its
+        // SYN went out alone). Past the handshake the half-open flags are gone, and any repeat
+        // is a retransmission.
+        _ if repeat => {
+            let s = &mut flow.ep[d];
+            if s.handshake & hf::SENT_SYNACK != 0 || flow.flags & ff::HANDSHAKE_DONE != 0 {
+                out |= ev::SYNACK_RETRANSMIT;
+            }
+            s.handshake |= hf::SENT_SYNACK;
+        }
         _ => return ev::SYN_ACK | ev::INVALID_ACK,
     }
     if flow.synack_ns == 0 {
@@ -201,7 +256,6 @@ fn on_syn_ack(flow: &mut Flow, seg: &Segment, d: usize, fresh: bool, now: u64) -
     if matches!(flow.ep[r].state(), S::SynSent | S::SynReceived) {
         flow.ep[r].state = S::Established as u8;
     }
-    let mut out = ev::SYN_ACK;
     if flow.ep[d].state() == S::Established
         && flow.ep[r].state() == S::Established
         && !flow.has(ff::HANDSHAKE_DONE)
@@ -231,6 +285,21 @@ fn in_window(flow: &Flow, seg: &Segment, d: usize) -> bool {
     seq::ge(seg.seq, lo) && seq::le(seg.seq, hi)
 }
 
+/// Whether a RST from `d` carries the sequence number its synchronized receiver expects next
+/// (RFC 5961 §3.2): the receiver's own ACK, or the end of what the sender sent (data the
+/// receiver has taken but not acknowledged yet). When the observer knows neither (picked up
+/// mid-stream, one direction only), any RST in the window is taken.
+#[inline(always)]
+fn rst_exact(flow: &Flow, seg: &Segment, d: usize) -> bool {
+    let rcv = &flow.ep[1 - d];
+    let acked = rcv.has(ef::SENT_ACK);
+    let sent = flow.ep[d].next_seq();
+    if !acked && sent.is_none() {
+        return true;
+    }
+    (acked && seg.seq == rcv.ack) || sent == Some(seg.seq)
+}
+
 #[inline(always)]
 fn on_rst(flow: &mut Flow, seg: &Segment, d: usize, fresh: bool, now: u64) -> u32 {
     if fresh {
@@ -238,14 +307,36 @@ fn on_rst(flow: &mut Flow, seg: &Segment, d: usize, fresh: bool, now: u64) -> u3
     }
     let r = 1 - d;
     let r_state = flow.ep[r].state();
-    if r_state == S::SynSent {
-        // RFC 793: in SYN-SENT a RST is acceptable only if it acknowledges the SYN.
-        let acks_syn = seg.has(tcp_flags::ACK) && seg.ack == flow.ep[r].isn.wrapping_add(1);
-        if !acks_syn {
-            return ev::INVALID_RST;
+    match r_state {
+        S::SynSent => {
+            // RFC 793: in SYN-SENT a RST is acceptable only if it acknowledges the SYN.
+            let acks_syn = seg.has(tcp_flags::ACK) && seg.ack == flow.ep[r].isn.wrapping_add(1);
+            if !acks_syn {
+                return ev::INVALID_RST;
+            }
         }
-    } else if !in_window(flow, seg, d) {
-        return ev::INVALID_RST;
+        S::Listen => {
+            // RFC 793 has LISTEN ignore a RST; a listener that has taken the SYN (which its
+            // silence does not tell) takes one at the SYN's next sequence number only. A RST
+            // elsewhere answers something else (a stray ACK): the attempt goes on.
+            let s = &flow.ep[d];
+            if !(s.has(ef::SENT_SYN) && seg.seq == s.isn.wrapping_add(1)) {
+                return ev::INVALID_RST;
+            }
+        }
+        S::SynReceived | S::Closed => {
+            if !in_window(flow, seg, d) {
+                return ev::INVALID_RST;
+            }
+        }
+        _ => {
+            if !in_window(flow, seg, d) {
+                return ev::INVALID_RST;
+            }
+            if !rst_exact(flow, seg, d) {
+                return ev::RST_IN_WINDOW;
+            }
+        }
     }
     let opening = flow.ep[0].state().is_opening() || flow.ep[1].state().is_opening();
     let out = if flow.is_closed() {
@@ -339,12 +430,24 @@ fn on_ack(flow: &mut Flow, seg: &Segment, d: usize, now: u64) -> u32 {
     // FIN-WAIT-2 means an earlier ACK already covered the receiver's FIN.
     let acks_peer_fin = flow.ep[r].has(ef::SENT_FIN)
         && (flow.ep[r].state() == S::FinWait2
-            || seq::ge(acked, flow.ep[r].fin_seq.wrapping_add(1)));
+            || seq::ge(acked, flow.ep[r].end_seq.wrapping_add(1)));
 
-    if fin && !flow.ep[d].has(ef::SENT_FIN) {
-        flow.ep[d].fin_seq = seg.seq.wrapping_add(seg.payload_len);
-        flow.ep[d].flags |= ef::SENT_FIN;
-        if flow.ep[r].has(ef::SENT_FIN) {
+    if fin && flow.ep[d].has(ef::SENT_FIN) {
+        if seg.seq.wrapping_add(seg.payload_len) == flow.ep[d].end_seq {
+            out |= ev::FIN_RETRANSMIT;
+            // Its peer did not get the last ACK. One in TIME-WAIT answers it again and starts
+            // its 2MSL over, as Linux does (`inet_twsk_reschedule`).
+            if flow.ep[r].state() == S::TimeWait {
+                flow.closed_ns = now;
+            }
+        }
+    } else if fin {
+        flow.ep[d].end_seq = seg.seq.wrapping_add(seg.payload_len);
+        flow.ep[d].flags |= ef::SENT_FIN | ef::SENT_SEQ;
+        if flow.ep[r].state() == S::Closed {
+            // The peer is gone (its FIN-WAIT-2 timed out): it will answer with a RST.
+            flow.ep[d].state = S::LastAck as u8;
+        } else if flow.ep[r].has(ef::SENT_FIN) {
             if acks_peer_fin {
                 // It had received the peer's FIN: CLOSE-WAIT -> LAST-ACK. The peer gets this
                 // FIN with the ACK of its own: FIN-WAIT-1/2 -> TIME-WAIT.
@@ -422,21 +525,27 @@ pub struct Timeouts {
     pub half_open: u64,
     /// Established records without traffic.
     pub established: u64,
-    /// Records in the closing states other than TIME-WAIT, without traffic.
+    /// Records with an endpoint whose FIN awaits its ACK (FIN-WAIT-1, CLOSING, LAST-ACK),
+    /// without traffic.
     pub closing: u64,
+    /// An endpoint in FIN-WAIT-2 whose peer is silent this long is closed (Linux's
+    /// `tcp_fin_timeout`, 60 s, for an orphaned socket); its peer stays.
+    pub fin_wait2: u64,
 }
 
 impl Timeouts {
     /// Defaults: TIME-WAIT 60 s (Linux), closed 10 s, half-open 75 s (Linux gives up on a
     /// SYN after 6 retransmissions, 127 s, but a server drops SYN-RECV after 5 SYN-ACK
-    /// retransmissions, ~63 s), established 5 days (netfilter's
-    /// `nf_conntrack_tcp_timeout_established`), closing states 120 s.
+    /// retransmissions, ~63 s), established (and CLOSE-WAIT, which Linux keeps as long as the
+    /// application does) 5 days (netfilter's `nf_conntrack_tcp_timeout_established`), FINs
+    /// awaiting their ACK 120 s, FIN-WAIT-2 with a silent peer 60 s (`tcp_fin_timeout`).
     pub const DEFAULT: Self = Self {
         time_wait: 60 * NS,
         closed: 10 * NS,
         half_open: 75 * NS,
         established: 5 * 24 * 3600 * NS,
         closing: 120 * NS,
+        fin_wait2: 60 * NS,
     };
 }
 
@@ -453,26 +562,28 @@ impl Timeouts {
 impl Timeouts {
     /// The fields in declaration order (the reaper request's layout).
     #[must_use]
-    pub const fn to_array(&self) -> [u64; 5] {
+    pub const fn to_array(&self) -> [u64; 6] {
         [
             self.time_wait,
             self.closed,
             self.half_open,
             self.established,
             self.closing,
+            self.fin_wait2,
         ]
     }
 
     /// From [`Self::to_array`]'s layout.
     #[must_use]
     #[inline(always)]
-    pub const fn from_array(a: &[u64; 5]) -> Self {
+    pub const fn from_array(a: &[u64; 6]) -> Self {
         Self {
             time_wait: a[0],
             closed: a[1],
             half_open: a[2],
             established: a[3],
             closing: a[4],
+            fin_wait2: a[5],
         }
     }
 }
@@ -540,11 +651,29 @@ impl Age {
         if a.is_opening() || b.is_opening() {
             return self.idle_ns >= t.half_open;
         }
-        let closing = |s: S| s.fin_sent() || s == S::CloseWait;
-        if closing(a) || closing(b) {
+        let awaiting_ack = |s: S| matches!(s, S::FinWait1 | S::Closing | S::LastAck);
+        if awaiting_ack(a) || awaiting_ack(b) {
             return self.idle_ns >= t.closing;
         }
+        // ESTABLISHED, CLOSE-WAIT (Linux keeps it as long as the application holds the
+        // socket), and FIN-WAIT-2, whose endpoint alone ends on its own timeout
+        // ([`Self::fin_wait2_expired`]).
         self.idle_ns >= t.established
+    }
+
+    /// Which endpoints of a record of this age are in FIN-WAIT-2 with a peer silent for
+    /// `t.fin_wait2`: Linux drops an orphaned FIN-WAIT-2 socket after `tcp_fin_timeout`. The
+    /// observer cannot tell an orphan from a half-closed socket whose application still
+    /// reads, and takes every FIN-WAIT-2 endpoint with a silent peer for one. Only for a
+    /// record that has not [`Self::expired`] as a whole.
+    #[must_use]
+    #[inline(always)]
+    pub fn fin_wait2_expired(&self, t: &Timeouts) -> [bool; 2] {
+        let due = self.idle_ns >= t.fin_wait2;
+        [
+            due && self.states[0] == S::FinWait2,
+            due && self.states[1] == S::FinWait2,
+        ]
     }
 }
 
@@ -553,6 +682,23 @@ impl Age {
 #[inline(always)]
 pub fn expired(flow: &Flow, now: u64, t: &Timeouts) -> bool {
     Age::of_flow(flow, now).expired(t)
+}
+
+/// Closes the endpoints of a full record that [`Age::fin_wait2_expired`] gives up on at `now`
+/// (the kernel's reaper does the same to compact records); whether any was.
+#[inline(always)]
+pub fn expire_fin_wait2(flow: &mut Flow, now: u64, t: &Timeouts) -> bool {
+    let due = Age::of_flow(flow, now).fin_wait2_expired(t);
+    for (ep, due) in flow.ep.iter_mut().zip(due) {
+        if due {
+            ep.state = S::Closed as u8;
+        }
+    }
+    if due[0] || due[1] {
+        flow.closed_ns = now;
+        return true;
+    }
+    false
 }
 
 #[cfg(test)]

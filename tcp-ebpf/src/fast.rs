@@ -1,7 +1,7 @@
 //! The fast path: data and ACKs of a connection whose endpoints are both ESTABLISHED, most of
 //! the traffic. Such a segment changes no state, no gauge and no event: all the state machine
-//! would do with it is record its sender's highest ACK and its window, and note that the flow
-//! is alive. The fast path does exactly that, in place, with one hash lookup: no lock, no
+//! would do with it is record its sender's highest ACK, the end of its data and its window,
+//! and note that the flow is alive. The fast path does exactly that, in place, with one hash lookup: no lock, no
 //! clock, no atomic, no call besides the lookup.
 //!
 //! Race-freedom with respect to the slow path (which takes the record's lock), in short (the
@@ -9,9 +9,9 @@
 //! - It reads the record's state word (both endpoints' states and flags, one aligned 32-bit
 //!   load) and goes on only if it matches [`fast_path_pattern`]; the slow path writes that word
 //!   whole, under the lock, so the fast path never sees half a transition.
-//! - It writes three fields the slow path writes only for a segment from the same sender:
-//!   the sender's ACK (a serial maximum), its window, and the "seen" mark (`last` = 0, turned
-//!   into a time by the reaper). The slow path writes back only the fields its own segment
+//! - It writes four fields the slow path writes only for a segment from the same sender:
+//!   the sender's ACK and the end of its data (serial maxima), its window, and the "seen" mark
+//!   (`last` = 0, turned into a time by the reaper). The slow path writes back only the fields its own segment
 //!   changed, so it never undoes these writes.
 //! - Then it reads the state word again: if the slow path changed it meanwhile, the segment
 //!   goes through the slow path as well, which redoes the same writes (idempotent) and the
@@ -87,6 +87,11 @@ unsafe fn apply(rec: *mut Established, seg: &Segment, d: usize, side: Side) -> b
         let ack = &raw mut (*rec).ack[d];
         if seq::gt(seg.ack, read_volatile(ack)) {
             write_volatile(ack, seg.ack);
+        }
+        let end = &raw mut (*rec).end_seq[d];
+        let sent = seg.seq.wrapping_add(seg.payload_len);
+        if seq::gt(sent, read_volatile(end)) {
+            write_volatile(end, sent);
         }
         write_volatile(&raw mut (*rec).window[d], seg.window);
         // Seen: the reaper turns the mark into the time of its walk. Written only when not

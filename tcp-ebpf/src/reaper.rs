@@ -97,7 +97,8 @@ extern "C" fn visit_established(
         return 0;
     };
     // What happened to the record under its lock: 0 kept, 1 marked DEAD now, 2 DEAD long
-    // enough to delete.
+    // enough to delete, 3 kept with an endpoint's FIN-WAIT-2 ended (`slots[2..]`: the
+    // endpoints' gauge slots after).
     // SAFETY: the kernel passes the caller's context and a live record of the walked table.
     let (fate, slots, evicted, table) = unsafe {
         (*walk).visited += 1;
@@ -113,15 +114,35 @@ extern "C" fn visit_established(
         }
         // The fast path may write meanwhile: every field is read once, volatile.
         let snap = Established::read(rec);
-        let fate = if snap.flags & flow_flags::DEAD != 0 {
+        let timeouts = &(*walk).timeouts;
+        let mut fate = if snap.flags & flow_flags::DEAD != 0 {
             u8::from(now.saturating_sub(snap.last_ns(now)) >= DEAD_GRACE_NS) * 2
         } else {
-            u8::from(Age::of_established(&snap, now).expired(&(*walk).timeouts))
+            let age = Age::of_established(&snap, now);
+            if age.expired(timeouts) {
+                1
+            } else if age.fin_wait2_expired(timeouts) != [false, false] {
+                3
+            } else {
+                0
+            }
         };
-        let slots = [established_slot(&snap, 0), established_slot(&snap, 1)];
+        let mut slots = [
+            established_slot(&snap, 0),
+            established_slot(&snap, 1),
+            NO_SLOT,
+            NO_SLOT,
+        ];
         let evicted = !finished([snap.ep_state(0), snap.ep_state(1)]);
         if fate == 1 {
             Established::mark_dead(rec, now);
+        } else if fate == 3 {
+            let mut after = snap;
+            after.close_fin_wait2(now);
+            Established::apply(rec, &snap, &after);
+            slots[2] = established_slot(&after, 0);
+            slots[3] = established_slot(&after, 1);
+            fate = u8::from(slots[0] != slots[2] || slots[1] != slots[3]) * 3;
         }
         aya_ebpf::helpers::bpf_spin_unlock((&raw mut (*entry).lock).cast());
         (fate, slots, evicted, table)
@@ -145,6 +166,10 @@ extern "C" fn visit_established(
                 // SAFETY: the caller's context.
                 unsafe { (*walk).reaped += 1 };
             }
+        }
+        3 => {
+            m.move_endpoint(slots[0], slots[2]);
+            m.move_endpoint(slots[1], slots[3]);
         }
         _ => {}
     }

@@ -143,6 +143,46 @@ pub struct EndpointView {
     pub role: &'static str,
     /// local / remote / unknown.
     pub side: &'static str,
+    /// The address alone.
+    #[serde(skip)]
+    pub ip: std::net::IpAddr,
+    /// The port alone.
+    #[serde(skip)]
+    pub port: u16,
+}
+
+/// What `tcpscope flows` keeps: flows with an endpoint that matches every filter given.
+#[derive(Clone, Debug, Default)]
+pub struct Filter {
+    /// The endpoint's state.
+    pub state: Option<TcpState>,
+    /// The endpoint's port.
+    pub port: Option<u16>,
+    /// The endpoint's address.
+    pub addr: Option<std::net::IpAddr>,
+    /// The endpoint's side (`local`, `remote`).
+    pub side: Option<tcp_common::state::Side>,
+}
+
+impl Filter {
+    /// Whether `e` matches every filter given.
+    #[must_use]
+    pub fn matches(&self, e: &EndpointView) -> bool {
+        self.state.is_none_or(|s| e.state == s.name())
+            && self.port.is_none_or(|p| e.port == p)
+            && self
+                .addr
+                .is_none_or(|a| e.ip == a || Some(e.ip) == mapped(a))
+            && self.side.is_none_or(|s| e.side == s.name())
+    }
+}
+
+/// The IPv4 address an IPv4-mapped IPv6 address stands for, and the reverse.
+fn mapped(a: std::net::IpAddr) -> Option<std::net::IpAddr> {
+    match a {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4),
+        std::net::IpAddr::V4(v4) => Some(std::net::IpAddr::V6(v4.to_ipv6_mapped())),
+    }
 }
 
 /// One flow, for display.
@@ -164,11 +204,20 @@ impl FlowView {
     /// The view of one record at `now`.
     #[must_use]
     pub fn new(table: Table, key: &FlowKey, flow: &Flow, now: u64) -> Self {
-        let ep = |i: usize| EndpointView {
-            address: endpoint_string(key, i),
-            state: flow.ep[i].state().name(),
-            role: flow.role(i).name(),
-            side: flow.ep[i].side().name(),
+        let ep = |i: usize| {
+            let a = key.addr[i];
+            EndpointView {
+                address: endpoint_string(key, i),
+                state: flow.ep[i].state().name(),
+                role: flow.role(i).name(),
+                side: flow.ep[i].side().name(),
+                ip: if key.ipv6 != 0 {
+                    std::net::IpAddr::from(a)
+                } else {
+                    std::net::IpAddr::from([a[0], a[1], a[2], a[3]])
+                },
+                port: key.port[i],
+            }
         };
         Self {
             endpoints: [ep(0), ep(1)],
@@ -183,6 +232,12 @@ impl FlowView {
     #[must_use]
     pub fn has_state(&self, state: TcpState) -> bool {
         self.endpoints.iter().any(|e| e.state == state.name())
+    }
+
+    /// Whether an endpoint matches every filter of `f`.
+    #[must_use]
+    pub fn matches(&self, f: &Filter) -> bool {
+        self.endpoints.iter().any(|e| f.matches(e))
     }
 }
 

@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use log::{debug, info, warn};
 use tcp_common::{
     counters::{Counter, Hook},
-    state::TcpState,
+    state::{Side, TcpState},
     track::Timeouts,
 };
 use tcp_user::{
@@ -172,14 +172,18 @@ struct TimeoutArgs {
     /// Seconds without traffic after which a handshake in progress is dropped.
     #[arg(long, default_value_t = 75, value_name = "SECS")]
     half_open_secs: u64,
-    /// Seconds without traffic after which an established connection is dropped (at most
-    /// 2251799, ~26 days).
+    /// Seconds without traffic after which an established connection, or one whose
+    /// remaining endpoint is in CLOSE-WAIT, is dropped (at most 2251799, ~26 days).
     #[arg(long, default_value_t = 432_000, value_name = "SECS", value_parser = clap::value_parser!(u64).range(..=Timeouts::MAX_IDLE_SECS))]
     established_secs: u64,
-    /// Seconds without traffic after which a closing connection (FIN sent, not in
-    /// TIME-WAIT) is dropped (at most 2251799).
+    /// Seconds without traffic after which a connection with a FIN awaiting its ACK
+    /// (FIN-WAIT-1, CLOSING, LAST-ACK) is dropped (at most 2251799).
     #[arg(long, default_value_t = 120, value_name = "SECS", value_parser = clap::value_parser!(u64).range(..=Timeouts::MAX_IDLE_SECS))]
     closing_secs: u64,
+    /// Seconds a FIN-WAIT-2 endpoint whose peer is silent is kept before it is closed alone
+    /// (Linux's `tcp_fin_timeout` for an orphaned socket: 60; at most 2251799).
+    #[arg(long = "fin-wait2-secs", default_value_t = 60, value_name = "SECS", value_parser = clap::value_parser!(u64).range(..=Timeouts::MAX_IDLE_SECS))]
+    fin_wait2_secs: u64,
 }
 
 impl TimeoutArgs {
@@ -191,6 +195,7 @@ impl TimeoutArgs {
             half_open: ns(self.half_open_secs),
             established: ns(self.established_secs),
             closing: ns(self.closing_secs),
+            fin_wait2: ns(self.fin_wait2_secs),
         }
     }
 }
@@ -210,12 +215,46 @@ struct FlowsArgs {
     /// bpffs directory the running agent pins its maps in.
     #[arg(long, default_value = loader::DEFAULT_PIN_DIR, value_name = "DIR")]
     pin_dir: PathBuf,
-    /// One JSON document instead of a table.
-    #[arg(long)]
+    /// Output: a table, one JSON document, or one JSON object per line.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = FlowsFormat::Table)]
+    output: FlowsFormat,
+    /// Same as `-o json`.
+    #[arg(long, conflicts_with = "output")]
     json: bool,
     /// Only flows with an endpoint in this state (time_wait, time-wait, established, ...).
+    /// The filters apply to one endpoint together: `--state time_wait --port 80 --side local`
+    /// lists the flows whose local endpoint on port 80 is in TIME-WAIT.
     #[arg(long, value_parser = parse_state_arg)]
     state: Option<TcpState>,
+    /// Only flows with an endpoint on this port.
+    #[arg(long, value_name = "N")]
+    port: Option<u16>,
+    /// Only flows with an endpoint at this address.
+    #[arg(long, value_name = "IP")]
+    addr: Option<std::net::IpAddr>,
+    /// Only flows with an endpoint on this side: local (a socket of this host) or remote.
+    #[arg(long, value_enum)]
+    side: Option<SideArg>,
+}
+
+/// `tcpscope flows -o`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum FlowsFormat {
+    /// Aligned columns, like `ss -tan`.
+    Table,
+    /// One JSON array.
+    Json,
+    /// One JSON object per flow and line.
+    Ndjson,
+}
+
+/// `tcpscope flows --side`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum SideArg {
+    /// A socket of this host.
+    Local,
+    /// Its peer.
+    Remote,
 }
 
 fn parse_state_arg(s: &str) -> Result<TcpState, String> {
@@ -527,16 +566,40 @@ fn list_flows(args: &FlowsArgs) -> Result<()> {
     let now = flows::monotonic_ns();
     let records =
         flows::read_pinned(&args.pin_dir).map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+    let filter = flows::Filter {
+        state: args.state,
+        port: args.port,
+        addr: args.addr,
+        side: args.side.map(|s| match s {
+            SideArg::Local => Side::Local,
+            SideArg::Remote => Side::Remote,
+        }),
+    };
     let views: Vec<FlowView> = records
         .iter()
         .map(|(t, k, f)| FlowView::new(*t, k, f, now))
-        .filter(|v| args.state.is_none_or(|s| v.has_state(s)))
+        .filter(|v| v.matches(&filter))
         .collect();
     let mut out = std::io::stdout().lock();
-    if args.json {
-        serde_json::to_writer_pretty(&mut out, &views).context("writing JSON")?;
-        writeln!(out).context("writing JSON")?;
-        return Ok(());
+    let format = if args.json {
+        FlowsFormat::Json
+    } else {
+        args.output
+    };
+    match format {
+        FlowsFormat::Json => {
+            serde_json::to_writer_pretty(&mut out, &views).context("writing JSON")?;
+            writeln!(out).context("writing JSON")?;
+            return Ok(());
+        }
+        FlowsFormat::Ndjson => {
+            for v in &views {
+                serde_json::to_writer(&mut out, v).context("writing JSON")?;
+                writeln!(out).context("writing JSON")?;
+            }
+            return Ok(());
+        }
+        FlowsFormat::Table => {}
     }
     writeln!(
         out,

@@ -9,7 +9,7 @@ use tcp_common::{
     flow::{Flow, FlowKey, flow_flags},
     parse::{PacketClass, parse_full},
     state::{Role, Side, TcpState, events as ev},
-    track::{Timeouts, expired, track},
+    track::{Timeouts, expire_fin_wait2, expired, track},
 };
 
 use crate::{capture, report::Report};
@@ -78,7 +78,9 @@ impl Replay {
         let report = &mut self.report;
         self.flows.retain(|_, f| {
             let keep = !expired(f, now, &t);
-            if !keep {
+            if keep {
+                expire_fin_wait2(f, now, &t);
+            } else {
                 report.finish(f);
             }
             keep

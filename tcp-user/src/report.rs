@@ -44,8 +44,22 @@ pub struct Report {
     pub closed_by_fin: u64,
     /// Of those, simultaneous closes.
     pub simultaneous_closes: u64,
-    /// New SYNs on a 4-tuple in TIME-WAIT.
+    /// New SYNs on a 4-tuple in TIME-WAIT (attempts).
     pub time_wait_reuses: u64,
+    /// Of those, answered by a SYN-ACK.
+    pub time_wait_reuses_accepted: u64,
+    /// Of those, answered by an ACK or a RST.
+    pub time_wait_reuses_refused: u64,
+    /// Repeated SYN-ACKs.
+    pub synack_retransmits: u64,
+    /// Repeated FINs.
+    pub fin_retransmits: u64,
+    /// Simultaneous opens (SYNs that crossed).
+    pub simultaneous_opens: u64,
+    /// Data segments sent into a half-closed connection (by the side that got the FIN).
+    pub half_close_data_segments: u64,
+    /// RSTs inside the window but not at the expected sequence number, ignored (RFC 5961).
+    pub invalid_rst_in_window: u64,
     /// Records created mid-stream.
     pub picked_up: u64,
     /// Out-of-window RSTs ignored.
@@ -83,6 +97,13 @@ impl Report {
             ev::CLOSED_BY_FIN => &mut self.closed_by_fin,
             ev::SIMULTANEOUS_CLOSE => &mut self.simultaneous_closes,
             ev::TIME_WAIT_REUSE => &mut self.time_wait_reuses,
+            ev::TIME_WAIT_REUSE_ACCEPTED => &mut self.time_wait_reuses_accepted,
+            ev::TIME_WAIT_REUSE_REFUSED => &mut self.time_wait_reuses_refused,
+            ev::SYNACK_RETRANSMIT => &mut self.synack_retransmits,
+            ev::FIN_RETRANSMIT => &mut self.fin_retransmits,
+            ev::SIMULTANEOUS_OPEN => &mut self.simultaneous_opens,
+            ev::HALF_CLOSE_DATA => &mut self.half_close_data_segments,
+            ev::RST_IN_WINDOW => &mut self.invalid_rst_in_window,
             ev::PICKED_UP => &mut self.picked_up,
             ev::INVALID_RST => &mut self.invalid_rst,
             ev::INVALID_FIN => &mut self.invalid_fin,
@@ -392,8 +413,18 @@ impl Exposition<'_> {
         ));
         out.push(counter(
             "tcpscope_synack_total",
-            "SYN+ACK segments",
+            "SYN+ACK segments, retransmissions included",
             r.synack,
+        ));
+        out.push(counter(
+            "tcpscope_synack_retransmits_total",
+            "SYN+ACKs repeating one their sender already sent",
+            r.synack_retransmits,
+        ));
+        out.push(counter(
+            "tcpscope_simultaneous_opens_total",
+            "Connections opened by SYNs that crossed",
+            r.simultaneous_opens,
         ));
         out.push(counter(
             "tcpscope_handshakes_completed_total",
@@ -444,10 +475,28 @@ impl Exposition<'_> {
             r.simultaneous_closes,
         ));
         out.push(counter(
-            "tcpscope_time_wait_reuses_total",
-            "New SYNs on a 4-tuple with an endpoint in TIME-WAIT",
-            r.time_wait_reuses,
+            "tcpscope_fin_retransmits_total",
+            "FINs repeating one their sender already sent",
+            r.fin_retransmits,
         ));
+        out.push(counter(
+            "tcpscope_half_close_data_segments_total",
+            "Data segments sent by the side that got its peer's FIN and has not sent its own",
+            r.half_close_data_segments,
+        ));
+        out.push(
+            Family::new(
+                "tcpscope_time_wait_reuses_total",
+                "New SYNs on a 4-tuple with an endpoint in TIME-WAIT, by the answer they got",
+                MetricType::COUNTER,
+            )
+            .value(
+                &[("outcome", "accepted")],
+                r.time_wait_reuses_accepted as f64,
+            )
+            .value(&[("outcome", "refused")], r.time_wait_reuses_refused as f64)
+            .done(),
+        );
         out.push(counter(
             "tcpscope_picked_up_total",
             "Connections first seen mid-stream (no handshake observed)",
@@ -460,6 +509,10 @@ impl Exposition<'_> {
                 MetricType::COUNTER,
             )
             .value(&[("reason", "rst_out_of_window")], r.invalid_rst as f64)
+            .value(
+                &[("reason", "rst_in_window")],
+                r.invalid_rst_in_window as f64,
+            )
             .value(&[("reason", "fin_out_of_window")], r.invalid_fin as f64)
             .value(&[("reason", "bad_flags")], r.invalid_flags as f64)
             .value(&[("reason", "bad_ack")], r.invalid_ack as f64)

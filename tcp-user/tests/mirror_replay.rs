@@ -25,7 +25,7 @@ use tcp_user::loader::{FLOWS4_MAP, FLOWS6_MAP, HALF_OPEN_MAP};
 
 /// Timeouts far beyond any capture's span (the longest the agent takes), for both the agent
 /// and replay: nothing expires in either path.
-const NO_EXPIRY: [&str; 8] = [
+const NO_EXPIRY: [&str; 10] = [
     "--time-wait-secs",
     "35000",
     "--closed-secs",
@@ -33,6 +33,8 @@ const NO_EXPIRY: [&str; 8] = [
     "--half-open-secs",
     "100000000",
     "--closing-secs",
+    "2250000",
+    "--fin-wait2-secs",
     "2250000",
 ];
 
@@ -173,8 +175,15 @@ fn kernel_mirror_mode_equals_userspace_replay_on_every_capture() {
             "closed_by_fin",
             "simultaneous_closes",
             "time_wait_reuses",
+            "time_wait_reuses_accepted",
+            "time_wait_reuses_refused",
+            "synack_retransmits",
+            "fin_retransmits",
+            "simultaneous_opens",
+            "half_close_data_segments",
             "picked_up",
             "invalid_rst",
+            "invalid_rst_in_window",
             "invalid_fin",
             "invalid_flags",
             "invalid_ack",

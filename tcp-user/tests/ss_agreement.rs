@@ -543,6 +543,11 @@ fn fins_and_rsts_race_the_fast_path_on_the_other_cpu() {
     assert_eq!(d("closed_by_fin"), (CONNECTIONS / 2) as u64);
     assert_eq!(d("closed_by_rst"), (CONNECTIONS / 2) as u64);
     assert_eq!(d("invalid_rst"), 0, "a RST taken as out of window");
+    assert_eq!(
+        d("invalid_rst_in_window"),
+        0,
+        "a RST taken as not at the expected sequence number"
+    );
     assert_eq!(d("invalid_fin"), 0, "a FIN taken as out of window");
     assert_eq!(d("handshakes_completed"), CONNECTIONS as u64);
     drop(listener);

@@ -31,6 +31,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("hping3", "/usr/sbin/hping3"),
     // tshark: handshake-latency oracle (tcp.analysis.initial_rtt).
     ("tshark", "/usr/bin/tshark"),
+    // nft: the life-cycle tests drop chosen segments (there is no netem here).
+    ("nftables", "/usr/sbin/nft"),
 ];
 
 /// Lists the prerequisites a run may skip (comma-separated names of [`PREREQUISITES`]); the

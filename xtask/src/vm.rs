@@ -33,7 +33,9 @@ use crate::{
 
 /// Test targets of `tcp-user` run in the guest: every one that loads the programs into the
 /// kernel, except the latency tests (their oracle, tshark, brings 160 MB of libraries, and
-/// their timing tolerances are for real CPUs, not an emulated one).
+/// their timing tolerances are for real CPUs, not an emulated one) and the life-cycle tests
+/// (they drop segments with nft, whose binary and nf_tables modules the guest does not carry;
+/// the programs they exercise are the ones `ss_agreement` loads there).
 pub const VM_TESTS: &[&str] = &[
     "test_run",
     "attach",

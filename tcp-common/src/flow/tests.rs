@@ -58,7 +58,7 @@ type EndpointView = (u32, u32, u16, u8, u8, u8, u8);
 fn view(f: &Flow) -> ([EndpointView; 2], u8, u8, bool) {
     let ep = |e: &Endpoint| {
         (
-            e.ack, e.fin_seq, e.window, e.state, e.wscale, e.flags, e.side,
+            e.ack, e.end_seq, e.window, e.state, e.wscale, e.flags, e.side,
         )
     };
     (
