@@ -303,24 +303,28 @@ mod tests {
 }
 
 /// Slots of the event counters map (one [`EventCounters`] per CPU): one per bit of
-/// [`crate::state::events`] (slot = bit position), then table pressure.
+/// [`crate::state::events`] (slot = bit position), then table pressure and events by side.
 pub mod event_slots {
     /// A new record could not be stored in the IPv4 established table (full).
-    pub const FLOWS_INSERT_FAILED: usize = 24;
+    pub const FLOWS_INSERT_FAILED: usize = 32;
     /// A new record could not be stored in the half-open table (full).
-    pub const HALF_OPEN_INSERT_FAILED: usize = 25;
+    pub const HALF_OPEN_INSERT_FAILED: usize = 33;
     /// Half-open records moved to the established table.
-    pub const PROMOTIONS: usize = 26;
+    pub const PROMOTIONS: usize = 34;
     /// Segments of a flow whose record could not be stored.
-    pub const UNTRACKED_SEGMENTS: usize = 27;
+    pub const UNTRACKED_SEGMENTS: usize = 35;
     /// Segments that found their record being removed on another CPU (expired, dropped or
     /// just moved to the established table) and changed nothing.
-    pub const LOST_RACE: usize = 28;
+    pub const LOST_RACE: usize = 36;
     /// Half-open records removed on their idle timeout after a SYN (failed handshakes).
-    pub const HANDSHAKES_TIMED_OUT: usize = 29;
+    pub const HANDSHAKES_TIMED_OUT: usize = 37;
     /// A new record could not be stored in the IPv6 established table (full);
     /// [`FLOWS_INSERT_FAILED`] counts the IPv4 one.
-    pub const FLOWS6_INSERT_FAILED: usize = 30;
+    pub const FLOWS6_INSERT_FAILED: usize = 38;
+    /// Keepalive probes by the side of the prober: this plus [`crate::state::Side`] as usize.
+    pub const KEEPALIVE_PROBES: usize = 40;
+    /// Answers to keepalive probes by the side of the prober, as [`KEEPALIVE_PROBES`].
+    pub const KEEPALIVE_ACKS: usize = 43;
     /// The insert-failure slot of an established table.
     #[must_use]
     #[inline(always)]
@@ -333,12 +337,23 @@ pub mod event_slots {
     }
 }
 
+/// Slots of [`EventCounters`].
+pub const EVENT_SLOTS: usize = 64;
+
 /// Per-CPU tally of state-machine events and table pressure.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EventCounters {
     /// See [`event_slots`].
-    pub slots: [u64; 32],
+    pub slots: [u64; EVENT_SLOTS],
+}
+
+impl Default for EventCounters {
+    fn default() -> Self {
+        Self {
+            slots: [0; EVENT_SLOTS],
+        }
+    }
 }
 
 impl EventCounters {
@@ -346,7 +361,7 @@ impl EventCounters {
     #[inline(always)]
     pub fn add_events(&mut self, events: u32) {
         let mut bit = 0;
-        while bit < 24 {
+        while bit < 32 {
             if events & (1 << bit) != 0
                 && let Some(slot) = self.slots.get_mut(bit)
             {
@@ -381,7 +396,8 @@ impl EventCounters {
     }
 }
 
-const _: () = assert!(crate::state::events::TIME_WAIT_REUSE_REFUSED < (1 << 24));
+const _: () = assert!(event_slots::FLOWS_INSERT_FAILED >= 32);
+const _: () = assert!(event_slots::KEEPALIVE_ACKS + 3 <= EVENT_SLOTS);
 
 #[cfg(feature = "user")]
 // SAFETY: `repr(C)`, `u64`s only.

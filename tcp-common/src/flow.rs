@@ -177,12 +177,14 @@ pub mod endpoint_flags {
     pub const SENT_FIN: u8 = 0x02;
     /// It sent a segment with ACK (`ack` is valid).
     pub const SENT_ACK: u8 = 0x04;
-    /// Its advertised window is known (`window` is valid).
+    /// It sent a segment other than a RST: its advertised window (`window`) and the end of
+    /// what it sent (`end_seq`) are known.
     pub const SENT_ANY: u8 = 0x08;
     /// Its last window came with a SYN, which is never scaled.
     pub const SYN_WINDOW: u8 = 0x10;
-    /// The end of what it sent is known (`end_seq` is valid).
-    pub const SENT_SEQ: u8 = 0x20;
+    /// Its last segment was a keepalive probe, not answered yet (every segment of both
+    /// endpoints goes through the slow path meanwhile).
+    pub const PROBING: u8 = 0x20;
     /// Every bit above.
     pub const ALL: u8 = 0x3f;
 }
@@ -212,8 +214,8 @@ pub struct Endpoint {
     pub side: u8,
     /// Bits of [`handshake_flags`] (kept in the half-open table only).
     pub handshake: u8,
-    /// Always zero.
-    pub pad: u8,
+    /// Keepalive probes it sent (saturating at 255).
+    pub probes: u8,
 }
 
 /// Bits of [`Endpoint::handshake`]: what only the handshake needs, so the compact established
@@ -224,6 +226,8 @@ pub mod handshake_flags {
     /// It is the endpoint that answers a SYN sent while this 4-tuple was in TIME-WAIT: its
     /// answer (SYN-ACK, or ACK/RST) tells whether the reuse was accepted.
     pub const REUSE_ANSWER_PENDING: u8 = 0x02;
+    /// Its accept queue overflowed on this connection (counted once).
+    pub const OVERFLOWED: u8 = 0x04;
 }
 
 /// Largest window shift allowed by RFC 7323.
@@ -236,7 +240,7 @@ impl Endpoint {
     pub const fn next_seq(&self) -> Option<u32> {
         if self.has(endpoint_flags::SENT_FIN) {
             Some(self.end_seq.wrapping_add(1))
-        } else if self.has(endpoint_flags::SENT_SEQ) {
+        } else if self.has(endpoint_flags::SENT_ANY) {
             Some(self.end_seq)
         } else {
             None
@@ -335,8 +339,11 @@ pub struct Flow {
     pub client: u8,
     /// Bits of [`flow_flags`].
     pub flags: u8,
+    /// SYNs of the current attempt, retransmissions included (saturating; kept in the
+    /// half-open table only: those of an attempt never answered count per port when it ends).
+    pub syns: u8,
     /// Always zero.
-    pub pad: [u8; 6],
+    pub pad: [u8; 5],
 }
 
 const _: () = assert!(core::mem::size_of::<Flow>() == 80);
@@ -354,7 +361,7 @@ impl Flow {
             flags: 0,
             side: 0,
             handshake: 0,
-            pad: 0,
+            probes: 0,
         }; 2],
         syn_ns: 0,
         synack_ns: 0,
@@ -362,7 +369,8 @@ impl Flow {
         closed_ns: 0,
         client: CLIENT_UNKNOWN,
         flags: 0,
-        pad: [0; 6],
+        syns: 0,
+        pad: [0; 5],
     };
 
     /// Role of endpoint `i` (0 or 1).
@@ -509,12 +517,17 @@ pub struct Established {
     pub client: u8,
     /// Bits of [`flow_flags`].
     pub flags: u8,
+    /// Keepalive probes each endpoint sent (saturating).
+    pub probes: [u8; 2],
+    /// Always zero.
+    pub pad: [u8; 2],
 }
 
-const _: () = assert!(core::mem::size_of::<Established>() == 36);
+const _: () = assert!(core::mem::size_of::<Established>() == 40);
 const _: () = assert!(core::mem::offset_of!(Established, state) % 4 == 0);
 
-/// Value of the established tables: the compact record and its lock (40 bytes).
+/// Value of the established tables: the compact record and its lock (44 bytes; the kernel
+/// keeps values in multiples of 8, so 48).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EstablishedEntry {
@@ -524,7 +537,7 @@ pub struct EstablishedEntry {
     pub rec: Established,
 }
 
-const _: () = assert!(core::mem::size_of::<EstablishedEntry>() == 40);
+const _: () = assert!(core::mem::size_of::<EstablishedEntry>() == 44);
 
 #[cfg(feature = "user")]
 // SAFETY: `repr(C)`, integer fields only, no implicit padding (asserted sizes).
@@ -565,17 +578,17 @@ const fn tick_time(now_ns: u64, age: i64, shift: u32) -> u64 {
 /// What the fast path checks before it touches a record, for a segment sent by endpoint `dir`
 /// from `side`: `(mask, expected)` over [`Established::state_word`]. Both endpoints
 /// ESTABLISHED; the sender's window, ACK and end of data known, its window not from a SYN; no
-/// FIN sent by either; both sides what this hook implies (record_sent would otherwise move
-/// them).
+/// FIN sent by either, no keepalive probe awaiting its answer; both sides what this hook
+/// implies (record_sent would otherwise move them).
 #[must_use]
 #[inline(always)]
 pub const fn fast_path_pattern(dir: usize, side: Side) -> (u32, u32) {
     use endpoint_flags as ef;
     let est = TcpState::Established as u32;
     let sender_mask =
-        (ef::SENT_ANY | ef::SENT_ACK | ef::SYN_WINDOW | ef::SENT_FIN | ef::SENT_SEQ) as u32 | 0xc0;
-    let receiver_mask = ef::SENT_FIN as u32 | 0xc0;
-    let sender = (ef::SENT_ANY | ef::SENT_ACK | ef::SENT_SEQ) as u32 | (side as u32) << SIDE_SHIFT;
+        (ef::SENT_ANY | ef::SENT_ACK | ef::SYN_WINDOW | ef::SENT_FIN | ef::PROBING) as u32 | 0xc0;
+    let receiver_mask = (ef::SENT_FIN | ef::PROBING) as u32 | 0xc0;
+    let sender = (ef::SENT_ANY | ef::SENT_ACK) as u32 | (side as u32) << SIDE_SHIFT;
     let receiver = (side.opposite() as u32) << SIDE_SHIFT;
     let (m0, m1, e0, e1) = if dir & 1 == 0 {
         (sender_mask, receiver_mask, sender, receiver)
@@ -615,6 +628,7 @@ impl Established {
             self.isn_lo[i] = ep.isn as u16;
             self.state[i] = (ep.state & 0x0f) | w << 4;
             self.ep_flags[i] = (ep.flags & endpoint_flags::ALL) | (ep.side & 3) << SIDE_SHIFT;
+            self.probes[i] = ep.probes;
         }
         self.last = ticks32(flow.last_ns);
         self.closed = if flow.closed_ns == 0 {
@@ -675,6 +689,7 @@ impl Established {
                 put(&raw mut (*ep).flags, self.ep_flags[i] & endpoint_flags::ALL);
                 put(&raw mut (*ep).side, self.ep_flags[i] >> SIDE_SHIFT);
                 put(&raw mut (*ep).handshake, 0);
+                put(&raw mut (*ep).probes, self.probes[i]);
             }
         }
         // SAFETY: fields of `out`. (The padding is left as it is: zero in every record.)
@@ -685,6 +700,7 @@ impl Established {
             put(&raw mut out.closed_ns, self.closed_ns(now_ns));
             put(&raw mut out.client, self.client);
             put(&raw mut out.flags, self.flags);
+            put(&raw mut out.syns, 0);
         }
     }
 
@@ -713,6 +729,8 @@ impl Established {
             closed: load!(closed),
             client: load!(client),
             flags: load!(flags),
+            probes: [load!(probes[0]), load!(probes[1])],
+            pad: [0; 2],
         }
     }
 
@@ -862,6 +880,8 @@ impl Established {
         store!(closed);
         store!(client);
         store!(flags);
+        store!(probes[0]);
+        store!(probes[1]);
     }
 }
 

@@ -237,7 +237,9 @@ pub struct Metrics {
 impl Metrics {
     /// All zero.
     pub const ZERO: Self = Self {
-        events: EventCounters { slots: [0; 32] },
+        events: EventCounters {
+            slots: [0; crate::counters::EVENT_SLOTS],
+        },
         endpoints: [0; GAUGE_SLOTS],
         inserts: [0; table::COUNT],
         removes: [0; table::COUNT],
@@ -325,6 +327,78 @@ impl Default for Metrics {
 // SAFETY: `repr(C)`, made only of `u64`s (no padding); every bit pattern is valid.
 unsafe impl aya::Pod for Metrics {}
 
+/// Ports the per-port view can watch (`--ports`).
+pub const MAX_WATCHED_PORTS: usize = 64;
+/// (state, side) pairs: `state * 3 + side`.
+pub const STATE_SIDES: usize = TcpState::COUNT * SIDES;
+
+/// What the reaper's walk finds in the tables, for the views that a gauge kept per packet would
+/// cost too much for: endpoints per watched port, state and side, and the age of the oldest
+/// endpoint per state and side. Zeroed at the start of every walk and filled during it; the
+/// agent reads it after the walk (exact as of the walk, at most a second old).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WalkView {
+    /// Endpoints per [`port_view_slot`].
+    pub ports: [u32; MAX_WATCHED_PORTS * STATE_SIDES],
+    /// Per (state, side) (`state * 3 + side`): ns since its oldest endpoint entered its state
+    /// as the record knows it (the close for TIME-WAIT, the last segment otherwise), 0: none.
+    pub oldest_ns: [u64; STATE_SIDES],
+}
+
+impl WalkView {
+    /// Nothing seen.
+    pub const ZERO: Self = Self {
+        ports: [0; MAX_WATCHED_PORTS * STATE_SIDES],
+        oldest_ns: [0; STATE_SIDES],
+    };
+
+    /// Counts the endpoint in gauge slot `slot` (see [`gauge_slot`]), of age `age_ns`, whose
+    /// port is watched at index `watched` (`None`: not watched).
+    #[inline(always)]
+    pub fn add(&mut self, slot: u8, watched: Option<usize>, age_ns: u64) {
+        let slot = slot as usize;
+        let (state, side) = (slot / (SIDES * ROLES), slot % SIDES);
+        if slot == NO_SLOT as usize || state >= TcpState::COUNT {
+            return;
+        }
+        // The indexes pass through memory, so the bounds checks below stay: the compiler
+        // could prove them from the arithmetic, the eBPF verifier (which does not follow a
+        // division or a remainder) cannot.
+        let at = |i: usize| {
+            // SAFETY: reading a local.
+            unsafe { core::ptr::read_volatile(&i) }
+        };
+        if let Some(o) = self.oldest_ns.get_mut(at(state * SIDES + side))
+            && age_ns > *o
+        {
+            *o = age_ns;
+        }
+        if let Some(i) = watched
+            && let Some(c) = self.ports.get_mut(at(port_view_slot(i, state, side)))
+        {
+            *c = c.wrapping_add(1);
+        }
+    }
+}
+
+impl Default for WalkView {
+    fn default() -> Self {
+        Self::ZERO
+    }
+}
+
+/// Index in [`WalkView::ports`] of the endpoints of watched port `index` in `state` on `side`.
+#[must_use]
+#[inline(always)]
+pub const fn port_view_slot(index: usize, state: usize, side: usize) -> usize {
+    (index * TcpState::COUNT + state) * SIDES + side
+}
+
+#[cfg(feature = "user")]
+// SAFETY: `repr(C)`, integers only, no implicit padding (the u32 array is an even length).
+unsafe impl aya::Pod for WalkView {}
+
 /// SYNs and completed handshakes towards one listening port, one copy per CPU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -334,10 +408,16 @@ pub struct PortStats {
     pub syn: u64,
     /// Handshakes completed towards the port.
     pub completed: u64,
+    /// SYNs (first and retransmitted) of connection attempts towards the port that ended
+    /// without any SYN-ACK (counted when their record expires).
+    pub unanswered: u64,
+    /// Connections whose listener on the port ignored the handshake-completing ACK or reset
+    /// right after it ([`crate::state::events::ACCEPT_QUEUE_OVERFLOW`]).
+    pub overflows: u64,
 }
 
 #[cfg(feature = "user")]
-// SAFETY: `repr(C)`, two `u64`s.
+// SAFETY: `repr(C)`, `u64`s only.
 unsafe impl aya::Pod for PortStats {}
 
 /// What the agent asks the reaper program (run through `BPF_PROG_TEST_RUN`) to do, and what it

@@ -248,6 +248,18 @@ pub mod events {
     pub const TIME_WAIT_REUSE_ACCEPTED: u32 = 1 << 21;
     /// The answer to a TIME-WAIT reuse was an ACK or a RST: the new SYN was refused.
     pub const TIME_WAIT_REUSE_REFUSED: u32 = 1 << 22;
+    /// A keepalive probe: one below the sender's next sequence number, 0 or 1 byte, with all
+    /// it sent acknowledged.
+    pub const KEEPALIVE_PROBE: u32 = 1 << 23;
+    /// The answer to a keepalive probe: the peer's ACK of all the prober sent.
+    pub const KEEPALIVE_ACK: u32 = 1 << 24;
+    /// An established connection reset while a keepalive probe was outstanding (the prober
+    /// gave up, or the peer answered the probe with a RST); counted instead of [`RESET`].
+    pub const CLOSED_BY_KEEPALIVE: u32 = 1 << 25;
+    /// The listener ignored the ACK that completed a handshake (it sent its SYN-ACK again) or
+    /// reset the connection right after it, having sent nothing else: its accept queue was
+    /// full. Once per connection.
+    pub const ACCEPT_QUEUE_OVERFLOW: u32 = 1 << 26;
 
     /// Any of the invalid-segment bits.
     pub const INVALID: u32 =

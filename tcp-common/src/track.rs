@@ -103,20 +103,19 @@ fn record_sent(flow: &mut Flow, seg: &Segment, d: usize, side: Side) {
         } else {
             s.flags &= !ef::SYN_WINDOW;
         }
-        s.flags |= ef::SENT_ANY;
         // The end of what it sent; from its FIN on, the FIN's own sequence number stays.
         if !s.has(ef::SENT_FIN) {
             let end = seg
                 .seq
                 .wrapping_add(seg.payload_len)
                 .wrapping_add(u32::from(syn));
-            s.end_seq = if s.has(ef::SENT_SEQ) {
+            s.end_seq = if s.has(ef::SENT_ANY) {
                 seq::max(s.end_seq, end)
             } else {
                 end
             };
-            s.flags |= ef::SENT_SEQ;
         }
+        s.flags |= ef::SENT_ANY;
     }
     if seg.has(tcp_flags::ACK) {
         s.ack = if s.has(ef::SENT_ACK) {
@@ -141,6 +140,7 @@ fn start(flow: &mut Flow, seg: &Segment, d: usize, now: u64) {
     flow.ep[1].side = sides[1];
     flow.client = d as u8;
     flow.syn_ns = now;
+    flow.syns = 1;
     let s = &mut flow.ep[d];
     s.state = S::SynSent as u8;
     s.isn = seg.seq;
@@ -160,6 +160,7 @@ fn on_syn(flow: &mut Flow, seg: &Segment, d: usize, fresh: bool, now: u64) -> u3
     }
     // A repeated SYN of the attempt in progress, or a late copy of it.
     if same_isn && (s_state == S::SynSent || !matches!(s_state, S::Closed | S::TimeWait)) {
+        flow.syns = flow.syns.saturating_add(1);
         return ev::SYN | ev::SYN_RETRANSMIT;
     }
     // Simultaneous open: the peer's SYN is out, ours crosses it (it does not ACK theirs).
@@ -214,7 +215,7 @@ fn on_syn_ack(flow: &mut Flow, seg: &Segment, d: usize, fresh: bool, now: u64) -
         rcv.isn = seg.ack.wrapping_sub(1);
         rcv.end_seq = seg.ack;
         // Its SYN's window is not known: 0 (RST/FIN validation then waits for its ACK).
-        rcv.flags |= ef::SENT_SYN | ef::SENT_ANY | ef::SYN_WINDOW | ef::SENT_SEQ;
+        rcv.flags |= ef::SENT_SYN | ef::SENT_ANY | ef::SYN_WINDOW;
         return ev::SYN_ACK | ev::NEW_FLOW | ev::PICKED_UP;
     }
     let acks_syn = flow.ep[r].has(ef::SENT_SYN) && seg.ack == flow.ep[r].isn.wrapping_add(1);
@@ -240,11 +241,18 @@ fn on_syn_ack(flow: &mut Flow, seg: &Segment, d: usize, fresh: bool, now: u64) -
         // SYN went out alone). Past the handshake the half-open flags are gone, and any repeat
         // is a retransmission.
         _ if repeat => {
-            let s = &mut flow.ep[d];
-            if s.handshake & hf::SENT_SYNACK != 0 || flow.flags & ff::HANDSHAKE_DONE != 0 {
+            let done = flow.flags & ff::HANDSHAKE_DONE != 0;
+            if flow.ep[d].handshake & hf::SENT_SYNACK != 0 || done {
                 out |= ev::SYNACK_RETRANSMIT;
             }
-            s.handshake |= hf::SENT_SYNACK;
+            flow.ep[d].handshake |= hf::SENT_SYNACK;
+            // Sent again after the client's ACK completed the handshake, and nothing else
+            // since its SYN-ACK: the listener ignored that ACK (its accept queue was full). It
+            // is SYN-RECEIVED again, as `ss` shows it, until it really answers.
+            if done && flow.ep[d].state() == S::Established && sent_only_its_syn(flow, d) {
+                flow.ep[d].state = S::SynReceived as u8;
+                out |= overflowed(flow, d);
+            }
         }
         _ => return ev::SYN_ACK | ev::INVALID_ACK,
     }
@@ -283,6 +291,33 @@ fn in_window(flow: &Flow, seg: &Segment, d: usize) -> bool {
     let lo = rcv.ack.wrapping_sub(window);
     let hi = rcv.ack.wrapping_add(window);
     seq::ge(seg.seq, lo) && seq::le(seg.seq, hi)
+}
+
+/// Whether endpoint `d` has sent nothing but its SYN (or SYN-ACK): its last window came with
+/// a SYN (any other segment but a RST replaces it).
+#[inline(always)]
+fn sent_only_its_syn(flow: &Flow, d: usize) -> bool {
+    let s = &flow.ep[d];
+    s.has(ef::SENT_SYN | ef::SYN_WINDOW) && !s.has(ef::SENT_FIN)
+}
+
+/// Whether endpoint `i` is a listener taken back to SYN-RECEIVED by an accept-queue overflow.
+#[inline(always)]
+fn waits_after_overflow(flow: &Flow, i: usize) -> bool {
+    flow.has(ff::HANDSHAKE_DONE)
+        && flow.ep[i].state() == S::SynReceived
+        && flow.ep[i].handshake & hf::OVERFLOWED != 0
+}
+
+/// Counts an accept-queue overflow of listener `d`, once per connection.
+#[inline(always)]
+fn overflowed(flow: &mut Flow, d: usize) -> u32 {
+    let s = &mut flow.ep[d];
+    if s.handshake & hf::OVERFLOWED != 0 {
+        return 0;
+    }
+    s.handshake |= hf::OVERFLOWED;
+    ev::ACCEPT_QUEUE_OVERFLOW
 }
 
 /// Whether a RST from `d` carries the sequence number its synchronized receiver expects next
@@ -339,21 +374,38 @@ fn on_rst(flow: &mut Flow, seg: &Segment, d: usize, fresh: bool, now: u64) -> u3
         }
     }
     let opening = flow.ep[0].state().is_opening() || flow.ep[1].state().is_opening();
-    let out = if flow.is_closed() {
-        0
-    } else if opening && !flow.has(ff::HANDSHAKE_DONE) {
-        ev::HANDSHAKE_FAILED_RST
-    } else if flow.has(ff::CLOSED_BY_FIN) {
-        0
-    } else if flow.ep[0].has(ef::SENT_FIN) && flow.ep[1].has(ef::SENT_FIN) {
-        // Both FINs were out: the FIN exchange closed the connection, the RST only ends
-        // the wait for its last ACK.
-        flow.flags |= ff::CLOSED_BY_FIN;
-        ev::CLOSED_BY_FIN
+    // The listener resets a connection whose handshake completed without sending anything
+    // else: `tcp_abort_on_overflow` answering the completing ACK of a full accept queue.
+    let overflow = if flow.has(ff::HANDSHAKE_DONE)
+        && flow.client as usize == r
+        && sent_only_its_syn(flow, d)
+        && !flow.is_closed()
+    {
+        overflowed(flow, d)
     } else {
-        flow.flags |= ff::CLOSED_BY_RST;
-        ev::RESET
+        0
     };
+    let out = overflow
+        | if flow.is_closed() {
+            0
+        } else if opening && !flow.has(ff::HANDSHAKE_DONE) {
+            ev::HANDSHAKE_FAILED_RST
+        } else if flow.has(ff::CLOSED_BY_FIN) {
+            0
+        } else if flow.ep[0].has(ef::SENT_FIN) && flow.ep[1].has(ef::SENT_FIN) {
+            // Both FINs were out: the FIN exchange closed the connection, the RST only ends
+            // the wait for its last ACK.
+            flow.flags |= ff::CLOSED_BY_FIN;
+            ev::CLOSED_BY_FIN
+        } else if flow.ep[0].has(ef::PROBING) || flow.ep[1].has(ef::PROBING) {
+            // A keepalive probe went unanswered (the prober gives up with a RST) or was answered
+            // by a RST (the peer had lost the connection): keepalive found it dead.
+            flow.flags |= ff::CLOSED_BY_RST;
+            ev::CLOSED_BY_KEEPALIVE
+        } else {
+            flow.flags |= ff::CLOSED_BY_RST;
+            ev::RESET
+        };
     flow.ep[0].state = S::Closed as u8;
     flow.ep[1].state = S::Closed as u8;
     flow.closed_ns = now;
@@ -401,8 +453,14 @@ fn on_ack(flow: &mut Flow, seg: &Segment, d: usize, now: u64) -> u32 {
         }
     }
 
+    // A listener taken back to SYN-RECEIVED (it ignored the completing ACK: accept queue
+    // full) that now sends anything has accepted the connection at last; until then, what the
+    // client sends does not move it (it may be dropped again).
+    if waits_after_overflow(flow, d) {
+        flow.ep[d].state = S::Established as u8;
+    }
     // Handshake completion: the receiver is SYN-RECEIVED and this acknowledges its SYN.
-    if flow.ep[r].state() == S::SynReceived {
+    if flow.ep[r].state() == S::SynReceived && !waits_after_overflow(flow, r) {
         let acks_syn = seq::ge(seg.ack, flow.ep[r].isn.wrapping_add(1));
         if !acks_syn {
             return ev::INVALID_ACK;
@@ -418,6 +476,33 @@ fn on_ack(flow: &mut Flow, seg: &Segment, d: usize, now: u64) -> u32 {
     } else if flow.ep[d].state() == S::SynSent && flow.ep[r].state() == S::Established {
         // Cannot happen when every segment is seen; keep the states consistent anyway.
         flow.ep[d].state = S::Established as u8;
+    }
+
+    // Keepalive (RFC 1122 §4.2.3.6): a segment one below the sender's next sequence number,
+    // carrying nothing or one byte, once the peer has acknowledged all it sent.
+    let (s, rcv) = (&flow.ep[d], &flow.ep[r]);
+    let probe = !fin
+        && seg.payload_len <= 1
+        && matches!(s.state(), S::Established | S::CloseWait)
+        && s.has(ef::SENT_ANY)
+        && seg.seq == s.end_seq.wrapping_sub(1)
+        && rcv.has(ef::SENT_ACK)
+        && rcv.ack == s.end_seq;
+    // The peer's first segment after a probe is its answer when it acknowledges all the prober
+    // sent and carries nothing (Linux answers the old sequence number with a duplicate ACK).
+    if flow.ep[r].has(ef::PROBING) {
+        flow.ep[r].flags &= !ef::PROBING;
+        if !fin && seg.payload_len == 0 && seg.ack == flow.ep[r].end_seq {
+            out |= ev::KEEPALIVE_ACK;
+        }
+    }
+    if probe {
+        let s = &mut flow.ep[d];
+        s.flags |= ef::PROBING;
+        s.probes = s.probes.saturating_add(1);
+        out |= ev::KEEPALIVE_PROBE;
+    } else {
+        flow.ep[d].flags &= !ef::PROBING;
     }
 
     // What the sender has received: the highest ACK it ever sent (a reordered segment may
@@ -443,8 +528,8 @@ fn on_ack(flow: &mut Flow, seg: &Segment, d: usize, now: u64) -> u32 {
         }
     } else if fin {
         flow.ep[d].end_seq = seg.seq.wrapping_add(seg.payload_len);
-        flow.ep[d].flags |= ef::SENT_FIN | ef::SENT_SEQ;
-        if flow.ep[r].state() == S::Closed {
+        flow.ep[d].flags |= ef::SENT_FIN;
+        if flow.ep[r].state() == S::Closed && flow.ep[d].state() == S::CloseWait {
             // The peer is gone (its FIN-WAIT-2 timed out): it will answer with a RST.
             flow.ep[d].state = S::LastAck as u8;
         } else if flow.ep[r].has(ef::SENT_FIN) {

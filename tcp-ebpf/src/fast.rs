@@ -84,13 +84,19 @@ unsafe fn apply(rec: *mut Established, seg: &Segment, d: usize, side: Side) -> b
         if read_volatile(word) & mask != expected {
             return false;
         }
+        let end = &raw mut (*rec).end_seq[d];
+        let end_before = read_volatile(end);
+        // One below the end of what it sent, with at most a byte: maybe a keepalive probe,
+        // which only the slow path tells (and marks).
+        if seg.payload_len <= 1 && seg.seq.wrapping_add(1) == end_before {
+            return false;
+        }
         let ack = &raw mut (*rec).ack[d];
         if seq::gt(seg.ack, read_volatile(ack)) {
             write_volatile(ack, seg.ack);
         }
-        let end = &raw mut (*rec).end_seq[d];
         let sent = seg.seq.wrapping_add(seg.payload_len);
-        if seq::gt(sent, read_volatile(end)) {
+        if seq::gt(sent, end_before) {
             write_volatile(end, sent);
         }
         write_volatile(&raw mut (*rec).window[d], seg.window);
@@ -103,4 +109,4 @@ unsafe fn apply(rec: *mut Established, seg: &Segment, d: usize, side: Side) -> b
     }
 }
 
-const _: () = assert!(core::mem::size_of::<EstablishedEntry>() == 40);
+const _: () = assert!(core::mem::size_of::<EstablishedEntry>() == 44);

@@ -7,6 +7,9 @@
 #![no_main]
 // `asm!` on BPF: see `frame::bounded`.
 #![feature(asm_experimental_arch)]
+// Atomic adds (`reaper`): `AtomicU64::fetch_add` does not exist for the BPF target.
+#![feature(core_intrinsics)]
+#![allow(internal_features, reason = "atomic_xadd, see above")]
 
 mod fast;
 mod frame;
@@ -14,6 +17,7 @@ mod maps;
 mod observe;
 mod reaper;
 mod tracker;
+mod view;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, xdp_action},
@@ -60,6 +64,13 @@ pub fn tcpscope_tc_slow(ctx: TcContext) -> i32 {
 #[xdp]
 pub fn tcpscope_reap(ctx: XdpContext) -> u32 {
     reaper::reap(&ctx)
+}
+
+/// The walk's view: never attached; the agent runs it through `BPF_PROG_TEST_RUN` after each
+/// expiry walk (see [`view`]).
+#[xdp]
+pub fn tcpscope_view(ctx: XdpContext) -> u32 {
+    view::walk(&ctx)
 }
 
 #[cfg(not(test))]

@@ -11,12 +11,12 @@ use aya_ebpf::{
     Global,
     btf_maps::HashMap,
     macros::{btf_map, map},
-    maps::{LruPerCpuHashMap, PerCpuArray, ProgramArray},
+    maps::{Array, LruPerCpuHashMap, PerCpuArray, ProgramArray},
 };
 use tcp_common::{
     counters::{HOOKS, HookCounters},
     flow::{EstablishedEntry, Flow, FlowKey, FlowKey4, HalfOpenEntry},
-    metrics::{Metrics, PortStats},
+    metrics::{Metrics, PortStats, WalkView},
     parse::Parsed,
 };
 
@@ -45,6 +45,16 @@ pub const SYN_PORTS_CAPACITY: u32 = 1024;
 #[map(name = "SYN_PORTS")]
 pub static SYN_PORTS: LruPerCpuHashMap<u32, PortStats> =
     LruPerCpuHashMap::with_max_entries(SYN_PORTS_CAPACITY, 0);
+
+/// Ports of the per-port view (`--ports`): the value at a port is its index among them plus
+/// one, 0 for ports not watched. Set by the agent at load; read only by the reaper's walk (an
+/// array lookup, which the verifier inlines).
+#[map(name = "PORT_INDEX")]
+pub static PORT_INDEX: Array<u8> = Array::with_max_entries(65_536, 0);
+
+/// What the reaper's walk finds (see `WalkView`), read by the agent after each walk.
+#[map(name = "WALK_VIEW")]
+pub static WALK_VIEW: Array<WalkView> = Array::with_max_entries(1, 0);
 
 /// IPv4 connections past their handshake (or picked up mid-stream), compact records.
 #[btf_map]

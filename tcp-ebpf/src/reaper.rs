@@ -22,15 +22,57 @@ use aya_ebpf::{
 };
 use tcp_common::{
     counters::event_slots,
-    flow::{Established, EstablishedEntry, HalfOpenEntry, flow_flags},
+    flow::{Established, EstablishedEntry, FlowKey, FlowKey4, HalfOpenEntry, flow_flags},
     metrics::{NO_SLOT, ReapRequest, endpoint_slot, established_slot, table},
     track::{Age, Timeouts, finished},
 };
 
 use crate::{
-    maps::{FLOWS4, FLOWS6, HALF_OPEN},
-    tracker::{REAPER, metrics},
+    maps::{FLOWS4, FLOWS6, HALF_OPEN, SYN_PORTS},
+    tracker::{NO_PORT_STATS, REAPER, metrics},
 };
+
+/// Adds `n` unanswered SYNs to this CPU's tallies of port `port`. One atomic add: a packet
+/// program may interrupt the reaper on this CPU and update the same value (plain stores), and
+/// an atomic instruction cannot be interrupted halfway.
+#[inline(always)]
+fn count_unanswered(port: u16, n: u64) {
+    let key = u32::from(port);
+    let stats = match SYN_PORTS.get_ptr_mut(&key) {
+        Some(s) => s,
+        None => {
+            let _ = SYN_PORTS.insert(&key, &NO_PORT_STATS, 0);
+            match SYN_PORTS.get_ptr_mut(&key) {
+                Some(s) => s,
+                None => return,
+            }
+        }
+    };
+    // SAFETY: this CPU's value of a per-CPU hash entry found just now (RCU keeps it valid
+    // while the program runs); `unanswered` is 8-aligned.
+    unsafe {
+        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            &raw mut (*stats).unanswered,
+            n,
+        );
+    }
+}
+
+/// The ports of a walked record's endpoints, from its key (`table`: the walked table).
+///
+/// # Safety
+/// `key` is the current record's key in a table of that kind.
+#[inline(always)]
+pub unsafe fn key_ports(key: *const c_void, table: usize) -> [u16; 2] {
+    // SAFETY: caller.
+    unsafe {
+        if table == table::ESTABLISHED_V4 {
+            (*key.cast::<FlowKey4>()).port
+        } else {
+            (*key.cast::<FlowKey>()).port
+        }
+    }
+}
 
 /// How long a half-open record that a packet program marked DEAD is left to that program
 /// (which deletes it within microseconds) before the reaper takes it as abandoned. Deleting it
@@ -143,10 +185,14 @@ extern "C" fn visit_established(
             slots[2] = established_slot(&after, 0);
             slots[3] = established_slot(&after, 1);
             fate = u8::from(slots[0] != slots[2] || slots[1] != slots[3]) * 3;
+        } else {
+            slots[2] = slots[0];
+            slots[3] = slots[1];
         }
         aya_ebpf::helpers::bpf_spin_unlock((&raw mut (*entry).lock).cast());
         (fate, slots, evicted, table)
     };
+
     let Some(m) = metrics(REAPER) else {
         return 0;
     };
@@ -189,7 +235,7 @@ extern "C" fn visit_half_open(
         return 0;
     };
     // SAFETY: the kernel passes the caller's context and a live record of the walked table.
-    let (was_dead, slots, failed_handshake, evicted) = unsafe {
+    let (was_dead, slots, failed_handshake, evicted, unanswered) = unsafe {
         (*walk).visited += 1;
         aya_ebpf::helpers::bpf_spin_lock((&raw mut (*entry).lock).cast());
         let flow = &mut (*entry).flow;
@@ -208,9 +254,25 @@ extern "C" fn visit_half_open(
         let failed_handshake =
             flow.is_half_open() && flow.syn_ns != 0 && flow.flags & flow_flags::HANDSHAKE_DONE == 0;
         let evicted = !finished([flow.ep[0].state(), flow.ep[1].state()]);
+        // An attempt that never got a SYN-ACK: its SYNs, towards the server's port (a port of
+        // this host, or in mirror mode any port: not an attempt this host made).
+        let client = usize::from(flow.client & 1);
+        let unanswered = if failed_handshake
+            && flow.synack_ns == 0
+            && flow.client < 2
+            && flow.ep[client].side() != tcp_common::state::Side::Local
+        {
+            let [p0, p1] = key_ports(key, table::HALF_OPEN);
+            // A select, not an index: the verifier refuses the pointer arithmetic an index
+            // into the key compiles to here.
+            let server_port = if client == 0 { p1 } else { p0 };
+            Some((server_port, u64::from(flow.syns)))
+        } else {
+            None
+        };
         flow.flags |= flow_flags::DEAD;
         aya_ebpf::helpers::bpf_spin_unlock((&raw mut (*entry).lock).cast());
-        (was_dead, slots, failed_handshake, evicted)
+        (was_dead, slots, failed_handshake, evicted, unanswered)
     };
     let Some(m) = metrics(REAPER) else {
         return 0;
@@ -222,6 +284,11 @@ extern "C" fn visit_half_open(
         m.move_endpoint(slots[1], NO_SLOT);
         if failed_handshake {
             m.events.bump(event_slots::HANDSHAKES_TIMED_OUT);
+        }
+        if let Some((port, syns)) = unanswered
+            && syns > 0
+        {
+            count_unanswered(port, syns);
         }
         if evicted && let Some(e) = m.evictions.get_mut(table::HALF_OPEN) {
             *e = e.wrapping_add(1);

@@ -81,14 +81,16 @@ pub const REAPER: u32 = 1;
 
 /// A port's first tallies (in read-only data: a zero value built on the stack costs a
 /// `memset` call, and a frame of its own on the call chain).
-static NO_PORT_STATS: PortStats = PortStats {
+pub static NO_PORT_STATS: PortStats = PortStats {
     syn: 0,
     completed: 0,
+    unanswered: 0,
+    overflows: 0,
 };
 
 /// Adds to this CPU's tallies of listening port `port`.
 #[inline(always)]
-fn count_port(port: u16, syn: u64, completed: u64) {
+fn count_port(port: u16, syn: u64, completed: u64, overflows: u64) {
     let key = u32::from(port);
     let stats = match SYN_PORTS.get_ptr_mut(&key) {
         Some(s) => s,
@@ -105,6 +107,7 @@ fn count_port(port: u16, syn: u64, completed: u64) {
     unsafe {
         (*stats).syn = (*stats).syn.wrapping_add(syn);
         (*stats).completed = (*stats).completed.wrapping_add(completed);
+        (*stats).overflows = (*stats).overflows.wrapping_add(overflows);
     }
 }
 
@@ -203,7 +206,7 @@ pub fn track_segment(seg: &Segment, side: Side, absent: bool) {
     let towards_listener = side != Side::Local;
     let syn = seg.flags & tcp_flags::SYN != 0;
     if towards_listener && seg.flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN {
-        count_port(seg.dport, 1, 0);
+        count_port(seg.dport, 1, 0, 0);
     }
     // The key lives in the scratch slot, off the stack (the verifier limits a call chain's
     // stack to 512 bytes, and 6.1 rounds every frame up to 32).
@@ -261,7 +264,7 @@ pub fn track_segment(seg: &Segment, side: Side, absent: bool) {
                 }
             }
             // SAFETY: this CPU's scratch slot.
-            finish(m, unsafe { &*scratch }, seg, towards_listener, now);
+            finish(m, unsafe { &*scratch }, seg, side, now);
             return;
         }
     }
@@ -282,7 +285,7 @@ pub fn track_segment(seg: &Segment, side: Side, absent: bool) {
         match created {
             Created::Done => {
                 // SAFETY: this CPU's scratch slot.
-                finish(m, unsafe { &*scratch }, seg, towards_listener, now);
+                finish(m, unsafe { &*scratch }, seg, side, now);
                 return;
             }
             Created::Refused => return,
@@ -326,7 +329,7 @@ pub fn track_segment(seg: &Segment, side: Side, absent: bool) {
         }
     }
     // SAFETY: this CPU's scratch slot.
-    finish(m, unsafe { &*scratch }, seg, towards_listener, now);
+    finish(m, unsafe { &*scratch }, seg, side, now);
 }
 
 /// What [`create`] did.
@@ -504,7 +507,8 @@ unsafe fn update_half_open(
 
 /// After the unlock: the gauges, the events, the handshake's phases.
 #[inline(always)]
-fn finish(m: &mut Metrics, out: &Scratch, seg: &Segment, towards_listener: bool, now: u64) {
+fn finish(m: &mut Metrics, out: &Scratch, seg: &Segment, side: Side, now: u64) {
+    let towards_listener = side != Side::Local;
     // Volatile reads keep the compiler from forwarding the values in registers (see
     // `Scratch`).
     // SAFETY: fields of this CPU's scratch slot.
@@ -529,10 +533,24 @@ fn finish(m: &mut Metrics, out: &Scratch, seg: &Segment, towards_listener: bool,
         }
         // The completing ACK goes from the client to the listening port.
         if towards_listener {
-            count_port(seg.dport, 0, 1);
+            count_port(seg.dport, 0, 1, 0);
         }
+    }
+    // The listener (this segment's sender, a socket of this host or, in mirror mode, any)
+    // overflowed its accept queue.
+    if events & ev::ACCEPT_QUEUE_OVERFLOW != 0 && side != Side::Remote {
+        count_port(seg.sport, 0, 0, 1);
     }
     if events != 0 {
         m.events.add_events(events);
+        // Keepalive by the side of the prober: the sender of a probe, the receiver of its
+        // answer.
+        if events & ev::KEEPALIVE_PROBE != 0 {
+            m.events.bump(event_slots::KEEPALIVE_PROBES + side as usize);
+        }
+        if events & ev::KEEPALIVE_ACK != 0 {
+            m.events
+                .bump(event_slots::KEEPALIVE_ACKS + side.opposite() as usize);
+        }
     }
 }

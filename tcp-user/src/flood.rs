@@ -157,6 +157,40 @@ impl FloodDetector {
         changes
     }
 
+    /// Per-port tallies to export besides the flood flags: the ports of [`Self::exposition`]
+    /// and the `top` with the most unanswered SYNs and accept-queue overflows, with their
+    /// latest totals; in port order.
+    #[must_use]
+    pub fn port_tallies(&self, now_ns: u64) -> Vec<(u16, PortStats)> {
+        let latest = |port: &u16| {
+            self.ports
+                .get(port)
+                .and_then(|h| h.samples.back())
+                .map(|(_, s)| *s)
+        };
+        let mut out: BTreeMap<u16, PortStats> = self
+            .exposition(now_ns)
+            .iter()
+            .filter_map(|(port, _)| Some((*port, latest(port)?)))
+            .collect();
+        let mut unanswered: Vec<(u64, u16)> = self
+            .ports
+            .iter()
+            .filter_map(|(port, h)| {
+                let s = h.samples.back()?.1;
+                let n = s.unanswered + s.overflows;
+                (n > 0).then_some((n, *port))
+            })
+            .collect();
+        unanswered.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        for (_, port) in unanswered.into_iter().take(self.rule.top) {
+            if let Some(s) = latest(&port) {
+                out.insert(port, s);
+            }
+        }
+        out.into_iter().collect()
+    }
+
     /// The window of one port, if it has one.
     #[must_use]
     pub fn window_of(&self, port: u16) -> Option<PortWindow> {
@@ -225,7 +259,12 @@ mod tests {
     const S: u64 = 1_000_000_000;
 
     fn stats(syn: u64, completed: u64) -> PortStats {
-        PortStats { syn, completed }
+        PortStats {
+            syn,
+            completed,
+            unanswered: 0,
+            overflows: 0,
+        }
     }
 
     #[test]

@@ -143,6 +143,8 @@ pub struct EndpointView {
     pub role: &'static str,
     /// local / remote / unknown.
     pub side: &'static str,
+    /// Keepalive probes it sent (saturating at 255).
+    pub keepalive_probes: u8,
     /// The address alone.
     #[serde(skip)]
     pub ip: std::net::IpAddr,
@@ -211,6 +213,7 @@ impl FlowView {
                 state: flow.ep[i].state().name(),
                 role: flow.role(i).name(),
                 side: flow.ep[i].side().name(),
+                keepalive_probes: flow.ep[i].probes,
                 ip: if key.ipv6 != 0 {
                     std::net::IpAddr::from(a)
                 } else {

@@ -15,14 +15,14 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader, TestRun as _,
-    maps::{MapData, PerCpuHashMap, ProgramArray},
+    maps::{Array, MapData, PerCpuHashMap, ProgramArray},
     programs::{
         LinkOrder, SchedClassifier, TcAttachType, TestRunOptions, Xdp, XdpMode,
         tc::{self, NlOptions, TcAttach},
     },
     util::KernelVersion,
 };
-use log::{info, warn};
+use log::{debug, info, warn};
 use tcp_common::{
     counters::event_slots,
     metrics::{Metrics, PortStats, ReapRequest, table},
@@ -37,6 +37,8 @@ pub const XDP_PROGRAM: &str = "tcpscope_xdp";
 pub const TC_PROGRAM: &str = "tcpscope_tc";
 /// Name of the expiry program (never attached; run through `BPF_PROG_TEST_RUN`).
 pub const REAP_PROGRAM: &str = "tcpscope_reap";
+/// The walk's view (never attached: run through `BPF_PROG_TEST_RUN` after each expiry walk).
+pub const VIEW_PROGRAM: &str = "tcpscope_view";
 /// The slow path of each hook (never attached: reached by tail call through the program
 /// array named next to it).
 pub const SLOW_PROGRAMS: [(&str, &str); 2] = [
@@ -102,7 +104,44 @@ pub struct LoadOptions {
     pub flows6_capacity: u32,
     /// Capacity of the half-open table.
     pub half_open_capacity: u32,
+    /// Ports of the per-port view (at most [`MAX_WATCHED_PORTS`]).
+    pub ports: Vec<u16>,
 }
+
+/// Map of the per-port view's ports.
+pub const PORT_INDEX_MAP: &str = "PORT_INDEX";
+/// Map of the reaper walk's view.
+pub const WALK_VIEW_MAP: &str = "WALK_VIEW";
+
+/// The reaper walk's view, through a descriptor of its own.
+pub struct WalkViewHandle(Array<MapData, tcp_common::metrics::WalkView>);
+
+impl WalkViewHandle {
+    /// Zeroes it, before a walk.
+    ///
+    /// # Errors
+    /// When the kernel refuses the write.
+    pub fn clear(&mut self) -> Result<(), Error> {
+        self.0
+            .set(0, &tcp_common::metrics::WalkView::ZERO, 0)
+            .map_err(|source| Error::Map {
+                name: WALK_VIEW_MAP,
+                source,
+            })
+    }
+
+    /// What the walk found.
+    ///
+    /// # Errors
+    /// When the kernel refuses the read.
+    pub fn read(&self) -> Result<tcp_common::metrics::WalkView, Error> {
+        self.0.get(&0, 0).map_err(|source| Error::Map {
+            name: WALK_VIEW_MAP,
+            source,
+        })
+    }
+}
+pub use tcp_common::metrics::MAX_WATCHED_PORTS;
 
 /// Default capacity of the IPv4 established table.
 pub const DEFAULT_FLOWS_CAPACITY: u32 = 262_144;
@@ -119,6 +158,7 @@ impl Default for LoadOptions {
             flows_capacity: DEFAULT_FLOWS_CAPACITY,
             flows6_capacity: DEFAULT_FLOWS6_CAPACITY,
             half_open_capacity: DEFAULT_HALF_OPEN_CAPACITY,
+            ports: Vec::new(),
         }
     }
 }
@@ -270,11 +310,19 @@ impl Tracker {
         }
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(Error::Load)?;
         let [(xdp_slow, _), (tc_slow, _)] = SLOW_PROGRAMS;
-        for name in [XDP_PROGRAM, TC_PROGRAM, REAP_PROGRAM, xdp_slow, tc_slow] {
+        for name in [
+            XDP_PROGRAM,
+            TC_PROGRAM,
+            REAP_PROGRAM,
+            VIEW_PROGRAM,
+            xdp_slow,
+            tc_slow,
+        ] {
             let program = ebpf.program_mut(name).ok_or(Error::Missing {
                 kind: "program",
                 name,
             })?;
+            let started = std::time::Instant::now();
             let loaded = match program {
                 aya::programs::Program::SchedClassifier(p) => p.load(),
                 aya::programs::Program::Xdp(p) => p.load(),
@@ -286,6 +334,7 @@ impl Tracker {
                 }
             };
             loaded.map_err(|source| Error::Program { name, source })?;
+            debug!("loaded {name} in {:.2} s", started.elapsed().as_secs_f64());
         }
         // The hot paths hand everything but the fast path's segments to their slow path.
         for (program, array) in SLOW_PROGRAMS {
@@ -317,6 +366,25 @@ impl Tracker {
                 name: array,
                 source,
             })?;
+        }
+        // The per-port view's ports: index + 1 at each (the map is not pinned: every agent
+        // sets its own).
+        let map = ebpf.map_mut(PORT_INDEX_MAP).ok_or(Error::Missing {
+            kind: "map",
+            name: PORT_INDEX_MAP,
+        })?;
+        let mut index: Array<&mut MapData, u8> =
+            Array::try_from(map).map_err(|source| Error::Map {
+                name: PORT_INDEX_MAP,
+                source,
+            })?;
+        for (i, port) in opts.ports.iter().take(MAX_WATCHED_PORTS).enumerate() {
+            index
+                .set(u32::from(*port), &((i + 1) as u8), 0)
+                .map_err(|source| Error::Map {
+                    name: PORT_INDEX_MAP,
+                    source,
+                })?;
         }
         Ok(Self {
             ebpf,
@@ -429,10 +497,66 @@ impl Tracker {
             for cpu in per_cpu.iter() {
                 total.syn = total.syn.wrapping_add(cpu.syn);
                 total.completed = total.completed.wrapping_add(cpu.completed);
+                total.unanswered = total.unanswered.wrapping_add(cpu.unanswered);
+                total.overflows = total.overflows.wrapping_add(cpu.overflows);
             }
             out.push((port as u16, total));
         }
         Ok(out)
+    }
+
+    /// A handle of its own on the reaper walk's view (see
+    /// [`tcp_common::metrics::WalkView`]), for the thread that runs the walks.
+    ///
+    /// # Errors
+    /// When the map is missing or its descriptor cannot be duplicated.
+    pub fn walk_view(&self) -> Result<WalkViewHandle, Error> {
+        let err = |source| Error::Map {
+            name: WALK_VIEW_MAP,
+            source,
+        };
+        let map = self.ebpf.map(WALK_VIEW_MAP).ok_or(Error::Missing {
+            kind: "map",
+            name: WALK_VIEW_MAP,
+        })?;
+        let aya::maps::Map::Array(data) = map else {
+            return Err(Error::Missing {
+                kind: "array map",
+                name: WALK_VIEW_MAP,
+            });
+        };
+        let fd = std::os::fd::AsFd::as_fd(data.fd())
+            .try_clone_to_owned()
+            .map_err(|e| err(aya::maps::MapError::IoError(e)))?;
+        let data = MapData::from_fd(fd).map_err(err)?;
+        let array = Array::try_from(aya::maps::Map::Array(data)).map_err(err)?;
+        Ok(WalkViewHandle(array))
+    }
+
+    /// Runs the view program: walks the tables into the (zeroed) walk view.
+    ///
+    /// # Errors
+    /// When the kernel refuses the test run.
+    pub fn walk_into_view(&self) -> Result<(), Error> {
+        let program: &Xdp = self
+            .ebpf
+            .program(VIEW_PROGRAM)
+            .and_then(|p| p.try_into().ok())
+            .ok_or(Error::Missing {
+                kind: "program",
+                name: VIEW_PROGRAM,
+            })?;
+        // The kernel wants at least an Ethernet header's worth of packet.
+        let packet = [0u8; 64];
+        let opts = TestRunOptions {
+            data_in: Some(&packet),
+            ..TestRunOptions::default()
+        };
+        program.test_run(opts).map_err(|source| Error::Program {
+            name: VIEW_PROGRAM,
+            source,
+        })?;
+        Ok(())
     }
 
     /// Removes every record past its timeout, in the kernel (see the reaper program); returns

@@ -16,7 +16,7 @@ use tcp_user::{
     flows::{self, FlowView},
     http, iface,
     loader::{self, LoadOptions, Mode, Tracker, XdpModeChoice, error_chain},
-    report::{Exposition, Report},
+    report::{Exposition, Report, WalkExport},
 };
 use tokio::{
     io::{Interest, unix::AsyncFd},
@@ -104,6 +104,34 @@ struct RunArgs {
     listen: Listen,
     #[command(flatten)]
     flood: FloodArgs,
+    /// Ports whose endpoints are exported per state and side
+    /// (`tcpscope_port_endpoints{port,state,side}`), comma-separated, at most 64.
+    #[arg(long, value_name = "PORT,...", value_parser = parse_ports, default_value = "")]
+    ports: Ports,
+}
+
+/// `--ports`: distinct ports, in the order given.
+#[derive(Clone, Debug, Default)]
+struct Ports(Vec<u16>);
+
+fn parse_ports(s: &str) -> Result<Ports, String> {
+    let mut out: Vec<u16> = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let port: u16 = part
+            .parse()
+            .map_err(|_| format!("{part:?} is not a port (0-65535)"))?;
+        if !out.contains(&port) {
+            out.push(port);
+        }
+    }
+    if out.len() > loader::MAX_WATCHED_PORTS {
+        return Err(format!(
+            "{} ports given; at most {}",
+            out.len(),
+            loader::MAX_WATCHED_PORTS
+        ));
+    }
+    Ok(Ports(out))
 }
 
 /// The SYN-flood rule (per listening port, over a sliding window).
@@ -347,6 +375,7 @@ async fn run(args: RunArgs) -> Result<()> {
         flows_capacity: args.flows_capacity,
         flows6_capacity: args.flows6_capacity,
         half_open_capacity: args.half_open_capacity,
+        ports: args.ports.0.clone(),
     };
     let timeouts = args.timeouts.timeouts();
     let mut tracker = match Tracker::load(&options) {
@@ -395,6 +424,11 @@ async fn run(args: RunArgs) -> Result<()> {
     let tracker = std::sync::Arc::new(tracker);
     let reaper = tcp_user::reaper::Reaper::start(std::sync::Arc::clone(&tracker), timeouts)
         .context("starting the reaper thread")?;
+    // The sides an endpoint can have in this mode, for the walk's views.
+    let sides: &[Side] = match args.mode {
+        Mode::Host => &[Side::Local, Side::Remote],
+        Mode::Mirror => &[Side::Unknown],
+    };
     let rule = args.flood.rule();
     let mut flood = FloodDetector::new(rule);
     info!(
@@ -423,7 +457,15 @@ async fn run(args: RunArgs) -> Result<()> {
             _ = ticker.tick() => watch_floods(&tracker, &mut flood),
             Some(request) = requests.recv() => match request {
                 http::Request::Metrics(answer) => {
-                    let _ = answer.send(exposition(&tracker, &flood).map_err(|e| format!("{e:#}")));
+                    let walk = reaper.view();
+                    let walk = walk.as_ref().map(|view| WalkExport {
+                        ports: &args.ports.0,
+                        sides,
+                        view,
+                    });
+                    let _ = answer.send(
+                        exposition(&tracker, &flood, walk).map_err(|e| format!("{e:#}")),
+                    );
                 }
                 http::Request::Health(answer) => {
                     let attached: Vec<&str> =
@@ -509,7 +551,11 @@ fn watch_floods(tracker: &Tracker, flood: &mut FloodDetector) {
 }
 
 /// The /metrics text, read from the kernel now.
-fn exposition(tracker: &Tracker, flood: &FloodDetector) -> Result<String> {
+fn exposition(
+    tracker: &Tracker,
+    flood: &FloodDetector,
+    walk: Option<WalkExport<'_>>,
+) -> Result<String> {
     let err = |e: tcp_user::error::Error| anyhow::anyhow!(error_chain(&e));
     let totals = tracker.counters().map_err(err)?;
     let metrics = tracker.metrics().map_err(err)?;
@@ -522,6 +568,8 @@ fn exposition(tracker: &Tracker, flood: &FloodDetector) -> Result<String> {
             .collect(),
         tables: tracker.tables(&metrics).map_err(err)?,
         flood_ports: flood.exposition(flows::monotonic_ns()),
+        port_tallies: flood.port_tallies(flows::monotonic_ns()),
+        walk,
     }
     .text())
 }
@@ -603,15 +651,24 @@ fn list_flows(args: &FlowsArgs) -> Result<()> {
     }
     writeln!(
         out,
-        "{:<12} {:<7} {:<7} {:<46} {:<12} {:<7} {:<7} {:<46} {:>9} TABLE",
-        "STATE", "ROLE", "SIDE", "ENDPOINT", "PEER-STATE", "ROLE", "SIDE", "PEER", "IDLE"
+        "{:<12} {:<7} {:<7} {:<46} {:<12} {:<7} {:<7} {:<46} {:>9} {:>9} TABLE",
+        "STATE",
+        "ROLE",
+        "SIDE",
+        "ENDPOINT",
+        "PEER-STATE",
+        "ROLE",
+        "SIDE",
+        "PEER",
+        "IDLE",
+        "KA-PROBES"
     )
     .context("writing")?;
     for v in &views {
         let [a, b] = &v.endpoints;
         writeln!(
             out,
-            "{:<12} {:<7} {:<7} {:<46} {:<12} {:<7} {:<7} {:<46} {:>8.1}s {}",
+            "{:<12} {:<7} {:<7} {:<46} {:<12} {:<7} {:<7} {:<46} {:>8.1}s {:>9} {}",
             a.state,
             a.role,
             a.side,
@@ -621,6 +678,7 @@ fn list_flows(args: &FlowsArgs) -> Result<()> {
             b.side,
             b.address,
             v.idle_ms as f64 / 1000.0,
+            format!("{}/{}", a.keepalive_probes, b.keepalive_probes),
             v.table.name()
         )
         .context("writing")?;

@@ -9,7 +9,10 @@ use std::{
 };
 
 use log::{debug, info, warn};
-use tcp_common::{metrics::table, track::Timeouts};
+use tcp_common::{
+    metrics::{WalkView, table},
+    track::Timeouts,
+};
 
 use crate::loader::{Tracker, error_chain};
 
@@ -20,6 +23,7 @@ pub const PERIOD: Duration = Duration::from_secs(1);
 pub struct Reaper {
     stop: Arc<(Mutex<bool>, Condvar)>,
     thread: Option<JoinHandle<()>>,
+    view: Arc<Mutex<Option<WalkView>>>,
 }
 
 impl Reaper {
@@ -30,13 +34,22 @@ impl Reaper {
     pub fn start(tracker: Arc<Tracker>, timeouts: Timeouts) -> std::io::Result<Self> {
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
         let signal = Arc::clone(&stop);
+        let view = Arc::new(Mutex::new(None));
+        let latest = Arc::clone(&view);
         let thread = std::thread::Builder::new()
             .name("tcpscope-reap".to_owned())
-            .spawn(move || run(&tracker, &timeouts, &signal))?;
+            .spawn(move || run(&tracker, &timeouts, &signal, &latest))?;
         Ok(Self {
             stop,
             thread: Some(thread),
+            view,
         })
+    }
+
+    /// What the last walk found (`None` before the first one).
+    #[must_use]
+    pub fn view(&self) -> Option<WalkView> {
+        *self.view.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Stops the thread and waits for it (a walk in progress finishes first).
@@ -62,14 +75,38 @@ impl Drop for Reaper {
 
 /// The thread's loop: a walk, then sleep until the next period (after a stall, the next walk
 /// comes one period later rather than in a burst), until told to stop.
-fn run(tracker: &Tracker, timeouts: &Timeouts, stop: &(Mutex<bool>, Condvar)) {
+fn run(
+    tracker: &Tracker,
+    timeouts: &Timeouts,
+    stop: &(Mutex<bool>, Condvar),
+    view: &Mutex<Option<WalkView>>,
+) {
     let (flag, wake) = stop;
     let mut next = Instant::now();
+    let mut handle = match tracker.walk_view() {
+        Ok(h) => Some(h),
+        Err(e) => {
+            warn!(
+                "the per-port view and the oldest endpoints are unavailable: {}",
+                error_chain(&e)
+            );
+            None
+        }
+    };
     // The error last logged: a failure that persists is logged once, not every second.
     let mut failing: Option<String> = None;
     loop {
-        match tracker.reap(timeouts) {
-            Ok(r) => {
+        let walked = tracker.reap(timeouts).and_then(|r| {
+            let Some(h) = handle.as_mut() else {
+                return Ok((r, None));
+            };
+            h.clear()?;
+            tracker.walk_into_view()?;
+            Ok((r, Some(h.read()?)))
+        });
+        match walked {
+            Ok((r, walked)) => {
+                *view.lock().unwrap_or_else(PoisonError::into_inner) = walked;
                 if failing.take().is_some() {
                     info!("expiring flows works again");
                 }

@@ -58,14 +58,21 @@ impl Replay {
         let before = flow;
         let events = track(&mut flow, &seg, dir, Side::Unknown, ts_ns);
         if events & ev::UNTRACKED != 0 {
-            self.report.count_events(events);
+            self.report.count_events(events, Side::Unknown);
             return;
         }
         if events & ev::NEW_FLOW != 0 && existing.is_some() {
             // The record starts over (reuse, new attempt): account for the old connection.
             self.report.finish(&before);
         }
-        self.report.count_events(events);
+        self.report.count_events(events, Side::Unknown);
+        if events & ev::ACCEPT_QUEUE_OVERFLOW != 0 {
+            *self
+                .report
+                .accept_queue_overflows
+                .entry(seg.sport)
+                .or_default() += 1;
+        }
         if events & ev::HANDSHAKE_COMPLETED != 0 {
             self.report.observe_handshake(&flow, ts_ns);
         }
@@ -76,12 +83,12 @@ impl Replay {
     fn sweep(&mut self) {
         let (now, t) = (self.now_ns, self.timeouts);
         let report = &mut self.report;
-        self.flows.retain(|_, f| {
+        self.flows.retain(|k, f| {
             let keep = !expired(f, now, &t);
             if keep {
                 expire_fin_wait2(f, now, &t);
             } else {
-                report.finish(f);
+                report.expire(k, f);
             }
             keep
         });

@@ -14,7 +14,10 @@ use serde::Serialize;
 use tcp_common::{
     counters::{Counter, EventCounters, HookCounters, event_slots},
     flow::{Flow, FlowKey, flow_flags},
-    metrics::{BUCKETS, GAUGE_SLOTS, Histogram, Metrics, Phase, bucket_bound_ns, slot_labels},
+    metrics::{
+        BUCKETS, GAUGE_SLOTS, Histogram, Metrics, Phase, PortStats, WalkView, bucket_bound_ns,
+        port_view_slot, slot_labels,
+    },
     state::{Role, Side, TcpState, events as ev},
 };
 
@@ -60,6 +63,12 @@ pub struct Report {
     pub half_close_data_segments: u64,
     /// RSTs inside the window but not at the expected sequence number, ignored (RFC 5961).
     pub invalid_rst_in_window: u64,
+    /// Keepalive probes, by the side of the prober ([`Side`] as index).
+    pub keepalive_probes: [u64; 3],
+    /// Answers to keepalive probes, by the side of the prober.
+    pub keepalive_acks: [u64; 3],
+    /// Connections reset while a keepalive probe was outstanding.
+    pub closed_by_keepalive: u64,
     /// Records created mid-stream.
     pub picked_up: u64,
     /// Out-of-window RSTs ignored.
@@ -79,6 +88,13 @@ pub struct Report {
     /// Endpoints per (state, role, side).
     #[serde(skip)]
     pub endpoints: BTreeMap<(TcpState, Role, Side), i64>,
+    /// SYNs of attempts that expired without a SYN-ACK, per server port (replay; the agent
+    /// reads the kernel's per-port tallies).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub unanswered_syns: BTreeMap<u16, u64>,
+    /// Accept-queue overflows per listening port (replay; the agent reads the kernel's).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub accept_queue_overflows: BTreeMap<u16, u64>,
     /// Handshake latency per [`Phase`].
     #[serde(skip)]
     pub handshake: [Histogram; 3],
@@ -104,6 +120,7 @@ impl Report {
             ev::SIMULTANEOUS_OPEN => &mut self.simultaneous_opens,
             ev::HALF_CLOSE_DATA => &mut self.half_close_data_segments,
             ev::RST_IN_WINDOW => &mut self.invalid_rst_in_window,
+            ev::CLOSED_BY_KEEPALIVE => &mut self.closed_by_keepalive,
             ev::PICKED_UP => &mut self.picked_up,
             ev::INVALID_RST => &mut self.invalid_rst,
             ev::INVALID_FIN => &mut self.invalid_fin,
@@ -113,21 +130,31 @@ impl Report {
         })
     }
 
-    /// Adds the events of one segment.
-    pub fn count_events(&mut self, e: u32) {
+    /// Adds the events of one segment sent by an endpoint on `side`.
+    pub fn count_events(&mut self, e: u32, side: Side) {
         for bit in (0..32).map(|i| 1u32 << i).filter(|b| e & b != 0) {
             if let Some(field) = self.field_mut(bit) {
                 *field += 1;
             }
         }
+        if e & ev::KEEPALIVE_PROBE != 0 {
+            self.keepalive_probes[side as usize] += 1;
+        }
+        if e & ev::KEEPALIVE_ACK != 0 {
+            self.keepalive_acks[side.opposite() as usize] += 1;
+        }
     }
 
     /// Adds the kernel's per-event tallies (summed over CPUs).
     pub fn add_kernel_events(&mut self, events: &EventCounters) {
-        for i in 0..24 {
+        for i in 0..32 {
             if let Some(field) = self.field_mut(1 << i) {
                 *field += events.slots[i];
             }
+        }
+        for side in 0..3 {
+            self.keepalive_probes[side] += events.slots[event_slots::KEEPALIVE_PROBES + side];
+            self.keepalive_acks[side] += events.slots[event_slots::KEEPALIVE_ACKS + side];
         }
         self.handshakes_failed_timeout += events.slots[event_slots::HANDSHAKES_TIMED_OUT];
         self.untracked_table_full += events.slots[event_slots::UNTRACKED_SEGMENTS];
@@ -173,6 +200,22 @@ impl Report {
         }
     }
 
+    /// Accounts for a record that expires (replay): an attempt that never got a SYN-ACK adds
+    /// its SYNs to its server port's unanswered ones, as the kernel's reaper does.
+    pub fn expire(&mut self, key: &FlowKey, flow: &Flow) {
+        if flow.is_half_open()
+            && flow.syn_ns != 0
+            && flow.synack_ns == 0
+            && !flow.has(flow_flags::HANDSHAKE_DONE)
+            && flow.client < 2
+            && flow.ep[usize::from(flow.client)].side() != Side::Local
+        {
+            let port = key.port[1 - usize::from(flow.client)];
+            *self.unanswered_syns.entry(port).or_default() += u64::from(flow.syns);
+        }
+        self.finish(flow);
+    }
+
     /// Accounts for a record still held at the end (replay).
     pub fn finish_open(&mut self, flow: &Flow) {
         if flow.syn_ns != 0 && flow.synack_ns == 0 {
@@ -211,6 +254,17 @@ impl Report {
             packets: vec![(hook, self.packets)],
             tables: Vec::new(),
             flood_ports: Vec::new(),
+            port_tallies: {
+                let mut ports: BTreeMap<u16, PortStats> = BTreeMap::new();
+                for (port, n) in &self.unanswered_syns {
+                    ports.entry(*port).or_default().unanswered = *n;
+                }
+                for (port, n) in &self.accept_queue_overflows {
+                    ports.entry(*port).or_default().overflows = *n;
+                }
+                ports.into_iter().collect()
+            },
+            walk: None,
         }
         .text()
     }
@@ -244,6 +298,21 @@ pub struct Exposition<'a> {
     pub tables: Vec<TableStats>,
     /// Ports the SYN-flood rule reports on, and whether it holds for each.
     pub flood_ports: Vec<(u16, bool)>,
+    /// Per-port tallies to export (bounded as the flood ports are): unanswered SYNs.
+    pub port_tallies: Vec<(u16, PortStats)>,
+    /// What the reaper's last walk found, for the per-port view and the oldest endpoints
+    /// (none for a replay, or before the first walk).
+    pub walk: Option<WalkExport<'a>>,
+}
+
+/// The reaper walk's view and how to label it.
+pub struct WalkExport<'a> {
+    /// The watched ports, in index order.
+    pub ports: &'a [u16],
+    /// The sides endpoints can have in this mode (local and remote; unknown in mirror mode).
+    pub sides: &'a [Side],
+    /// The view.
+    pub view: &'a WalkView,
 }
 
 /// A metric with these labels, sorted by name as the prometheus crate's registry does.
@@ -367,6 +436,48 @@ impl Exposition<'_> {
             }
         }
         out.push(endpoints.done());
+        if let Some(w) = &self.walk {
+            let states = || TcpState::ALL.into_iter().filter(|s| *s != TcpState::Closed);
+            let mut ports = Family::new(
+                "tcpscope_port_endpoints",
+                "Endpoints of each --ports port, per state and side, as of the last expiry walk",
+                MetricType::GAUGE,
+            );
+            for (i, port) in w.ports.iter().enumerate() {
+                let port = port.to_string();
+                for state in states() {
+                    for side in w.sides {
+                        let n = w.view.ports[port_view_slot(i, state as usize, *side as usize)];
+                        ports = ports.value(
+                            &[
+                                ("port", &port),
+                                ("state", state.name()),
+                                ("side", side.name()),
+                            ],
+                            f64::from(n),
+                        );
+                    }
+                }
+            }
+            out.push(ports.done());
+            let mut oldest = Family::new(
+                "tcpscope_oldest_endpoint_seconds",
+                "How long the oldest endpoint of each state has been in it, as its record knows \
+                 (TIME-WAIT since the close, the others since their last segment), as of the \
+                 last expiry walk; 0: none",
+                MetricType::GAUGE,
+            );
+            for state in states() {
+                for side in w.sides {
+                    let ns = w.view.oldest_ns[state as usize * Side::ALL.len() + *side as usize];
+                    oldest = oldest.value(
+                        &[("state", state.name()), ("side", side.name())],
+                        ns as f64 / 1e9,
+                    );
+                }
+            }
+            out.push(oldest.done());
+        }
         if !self.tables.is_empty() {
             let table =
                 |name: &str, help: &str, kind: MetricType, f: &dyn Fn(&TableStats) -> f64| {
@@ -450,6 +561,25 @@ impl Exposition<'_> {
             flood = flood.value(&[("port", &port.to_string())], f64::from(u8::from(*active)));
         }
         out.push(flood.done());
+        let mut unanswered = Family::new(
+            "tcpscope_unanswered_syns_total",
+            "SYNs (first and retransmitted) of attempts towards a port that ended without any \
+             SYN-ACK (a listener dropping SYNs: accept queue full, or a filter)",
+            MetricType::COUNTER,
+        );
+        let mut overflows = Family::new(
+            "tcpscope_accept_queue_overflows_total",
+            "Connections whose listener ignored the handshake-completing ACK (sent its SYN-ACK \
+             again) or reset right after it: a full accept queue",
+            MetricType::COUNTER,
+        );
+        for (port, stats) in &self.port_tallies {
+            let port = port.to_string();
+            unanswered = unanswered.value(&[("port", &port)], stats.unanswered as f64);
+            overflows = overflows.value(&[("port", &port)], stats.overflows as f64);
+        }
+        out.push(unanswered.done());
+        out.push(overflows.done());
         let mut hist = Family::new(
             "tcpscope_handshake_duration_seconds",
             "Handshake latency at the observation point, from the first SYN",
@@ -467,8 +597,26 @@ impl Exposition<'_> {
             )
             .value(&[("reason", "fin")], r.closed_by_fin as f64)
             .value(&[("reason", "rst")], r.closed_by_rst as f64)
+            .value(&[("reason", "keepalive")], r.closed_by_keepalive as f64)
             .done(),
         );
+        let by_side = |name: &str, help: &str, v: &[u64; 3]| {
+            let mut f = Family::new(name, help, MetricType::COUNTER);
+            for side in Side::ALL {
+                f = f.value(&[("side", side.name())], v[side as usize] as f64);
+            }
+            f.done()
+        };
+        out.push(by_side(
+            "tcpscope_keepalive_probes_total",
+            "Keepalive probes, by the side of the prober",
+            &r.keepalive_probes,
+        ));
+        out.push(by_side(
+            "tcpscope_keepalive_acks_total",
+            "Answers to keepalive probes, by the side of the prober",
+            &r.keepalive_acks,
+        ));
         out.push(counter(
             "tcpscope_simultaneous_closes_total",
             "Connections closed by FINs that crossed",

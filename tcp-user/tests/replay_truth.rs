@@ -233,7 +233,12 @@ fn replay_agrees_with_the_truth_of_every_public_capture() {
             ("syn_retransmits", r.syn_retransmits),
             ("syn_without_synack", r.syn_without_synack),
             ("closed_by_fin", r.closed_by_fin),
-            ("closed_by_rst", r.closed_by_rst + r.handshakes_failed_rst),
+            // A close by keepalive is a reset whose reason is known (the peer answered a
+            // probe with a RST, or the prober gave up with one).
+            (
+                "closed_by_rst",
+                r.closed_by_rst + r.handshakes_failed_rst + r.closed_by_keepalive,
+            ),
             ("simultaneous_closes", r.simultaneous_closes),
             (
                 "time_wait_client",

@@ -51,14 +51,14 @@ enum Stored {
 }
 
 /// One endpoint as compared: ACK, FIN sequence, window, state, window scale, flags, side.
-type EndpointView = (u32, u32, u16, u8, u8, u8, u8);
+type EndpointView = (u32, u32, u16, u8, u8, u8, u8, u8);
 
 /// What must agree between the two runs (everything but handshake times, coarse times and the
 /// high bits of the ISNs).
 fn view(f: &Flow) -> ([EndpointView; 2], u8, u8, bool) {
     let ep = |e: &Endpoint| {
         (
-            e.ack, e.end_seq, e.window, e.state, e.wscale, e.flags, e.side,
+            e.ack, e.end_seq, e.window, e.state, e.wscale, e.flags, e.side, e.probes,
         )
     };
     (

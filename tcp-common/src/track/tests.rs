@@ -264,7 +264,18 @@ fn rst_aborts_in_any_state() {
         if steps >= 2 {
             c.send(Who::B, ACK, 301, 102, 0);
         }
-        assert_eq!(c.send(Who::B, RST | ACK, 301, 102, 0), E::RESET, "{name}");
+        // A listener that sent nothing after its SYN-ACK (not even the ACK of the FIN): the
+        // signature of `tcp_abort_on_overflow`.
+        let overflow = if steps <= 1 {
+            E::ACCEPT_QUEUE_OVERFLOW
+        } else {
+            0
+        };
+        assert_eq!(
+            c.send(Who::B, RST | ACK, 301, 102, 0),
+            E::RESET | overflow,
+            "{name}"
+        );
         assert_eq!(c.states(), (Closed, Closed), "{name}");
     }
 }
@@ -347,10 +358,11 @@ fn new_syn_on_time_wait_is_reuse() {
         c.send(Who::A, ACK, 90_001, 7_001, 0),
         E::HANDSHAKE_COMPLETED
     );
-    // The outcome is counted once.
+    // The outcome is counted once (the repeat after the client's ACK, with nothing else
+    // from the listener, is the signature of an accept-queue overflow).
     assert_eq!(
         c.send(Who::B, SYN | ACK, 7_000, 90_001, 0),
-        E::SYN_ACK | E::SYNACK_RETRANSMIT
+        E::SYN_ACK | E::SYNACK_RETRANSMIT | E::ACCEPT_QUEUE_OVERFLOW
     );
 }
 
@@ -422,11 +434,12 @@ fn synack_retransmissions_are_told_from_the_first() {
         c.send(Who::B, SYN | ACK, 300, 101, 0),
         E::SYN_ACK | E::SYNACK_RETRANSMIT
     );
-    // After the handshake (the client's ACK was lost beyond the observer).
+    // After the handshake: the client's ACK did not reach the listener, or it ignored it
+    // (which an observer on the listener's host tells: see the accept-queue tests).
     c.send(Who::A, ACK, 101, 301, 0);
     assert_eq!(
         c.send(Who::B, SYN | ACK, 300, 101, 0),
-        E::SYN_ACK | E::SYNACK_RETRANSMIT
+        E::SYN_ACK | E::SYNACK_RETRANSMIT | E::ACCEPT_QUEUE_OVERFLOW
     );
     // Simultaneous open: each side's first SYN-ACK is not a retransmission.
     let mut c = Conv::new();
@@ -794,4 +807,87 @@ fn rst_after_both_fins_counts_as_a_fin_close() {
     c.send(Who::B, FIN | ACK, 301, 102, 0);
     assert_eq!(c.send(Who::A, RST, 102, 0, 0), E::CLOSED_BY_FIN);
     assert_eq!(c.states(), (Closed, Closed));
+}
+
+/// Keepalive (RFC 1122 §4.2.3.6; Linux sends no data, some stacks one byte): a probe is one
+/// below the prober's next sequence number once all it sent is acknowledged; the answer is the
+/// peer's ACK of all of it. A RST while a probe is outstanding ends the connection by
+/// keepalive.
+#[test]
+fn keepalive_probes_their_answers_and_the_abort() {
+    let mut c = Conv::open();
+    c.send(Who::A, ACK | PSH, 101, 301, 100);
+    c.send(Who::B, ACK, 301, 201, 0);
+    // A probe, answered; then one with a byte of garbage, answered.
+    assert_eq!(c.send(Who::A, ACK, 200, 301, 0), E::KEEPALIVE_PROBE);
+    assert_eq!(c.send(Who::B, ACK, 301, 201, 0), E::KEEPALIVE_ACK);
+    assert_eq!(c.send(Who::A, ACK, 200, 301, 1), E::KEEPALIVE_PROBE);
+    assert_eq!(c.send(Who::B, ACK, 301, 201, 0), E::KEEPALIVE_ACK);
+    assert_eq!(c.states(), (Established, Established));
+    let a = FlowKey::of(&Conv::segment(Who::A, 0, 0, 0, 0)).1;
+    assert_eq!(c.flow.ep[a].probes, 2);
+    // Not a probe: data outstanding (a retransmission of the last byte), or new data.
+    c.send(Who::A, ACK | PSH, 201, 301, 50);
+    assert_eq!(c.send(Who::A, ACK, 250, 301, 1), 0);
+    c.send(Who::B, ACK, 301, 251, 0);
+    // Unanswered probes, then the prober's RST at its next sequence number.
+    assert_eq!(c.send(Who::A, ACK, 250, 301, 0), E::KEEPALIVE_PROBE);
+    assert_eq!(c.send(Who::A, ACK, 250, 301, 0), E::KEEPALIVE_PROBE);
+    assert_eq!(
+        c.send(Who::A, RST | ACK, 251, 301, 0),
+        E::CLOSED_BY_KEEPALIVE
+    );
+    assert_eq!(c.states(), (Closed, Closed));
+    assert_eq!(c.flow.ep[a].probes, 4);
+    // A peer that lost the connection answers the probe with a RST: keepalive found it.
+    let mut c = Conv::open();
+    assert_eq!(c.send(Who::B, ACK, 300, 101, 0), E::KEEPALIVE_PROBE);
+    assert_eq!(c.send(Who::A, RST, 101, 0, 0), E::CLOSED_BY_KEEPALIVE);
+    // A RST after an answered probe is a plain reset.
+    let mut c = Conv::open();
+    c.send(Who::B, ACK, 300, 101, 0);
+    c.send(Who::A, ACK, 101, 301, 0);
+    assert_eq!(c.send(Who::A, RST, 101, 0, 0), E::RESET);
+}
+
+/// An accept queue full when the client's ACK arrives (Linux, `listen(fd, n)` without
+/// accept()): the listener ignores the ACK and sends its SYN-ACK again; it is SYN-RECEIVED
+/// again (as `ss` shows it) until it answers for real; the overflow counts once.
+#[test]
+fn listener_ignoring_the_completing_ack_is_an_accept_queue_overflow() {
+    let mut c = Conv::open();
+    assert_eq!(
+        c.send(Who::B, SYN | ACK, 300, 101, 0),
+        E::SYN_ACK | E::SYNACK_RETRANSMIT | E::ACCEPT_QUEUE_OVERFLOW
+    );
+    assert_eq!(c.states(), (Established, SynReceived));
+    // The client's ACK again, and its data: the listener still says nothing.
+    assert_eq!(c.send(Who::A, ACK, 101, 301, 0), 0);
+    c.send(Who::A, ACK | PSH, 101, 301, 100);
+    assert_eq!(c.states(), (Established, SynReceived));
+    assert_eq!(
+        c.send(Who::B, SYN | ACK, 300, 101, 0),
+        E::SYN_ACK | E::SYNACK_RETRANSMIT
+    );
+    // Room in the queue at last: the listener acknowledges the data.
+    assert_eq!(c.send(Who::B, ACK, 301, 201, 0), 0);
+    assert_eq!(c.states(), (Established, Established));
+    // A SYN-ACK retransmitted before the client's ACK is a plain retransmission.
+    let mut c = Conv::new();
+    c.send(Who::A, SYN, 100, 0, 0);
+    c.send(Who::B, SYN | ACK, 300, 101, 0);
+    assert_eq!(
+        c.send(Who::B, SYN | ACK, 300, 101, 0),
+        E::SYN_ACK | E::SYNACK_RETRANSMIT
+    );
+    // With `tcp_abort_on_overflow`, the listener resets right after the completing ACK.
+    let mut c = Conv::open();
+    assert_eq!(
+        c.send(Who::B, RST, 301, 0, 0),
+        E::ACCEPT_QUEUE_OVERFLOW | E::RESET
+    );
+    // A server that answered before its RST is a plain reset.
+    let mut c = Conv::open();
+    c.send(Who::B, ACK | PSH, 301, 101, 10);
+    assert_eq!(c.send(Who::B, RST, 311, 0, 0), E::RESET);
 }

@@ -50,9 +50,11 @@ impl Agent {
         }
     }
 
-    /// Waits (bounded) for a log line containing `needle`; returns it.
+    /// Waits (bounded) for a log line containing `needle`; returns it. Bounded at 60 s: the
+    /// start (the verifier checking the programs) takes a few seconds on a real CPU, and many
+    /// times that in the VM tier's emulated one.
     pub fn wait_for(&mut self, needle: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + Duration::from_secs(60);
         while let Some(left) = deadline.checked_duration_since(Instant::now()) {
             match self.stderr.recv_timeout(left) {
                 Ok(line) => {

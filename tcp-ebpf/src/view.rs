@@ -1,0 +1,190 @@
+//! The walk's view: endpoints per watched port, state and side, and the age of the oldest
+//! endpoint per state and side (see `WalkView`). The agent runs this program through
+//! `BPF_PROG_TEST_RUN` right after each expiry walk (with the view zeroed): it walks the three
+//! tables once more, without taking any lock. A program of its own rather than more work in
+//! the expiry walk's callbacks: there, every branch of the expiry decision multiplied the paths
+//! the verifier had to follow through the view's, past its limit.
+//!
+//! Records are read field by field with volatile loads, without their lock: the view counts as
+//! of the walk (a record that changes during it counts in the state the walk read), which at
+//! rest is exact, like the gauges.
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    cty::c_void,
+    helpers::{bpf_for_each_map_elem, bpf_ktime_get_ns},
+    programs::XdpContext,
+};
+use tcp_common::{
+    flow::{Established, EstablishedEntry, Flow, HalfOpenEntry, flow_flags},
+    metrics::{NO_SLOT, WalkView, endpoint_slot, established_slot, table},
+    state::TcpState,
+};
+
+use crate::{
+    maps::{FLOWS4, FLOWS6, HALF_OPEN, PORT_INDEX, WALK_VIEW},
+    reaper::key_ports,
+};
+
+/// What the callbacks share (on the program's stack).
+#[repr(C)]
+struct Walk {
+    now: u64,
+    table: u64,
+}
+
+/// The walk's view (see [`WalkView`]).
+#[inline(always)]
+fn view() -> Option<&'static mut WalkView> {
+    // SAFETY: the single entry of an array only this program writes, and one runs at a time
+    // (the agent's reaper thread).
+    WALK_VIEW.get_ptr_mut(0).map(|v| unsafe { &mut *v })
+}
+
+/// Adds the endpoints of an established record to the view, read through volatile loads.
+///
+/// # Safety
+/// `rec` points to a live established record; `key` is its key in a table of kind `table`.
+#[inline(never)]
+unsafe fn view_established(rec: *const Established, key: *const c_void, table: usize, now: u64) {
+    // SAFETY: caller.
+    let (snap, ports) = unsafe { (Established::read(rec), key_ports(key, table)) };
+    let idle = now.saturating_sub(snap.last_ns(now));
+    let closed = snap.closed_ns(now);
+    let since_close = if closed == 0 {
+        idle
+    } else {
+        now.saturating_sub(closed)
+    };
+    for (i, port) in ports.into_iter().enumerate() {
+        let age = if snap.ep_state(i) == TcpState::TimeWait {
+            since_close
+        } else {
+            idle
+        };
+        view_endpoint(established_slot(&snap, i), port, age);
+    }
+}
+
+/// Adds the endpoints of a half-open record that stays to the walk's view (as
+/// [`view_established`]).
+///
+/// # Safety
+/// `flow` points to a live half-open record; `key` is its key.
+#[inline(never)]
+unsafe fn view_half_open(flow: *const Flow, key: *const c_void, now: u64) {
+    use core::ptr::read_volatile as get;
+    // SAFETY: caller (every field read once, volatile).
+    let (ports, copy) = unsafe {
+        let mut copy = Flow::EMPTY;
+        copy.last_ns = get(&raw const (*flow).last_ns);
+        copy.client = get(&raw const (*flow).client);
+        for i in 0..2 {
+            copy.ep[i].state = get(&raw const (*flow).ep[i].state);
+            copy.ep[i].side = get(&raw const (*flow).ep[i].side);
+        }
+        (key_ports(key, table::HALF_OPEN), copy)
+    };
+    let idle = now.saturating_sub(copy.last_ns);
+    for (i, port) in ports.into_iter().enumerate() {
+        view_endpoint(endpoint_slot(&copy, i), port, idle);
+    }
+}
+
+/// Adds one endpoint (its gauge slot, port and age) to the walk's view.
+#[inline(always)]
+fn view_endpoint(slot: u8, port: u16, age: u64) {
+    if slot == NO_SLOT {
+        return;
+    }
+    let Some(v) = view() else {
+        return;
+    };
+    let watched = PORT_INDEX
+        .get(u32::from(port))
+        .and_then(|&n| (n != 0).then(|| usize::from(n) - 1));
+    v.add(slot, watched, age);
+}
+
+/// Called for every record of an established table.
+#[inline(never)]
+extern "C" fn visit_established(
+    _map: *mut c_void,
+    key: *mut c_void,
+    value: *mut c_void,
+    ctx: *mut c_void,
+) -> i64 {
+    let walk = ctx.cast::<Walk>();
+    let entry = value.cast::<EstablishedEntry>();
+    // SAFETY: the kernel passes the caller's context, and a live record of the walked table
+    // with its key.
+    unsafe {
+        let flags = core::ptr::read_volatile(&raw const (*entry).rec.flags);
+        if flags & flow_flags::DEAD == 0 {
+            view_established(
+                &raw const (*entry).rec,
+                key,
+                (*walk).table as usize,
+                (*walk).now,
+            );
+        }
+    }
+    0
+}
+
+/// Called for every record of the half-open table.
+#[inline(never)]
+extern "C" fn visit_half_open(
+    _map: *mut c_void,
+    key: *mut c_void,
+    value: *mut c_void,
+    ctx: *mut c_void,
+) -> i64 {
+    let walk = ctx.cast::<Walk>();
+    let entry = value.cast::<HalfOpenEntry>();
+    // SAFETY: as above.
+    unsafe {
+        let flags = core::ptr::read_volatile(&raw const (*entry).flow.flags);
+        if flags & flow_flags::DEAD == 0 {
+            view_half_open(&raw const (*entry).flow, key, (*walk).now);
+        }
+    }
+    0
+}
+
+/// The view program's body: walks the three tables into the view.
+#[inline(always)]
+pub fn walk(_ctx: &XdpContext) -> u32 {
+    let mut walk = Walk {
+        // SAFETY: no preconditions.
+        now: unsafe { bpf_ktime_get_ns() },
+        table: 0,
+    };
+    let established = visit_established as *mut c_void;
+    let tables: [(*mut c_void, *mut c_void, usize); 3] = [
+        (
+            core::ptr::from_ref(&FLOWS4).cast_mut().cast(),
+            established,
+            table::ESTABLISHED_V4,
+        ),
+        (
+            core::ptr::from_ref(&FLOWS6).cast_mut().cast(),
+            established,
+            table::ESTABLISHED_V6,
+        ),
+        (
+            core::ptr::from_ref(&HALF_OPEN).cast_mut().cast(),
+            visit_half_open as *mut c_void,
+            table::HALF_OPEN,
+        ),
+    ];
+    for (map, visit, t) in tables {
+        walk.table = t as u64;
+        // SAFETY: `map` is one of this object's hash maps, `visit` has the callback signature
+        // the helper expects for its values, and `walk` outlives the call.
+        unsafe {
+            bpf_for_each_map_elem(map, visit, core::ptr::from_mut(&mut walk).cast(), 0);
+        }
+    }
+    xdp_action::XDP_PASS
+}
