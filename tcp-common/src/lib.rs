@@ -20,4 +20,4 @@ pub mod track;
 /// Layout version of everything the agent reads from the kernel (map keys and values).
 /// Bumped whenever a shared `#[repr(C)]` type changes, so that an agent never misreads
 /// maps created by another build.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;

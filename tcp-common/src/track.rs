@@ -93,8 +93,12 @@ pub fn track(flow: &mut Flow, seg: &Segment, dir: usize, side: Side, now: u64) -
 /// Bookkeeping of what the sender has sent and received.
 #[inline(always)]
 fn record_sent(flow: &mut Flow, seg: &Segment, d: usize, side: Side) {
+    // A SYN-ACK repeated after the handshake (a late copy, or a listener that ignored the
+    // completing ACK) leaves the window alone: its SYN_WINDOW mark would make the listener
+    // look as if it had sent nothing since.
+    let late_syn = seg.has(tcp_flags::SYN) && flow.has(ff::HANDSHAKE_DONE);
     let s = &mut flow.ep[d];
-    if !seg.has(tcp_flags::RST) {
+    if !seg.has(tcp_flags::RST) && !late_syn {
         // Kept as sent: the shift is applied where the window is used (a SYN's never is).
         s.window = seg.window;
         let syn = seg.has(tcp_flags::SYN);
@@ -322,7 +326,9 @@ fn overflowed(flow: &mut Flow, d: usize) -> u32 {
 
 /// Whether a RST from `d` carries the sequence number its synchronized receiver expects next
 /// (RFC 5961 §3.2): the receiver's own ACK, or the end of what the sender sent (data the
-/// receiver has taken but not acknowledged yet). When the observer knows neither (picked up
+/// receiver has taken but not acknowledged yet). A receiver that has its peer's FIN (CLOSE-WAIT,
+/// CLOSING, LAST-ACK) also takes one at the FIN's own number, as Linux does
+/// (`tcp_reset_check`: some stacks reset at it). When the observer knows neither (picked up
 /// mid-stream, one direction only), any RST in the window is taken.
 #[inline(always)]
 fn rst_exact(flow: &Flow, seg: &Segment, d: usize) -> bool {
@@ -332,7 +338,9 @@ fn rst_exact(flow: &Flow, seg: &Segment, d: usize) -> bool {
     if !acked && sent.is_none() {
         return true;
     }
-    (acked && seg.seq == rcv.ack) || sent == Some(seg.seq)
+    let after_fin = matches!(rcv.state(), S::CloseWait | S::Closing | S::LastAck);
+    (acked && (seg.seq == rcv.ack || (after_fin && seg.seq == rcv.ack.wrapping_sub(1))))
+        || sent == Some(seg.seq)
 }
 
 #[inline(always)]
@@ -481,13 +489,15 @@ fn on_ack(flow: &mut Flow, seg: &Segment, d: usize, now: u64) -> u32 {
     // Keepalive (RFC 1122 §4.2.3.6): a segment one below the sender's next sequence number,
     // carrying nothing or one byte, once the peer has acknowledged all it sent.
     let (s, rcv) = (&flow.ep[d], &flow.ep[r]);
+    // (The same segment probes a zero window: not a keepalive while the peer's is closed.)
     let probe = !fin
         && seg.payload_len <= 1
         && matches!(s.state(), S::Established | S::CloseWait)
         && s.has(ef::SENT_ANY)
         && seg.seq == s.end_seq.wrapping_sub(1)
         && rcv.has(ef::SENT_ACK)
-        && rcv.ack == s.end_seq;
+        && rcv.ack == s.end_seq
+        && !(rcv.has(ef::SENT_ANY) && rcv.window == 0);
     // The peer's first segment after a probe is its answer when it acknowledges all the prober
     // sent and carries nothing (Linux answers the old sequence number with a duplicate ACK).
     if flow.ep[r].has(ef::PROBING) {

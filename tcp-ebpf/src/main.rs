@@ -7,9 +7,6 @@
 #![no_main]
 // `asm!` on BPF: see `frame::bounded`.
 #![feature(asm_experimental_arch)]
-// Atomic adds (`reaper`): `AtomicU64::fetch_add` does not exist for the BPF target.
-#![feature(core_intrinsics)]
-#![allow(internal_features, reason = "atomic_xadd, see above")]
 
 mod fast;
 mod frame;

@@ -15,7 +15,7 @@
 
 use aya_ebpf::{
     Global,
-    bindings::xdp_action,
+    bindings::{BPF_NOEXIST, xdp_action},
     cty::c_void,
     helpers::{bpf_for_each_map_elem, bpf_ktime_get_ns, bpf_map_lookup_elem},
     programs::XdpContext,
@@ -32,16 +32,17 @@ use crate::{
     tracker::{NO_PORT_STATS, REAPER, metrics},
 };
 
-/// Adds `n` unanswered SYNs to this CPU's tallies of port `port`. One atomic add: a packet
-/// program may interrupt the reaper on this CPU and update the same value (plain stores), and
-/// an atomic instruction cannot be interrupted halfway.
+/// Adds `n` unanswered SYNs to this CPU's tallies of port `port`. A plain add: a packet
+/// program may interrupt the reaper on this CPU and update the same port's value, but never
+/// this field, which only the reaper writes.
 #[inline(always)]
 fn count_unanswered(port: u16, n: u64) {
     let key = u32::from(port);
     let stats = match SYN_PORTS.get_ptr_mut(&key) {
         Some(s) => s,
         None => {
-            let _ = SYN_PORTS.insert(&key, &NO_PORT_STATS, 0);
+            // NOEXIST: a packet program that created it in between keeps its counts.
+            let _ = SYN_PORTS.insert(&key, &NO_PORT_STATS, u64::from(BPF_NOEXIST));
             match SYN_PORTS.get_ptr_mut(&key) {
                 Some(s) => s,
                 None => return,
@@ -49,13 +50,8 @@ fn count_unanswered(port: u16, n: u64) {
         }
     };
     // SAFETY: this CPU's value of a per-CPU hash entry found just now (RCU keeps it valid
-    // while the program runs); `unanswered` is 8-aligned.
-    unsafe {
-        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
-            &raw mut (*stats).unanswered,
-            n,
-        );
-    }
+    // while the program runs).
+    unsafe { (*stats).unanswered = (*stats).unanswered.wrapping_add(n) };
 }
 
 /// The ports of a walked record's endpoints, from its key (`table`: the walked table).

@@ -95,7 +95,9 @@ fn count_port(port: u16, syn: u64, completed: u64, overflows: u64) {
     let stats = match SYN_PORTS.get_ptr_mut(&key) {
         Some(s) => s,
         None => {
-            let _ = SYN_PORTS.insert(&key, &NO_PORT_STATS, 0);
+            // NOEXIST: another CPU's (or, on this one, the reaper's) creation in between keeps
+            // its counts.
+            let _ = SYN_PORTS.insert(&key, &NO_PORT_STATS, u64::from(BPF_NOEXIST));
             match SYN_PORTS.get_ptr_mut(&key) {
                 Some(s) => s,
                 None => return,

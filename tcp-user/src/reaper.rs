@@ -95,18 +95,36 @@ fn run(
     };
     // The error last logged: a failure that persists is logged once, not every second.
     let mut failing: Option<String> = None;
+    let mut failing_view: Option<String> = None;
     loop {
-        let walked = tracker.reap(timeouts).and_then(|r| {
-            let Some(h) = handle.as_mut() else {
-                return Ok((r, None));
-            };
+        let reaped = tracker.reap(timeouts);
+        // The view, walked after the expiry: exported only when this walk made it (a stale
+        // one is worse than none).
+        let walked = handle.as_mut().map(|h| {
             h.clear()?;
             tracker.walk_into_view()?;
-            Ok((r, Some(h.read()?)))
+            h.read()
         });
-        match walked {
-            Ok((r, walked)) => {
-                *view.lock().unwrap_or_else(PoisonError::into_inner) = walked;
+        let walked = match walked {
+            Some(Ok(v)) => {
+                if failing_view.take().is_some() {
+                    info!("the per-port view works again");
+                }
+                Some(v)
+            }
+            Some(Err(e)) => {
+                let error = error_chain(&e);
+                if failing_view.as_ref() != Some(&error) {
+                    warn!("walking the per-port view: {error} (logged again only if it changes)");
+                    failing_view = Some(error);
+                }
+                None
+            }
+            None => None,
+        };
+        *view.lock().unwrap_or_else(PoisonError::into_inner) = walked;
+        match reaped {
+            Ok(r) => {
                 if failing.take().is_some() {
                     info!("expiring flows works again");
                 }

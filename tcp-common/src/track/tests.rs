@@ -891,3 +891,30 @@ fn listener_ignoring_the_completing_ack_is_an_accept_queue_overflow() {
     c.send(Who::B, ACK | PSH, 301, 101, 10);
     assert_eq!(c.send(Who::B, RST, 311, 0, 0), E::RESET);
 }
+
+/// The same segment probes a zero window (Linux `tcp_write_wakeup`): not a keepalive while
+/// the peer's window is closed.
+#[test]
+fn zero_window_probes_are_not_keepalives() {
+    let mut c = Conv::open();
+    c.send(Who::A, ACK | PSH, 101, 301, 100);
+    let mut closed = Conv::segment(Who::B, ACK, 301, 201, 0);
+    closed.window = 0;
+    let (_, b) = FlowKey::of(&closed);
+    c.now += 1_000_000;
+    track(&mut c.flow, &closed, b, Side::Local, c.now);
+    assert_eq!(c.send(Who::A, ACK, 200, 301, 0), 0);
+}
+
+/// A receiver that has its peer's FIN takes a RST at the FIN's own sequence number too, as
+/// Linux does (`tcp_reset_check`).
+#[test]
+fn rst_at_the_fin_sequence_closes_after_the_fin() {
+    let mut c = Conv::open();
+    c.send(Who::A, FIN | ACK, 101, 301, 0);
+    c.send(Who::B, ACK, 301, 102, 0);
+    assert_eq!(c.states(), (FinWait2, CloseWait));
+    // A resets at its FIN's number (101), one below what B acknowledged.
+    assert_eq!(c.send(Who::A, RST, 101, 0, 0), E::RESET);
+    assert_eq!(c.states(), (Closed, Closed));
+}
