@@ -325,6 +325,9 @@ pub mod event_slots {
     pub const KEEPALIVE_PROBES: usize = 40;
     /// Answers to keepalive probes by the side of the prober, as [`KEEPALIVE_PROBES`].
     pub const KEEPALIVE_ACKS: usize = 43;
+    /// Connections whose server stayed silent after its SYN-ACK while the client sent (the
+    /// view walk's mark, counted once per connection).
+    pub const SILENT_SERVERS: usize = 46;
     /// The insert-failure slot of an established table.
     #[must_use]
     #[inline(always)]
@@ -397,7 +400,8 @@ impl EventCounters {
 }
 
 const _: () = assert!(event_slots::FLOWS_INSERT_FAILED >= 32);
-const _: () = assert!(event_slots::KEEPALIVE_ACKS + 3 <= EVENT_SLOTS);
+const _: () = assert!(event_slots::KEEPALIVE_ACKS + 3 <= event_slots::SILENT_SERVERS);
+const _: () = assert!(event_slots::SILENT_SERVERS < EVENT_SLOTS);
 
 #[cfg(feature = "user")]
 // SAFETY: `repr(C)`, `u64`s only.

@@ -519,8 +519,49 @@ pub struct Established {
     pub flags: u8,
     /// Keepalive probes each endpoint sent (saturating).
     pub probes: [u8; 2],
+    /// Bits of [`view_marks`], written by the view walk only (no other writer reads or writes
+    /// them: the state machine never sees them).
+    pub marks: u8,
     /// Always zero.
-    pub pad: [u8; 2],
+    pub pad: u8,
+}
+
+/// Bits of [`Established::marks`].
+pub mod view_marks {
+    /// At the last walk the server had sent nothing since its SYN-ACK while the client had
+    /// sent data or a FIN.
+    pub const SILENT_SUSPECT: u8 = 0x01;
+    /// The same at two walks in a row (a second apart: a listening stack acknowledges data
+    /// within its delayed-ACK time): the server kept no state of the connection (a SYN-cookie
+    /// handshake completed into a full accept queue) or is gone. Counted once.
+    pub const SERVER_SILENT: u8 = 0x02;
+}
+
+impl Established {
+    /// Whether the server side has been silent since its SYN-ACK while the client sent data
+    /// or a FIN (the view walk's [`view_marks`] rule, without its two-walk confirmation).
+    #[must_use]
+    #[inline(always)]
+    pub fn server_silent_now(&self) -> bool {
+        use endpoint_flags as ef;
+        let client = self.client as usize;
+        if client > 1 || self.flags & flow_flags::HANDSHAKE_DONE == 0 {
+            return false;
+        }
+        let server = 1 - client;
+        let sf = self.ep_flags[server];
+        let cf = self.ep_flags[client];
+        let server_quiet = sf & (ef::SENT_SYN | ef::SYN_WINDOW | ef::SENT_FIN)
+            == ef::SENT_SYN | ef::SYN_WINDOW
+            && matches!(
+                self.ep_state(server),
+                TcpState::Established | TcpState::CloseWait
+            );
+        // The client's data: its end of data past its ISN + 1 (low 16 bits), or a FIN.
+        let client_sent = cf & ef::SENT_FIN != 0
+            || (self.end_seq[client] as u16) != self.isn_lo[client].wrapping_add(1);
+        server_quiet && client_sent
+    }
 }
 
 const _: () = assert!(core::mem::size_of::<Established>() == 40);
@@ -730,7 +771,9 @@ impl Established {
             client: load!(client),
             flags: load!(flags),
             probes: [load!(probes[0]), load!(probes[1])],
-            pad: [0; 2],
+            // Not read: only the view walk uses them (and it reads them itself).
+            marks: 0,
+            pad: 0,
         }
     }
 

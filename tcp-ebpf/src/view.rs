@@ -16,7 +16,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use tcp_common::{
-    flow::{Established, EstablishedEntry, Flow, HalfOpenEntry, flow_flags},
+    counters::event_slots,
+    flow::{Established, EstablishedEntry, Flow, HalfOpenEntry, flow_flags, view_marks},
     metrics::{NO_SLOT, WalkView, endpoint_slot, established_slot, table},
     state::TcpState,
 };
@@ -24,6 +25,7 @@ use tcp_common::{
 use crate::{
     maps::{FLOWS4, FLOWS6, HALF_OPEN, PORT_INDEX, WALK_VIEW},
     reaper::key_ports,
+    tracker::{REAPER, metrics},
 };
 
 /// What the callbacks share (on the program's stack).
@@ -127,9 +129,44 @@ extern "C" fn visit_established(
                 (*walk).table as usize,
                 (*walk).now,
             );
+            mark_silent_server(&raw mut (*entry).rec);
         }
     }
     0
+}
+
+/// Marks a record whose server has stayed silent since its SYN-ACK while its client sent
+/// (see `view_marks`): suspect at one walk, silent (and counted, once) at the next. Its own
+/// byte, which nothing else writes, with plain stores and no lock.
+///
+/// # Safety
+/// `rec` points to a live established record.
+#[inline(never)]
+unsafe fn mark_silent_server(rec: *mut Established) {
+    use core::ptr::{read_volatile, write_volatile};
+    // SAFETY: caller.
+    let (snap, marks) = unsafe {
+        (
+            Established::read(rec),
+            read_volatile(&raw const (*rec).marks),
+        )
+    };
+    let next = if !snap.server_silent_now() {
+        0
+    } else if marks & (view_marks::SILENT_SUSPECT | view_marks::SERVER_SILENT) != 0 {
+        if marks & view_marks::SERVER_SILENT == 0
+            && let Some(m) = metrics(REAPER)
+        {
+            m.events.bump(event_slots::SILENT_SERVERS);
+        }
+        view_marks::SERVER_SILENT
+    } else {
+        view_marks::SILENT_SUSPECT
+    };
+    if next != marks {
+        // SAFETY: caller.
+        unsafe { write_volatile(&raw mut (*rec).marks, next) };
+    }
 }
 
 /// Called for every record of the half-open table.

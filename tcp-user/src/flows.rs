@@ -73,18 +73,37 @@ pub fn open_pinned_map(base: &Path, name: &'static str) -> Result<Map, Error> {
     Ok(Map::HashMap(data))
 }
 
+/// One record of the tables, as [`read_tables`] gives it.
+#[derive(Clone, Copy, Debug)]
+pub struct Record {
+    /// Which table holds it.
+    pub table: Table,
+    /// Its key.
+    pub key: FlowKey,
+    /// The record, in full form.
+    pub flow: Flow,
+    /// The view walk marked its server silent since its SYN-ACK (see
+    /// [`tcp_common::flow::view_marks`]).
+    pub server_silent: bool,
+}
+
 /// The records of an established table, as full records at `now` (a compact record keeps
 /// no handshake times and 16 bits of each ISN), DEAD ones left out.
 fn established<K: aya::Pod, T: std::borrow::Borrow<MapData>>(
     map: &HashMap<T, K, EstablishedEntry>,
     now: u64,
     widen: impl Fn(&K) -> FlowKey,
-) -> Result<Vec<(FlowKey, Flow)>, MapError> {
+) -> Result<Vec<Record>, MapError> {
     let mut out = Vec::new();
     for r in map.iter() {
         let (k, e) = r?;
         if !e.rec.has(flow_flags::DEAD) {
-            out.push((widen(&k), e.rec.unpack(&Segment::default(), 0, now)));
+            out.push(Record {
+                table: Table::Established,
+                key: widen(&k),
+                flow: e.rec.unpack(&Segment::default(), 0, now),
+                server_silent: e.rec.marks & tcp_common::flow::view_marks::SERVER_SILENT != 0,
+            });
         }
     }
     Ok(out)
@@ -96,28 +115,28 @@ fn established<K: aya::Pod, T: std::borrow::Borrow<MapData>>(
 ///
 /// # Errors
 /// When the kernel refuses the reads.
-pub fn read_tables(maps: [&Map; 3], now: u64) -> Result<Vec<(Table, FlowKey, Flow)>, Error> {
+pub fn read_tables(maps: [&Map; 3], now: u64) -> Result<Vec<Record>, Error> {
     let err = |name| move |source| Error::Map { name, source };
-    let mut out = Vec::new();
     let v4: HashMap<&MapData, FlowKey4, EstablishedEntry> =
         HashMap::try_from(maps[0]).map_err(err(FLOWS4_MAP))?;
-    for (k, f) in established(&v4, now, FlowKey4::widen).map_err(err(FLOWS4_MAP))? {
-        out.push((Table::Established, k, f));
-    }
+    let mut out = established(&v4, now, FlowKey4::widen).map_err(err(FLOWS4_MAP))?;
     let v6: HashMap<&MapData, FlowKey, EstablishedEntry> =
         HashMap::try_from(maps[1]).map_err(err(FLOWS6_MAP))?;
-    for (k, f) in established(&v6, now, |k| *k).map_err(err(FLOWS6_MAP))? {
-        out.push((Table::Established, k, f));
-    }
+    out.extend(established(&v6, now, |k| *k).map_err(err(FLOWS6_MAP))?);
     let half: HashMap<&MapData, FlowKey, HalfOpenEntry> =
         HashMap::try_from(maps[2]).map_err(err(HALF_OPEN_MAP))?;
     for r in half.iter() {
         let (k, e) = r.map_err(err(HALF_OPEN_MAP))?;
         if !e.flow.has(flow_flags::DEAD) {
-            out.push((Table::HalfOpen, k, e.flow));
+            out.push(Record {
+                table: Table::HalfOpen,
+                key: k,
+                flow: e.flow,
+                server_silent: false,
+            });
         }
     }
-    out.sort_by_key(|r| r.1);
+    out.sort_by_key(|r| r.key);
     Ok(out)
 }
 
@@ -125,7 +144,7 @@ pub fn read_tables(maps: [&Map; 3], now: u64) -> Result<Vec<(Table, FlowKey, Flo
 ///
 /// # Errors
 /// When the tables are not pinned under `base` or cannot be read.
-pub fn read_pinned(base: &Path) -> Result<Vec<(Table, FlowKey, Flow)>, Error> {
+pub fn read_pinned(base: &Path) -> Result<Vec<Record>, Error> {
     let v4 = open_pinned_map(base, FLOWS4_MAP)?;
     let v6 = open_pinned_map(base, FLOWS6_MAP)?;
     let half = open_pinned_map(base, HALF_OPEN_MAP)?;
@@ -200,12 +219,17 @@ pub struct FlowView {
     pub idle_ms: u64,
     /// Created mid-stream.
     pub picked_up: bool,
+    /// Its server has sent nothing since its SYN-ACK while its client sent data or a FIN, for
+    /// two expiry walks in a row: a SYN-cookie handshake into a full accept queue (the server
+    /// keeps no state), or a server gone.
+    pub server_silent: bool,
 }
 
 impl FlowView {
     /// The view of one record at `now`.
     #[must_use]
-    pub fn new(table: Table, key: &FlowKey, flow: &Flow, now: u64) -> Self {
+    pub fn new(record: &Record, now: u64) -> Self {
+        let (table, key, flow) = (record.table, &record.key, &record.flow);
         let ep = |i: usize| {
             let a = key.addr[i];
             EndpointView {
@@ -228,6 +252,7 @@ impl FlowView {
             vlan: key.vlan,
             idle_ms: now.saturating_sub(flow.last_ns) / 1_000_000,
             picked_up: flow.has(flow_flags::PICKED_UP),
+            server_silent: record.server_silent,
         }
     }
 

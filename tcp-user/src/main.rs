@@ -625,7 +625,7 @@ fn list_flows(args: &FlowsArgs) -> Result<()> {
     };
     let views: Vec<FlowView> = records
         .iter()
-        .map(|(t, k, f)| FlowView::new(*t, k, f, now))
+        .map(|r| FlowView::new(r, now))
         .filter(|v| v.matches(&filter))
         .collect();
     let mut out = std::io::stdout().lock();

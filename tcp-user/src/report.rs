@@ -69,6 +69,9 @@ pub struct Report {
     pub keepalive_acks: [u64; 3],
     /// Connections reset while a keepalive probe was outstanding.
     pub closed_by_keepalive: u64,
+    /// Connections whose server stayed silent after its SYN-ACK while the client sent (the
+    /// view walk's mark; the agent only).
+    pub silent_servers: u64,
     /// Records created mid-stream.
     pub picked_up: u64,
     /// Out-of-window RSTs ignored.
@@ -152,6 +155,7 @@ impl Report {
                 *field += events.slots[i];
             }
         }
+        self.silent_servers += events.slots[event_slots::SILENT_SERVERS];
         for side in 0..3 {
             self.keepalive_probes[side] += events.slots[event_slots::KEEPALIVE_PROBES + side];
             self.keepalive_acks[side] += events.slots[event_slots::KEEPALIVE_ACKS + side];
@@ -580,6 +584,13 @@ impl Exposition<'_> {
         }
         out.push(unanswered.done());
         out.push(overflows.done());
+        out.push(counter(
+            "tcpscope_silent_servers_total",
+            "Connections whose server sent nothing after its SYN-ACK while the client sent data \
+             or a FIN, at two expiry walks in a row (a SYN-cookie handshake into a full accept \
+             queue, or a server gone)",
+            r.silent_servers,
+        ));
         let mut hist = Family::new(
             "tcpscope_handshake_duration_seconds",
             "Handshake latency at the observation point, from the first SYN",

@@ -845,3 +845,87 @@ fn ignored_or_reset_final_acks_are_accept_queue_overflows() {
         drop((connected, first, listener));
     }
 }
+
+/// A handshake completed by SYN cookie into a full accept queue leaves no state at the server:
+/// `listen(fd, 1)`, no accept(), SYN cookies always on, one connection queued; two clients
+/// connect with their final ACKs held back (the server answered with cookies and keeps
+/// nothing), then each sends data. The first takes the last slot and is acknowledged; the
+/// other's data goes into silence, retransmitted, never acknowledged (its socket shows it
+/// unacknowledged). The tracker marks exactly that flow's server silent, in `tcpscope flows`,
+/// and counts it once.
+#[test]
+fn a_server_silent_after_a_cookie_handshake_is_marked() {
+    use common::metrics as prom;
+    common::require_root();
+    let link = Link::new();
+    link.server
+        .sh(&["sysctl", "-qw", "net.ipv4.tcp_syncookies=2"]);
+    let mut agent = Agent::start(&link.server, &["--iface", &link.server_if]);
+    agent.wait_for("tracking");
+    let addr: SocketAddr = format!("{}:9310", link.server_v4()).parse().expect("addr");
+    let listener = link.server.enter(move || listen_backlog(addr, 1));
+    let queued = link
+        .client
+        .enter(move || TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("c"));
+    nft(
+        &link.client,
+        "table inet tcpscope_test {\n chain output {\n type filter hook output priority 0;\n \
+         tcp dport 9310 tcp flags & (syn | ack | fin | rst) == ack drop\n }\n}\n",
+    );
+    let mut clients: Vec<TcpStream> = link.client.enter(move || {
+        (0..2)
+            .map(|_| TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect"))
+            .collect()
+    });
+    nft(&link.client, "delete table inet tcpscope_test");
+    for c in &mut clients {
+        c.write_all(b"hello").expect("write");
+        thread::sleep(Duration::from_millis(100));
+    }
+    // The client whose data the server never acknowledged: still in its send queue.
+    let unacked: Vec<String> = {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = link
+                .client
+                .sh(&["ss", "-Htn", "state", "established", "dport", "9310"]);
+            let found: Vec<String> = text
+                .lines()
+                .filter_map(|l| {
+                    let f: Vec<&str> = l.split_whitespace().collect();
+                    (f.len() >= 4 && f[1] != "0").then(|| f[2].to_owned())
+                })
+                .collect();
+            if found.len() == 1 {
+                break found;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no single unacknowledged client: {text}"
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+    };
+    // Two walks (a second apart) confirm the silence.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let silent: Vec<String> = agent
+            .flows()
+            .iter()
+            .filter(|f| f["server_silent"] == true)
+            .flat_map(|f| f["endpoints"].as_array().expect("endpoints").clone())
+            .filter(|e| e["role"] == "client")
+            .map(|e| e["address"].as_str().expect("address").to_owned())
+            .collect();
+        let counted = prom::sample(&prom::scrape(&link.server), "tcpscope_silent_servers_total");
+        if silent == unacked && counted == 1.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "silent servers {silent:?} (counted {counted}), unacknowledged clients {unacked:?}"
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+    drop((clients, queued, listener));
+}

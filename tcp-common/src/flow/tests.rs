@@ -242,3 +242,23 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_server_silent_since_its_synack_is_told_apart() {
+    let mut flow = Flow::EMPTY;
+    let mut send = |from_a: bool, flags: u8, seq: u32, ack: u32, len: u32| {
+        let seg = segment(from_a, flags, seq, ack, len, 1000, 7);
+        let (_, dir) = crate::flow::FlowKey::of(&seg);
+        track(&mut flow, &seg, dir, Side::Unknown, 1);
+        Established::pack(&flow)
+    };
+    send(true, SYN, 100, 0, 0);
+    send(false, SYN | ACK, 70_000, 101, 0);
+    // The completing ACK alone: nothing sent yet.
+    assert!(!send(true, ACK, 101, 70_001, 0).server_silent_now());
+    // The client's data, not acknowledged: silent; its FIN too.
+    assert!(send(true, ACK | PSH, 101, 70_001, 10).server_silent_now());
+    assert!(send(true, FIN | ACK, 111, 70_001, 0).server_silent_now());
+    // The server acknowledges: not silent.
+    assert!(!send(false, ACK, 70_001, 112, 0).server_silent_now());
+}
