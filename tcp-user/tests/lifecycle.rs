@@ -929,3 +929,93 @@ fn a_server_silent_after_a_cookie_handshake_is_marked() {
     }
     drop((clients, queued, listener));
 }
+
+/// The seconds left on the TIME-WAIT timer of the client's socket to `port` (`ss -tano`).
+fn time_wait_timer(link: &Link, port: u16) -> Option<u64> {
+    let text = link.client.sh(&["ss", "-Htano", "state", "time-wait"]);
+    text.lines()
+        .find(|l| l.contains(&format!(":{port} ")))
+        .and_then(|l| l.split("timer:(timewait,").nth(1))
+        .and_then(|t| t.split("sec").next())
+        .and_then(|s| s.parse().ok())
+}
+
+/// The last ACK of a close is lost (the client's nft drops it): the server retransmits its
+/// FIN from LAST-ACK, and each copy restarts the client's TIME-WAIT, in Linux (`ss -tano`
+/// timers) and in the tracker. `tcpscope_fin_retransmits_total` equals the server's
+/// retransmitted segments (only FINs here); with `--time-wait-secs 3` the tracker's TIME-WAIT
+/// outlives 3 s from its first entry, as Linux's outlives 60.
+#[test]
+fn a_fin_retransmitted_into_time_wait_restarts_it() {
+    common::require_root();
+    let link = Link::new();
+    let mut agent = Agent::start(
+        &link.server,
+        &["--iface", &link.server_if, "--time-wait-secs", "3"],
+    );
+    agent.wait_for("tracking");
+    let listener = link.server.enter({
+        let addr = format!("{}:9311", link.server_v4());
+        move || TcpListener::bind(addr).expect("bind")
+    });
+    let (c, mut s) = open(&link, &listener, 1).pop().expect("connection");
+    c.shutdown(std::net::Shutdown::Write).expect("client FIN");
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).expect("EOF");
+    agree("client closed", &link, &agent);
+    nft(
+        &link.client,
+        "table inet tcpscope_test {\n chain output {\n type filter hook output priority 0;\n \
+         tcp dport 9311 tcp flags & (syn | ack | fin | rst) == ack drop\n }\n}\n",
+    );
+    let before = counters(&agent);
+    let tcp_before = link.server.tcp_counters();
+    drop(s);
+    let entered = Instant::now();
+    // Its copies come 0.2, 0.6, 1.4, 3.0, 6.2 s after the first (backed off from the
+    // minimum RTO): the last ACK passes again after the 3.0 s one.
+    thread::sleep(Duration::from_millis(4000));
+    nft(&link.client, "delete table inet tcpscope_test");
+    // The next copy of the FIN is answered: the server's socket is gone.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !ss_states(&link.server).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the server never got its last ACK"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    let last_fin = entered.elapsed();
+    let retransmitted = link
+        .server
+        .tcp_counters()
+        .delta(&tcp_before, "Tcp.RetransSegs");
+    assert!(retransmitted >= 2, "{retransmitted} FIN retransmissions");
+    let after = counters(&agent);
+    assert_eq!(grew(&before, &after, "fin_retransmits"), retransmitted);
+    // Linux restarted its TIME-WAIT with the last copy: more left than 60 s from the first.
+    let left = time_wait_timer(&link, 9311).expect("the client's TIME-WAIT");
+    let elapsed = entered.elapsed().as_secs();
+    assert!(
+        left + elapsed > 60,
+        "Linux's TIME-WAIT was not restarted: {left} s left after {elapsed} s"
+    );
+    // The tracker's too: without the restart its TIME-WAIT would end 3 s after the first
+    // entry, at most a tick and a walk later (5 s); restarted by the last copy, it lasts 3 s
+    // past that one. Checked at 7 s.
+    let first_deadline = Duration::from_secs(7);
+    if let Some(wait) = first_deadline.checked_sub(entered.elapsed()) {
+        thread::sleep(wait);
+    }
+    assert!(
+        last_fin + Duration::from_secs(3) > first_deadline + Duration::from_millis(500),
+        "the last FIN came too early to tell a restart ({last_fin:?})"
+    );
+    let remote = tracker_states(&agent, "remote");
+    assert_eq!(
+        remote.values().filter(|s| *s == "TIME-WAIT").count(),
+        1,
+        "the client's TIME-WAIT ended before its restart's time: {remote:?}"
+    );
+    drop((c, listener));
+}
