@@ -106,7 +106,7 @@ struct RunArgs {
     flood: FloodArgs,
     /// Ports whose endpoints are exported per state and side
     /// (`tcpscope_port_endpoints{port,state,side}`), comma-separated, at most 64.
-    #[arg(long, value_name = "PORT,...", value_parser = parse_ports, default_value = "")]
+    #[arg(long, value_name = "PORT,...", value_parser = parse_ports, default_value = "", hide_default_value = true)]
     ports: Ports,
 }
 
