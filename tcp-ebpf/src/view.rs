@@ -8,6 +8,9 @@
 //! Records are read field by field with volatile loads, without their lock: the view counts as
 //! of the walk (a record that changes during it counts in the state the walk read), which at
 //! rest is exact, like the gauges.
+//!
+//! The walk also marks established records whose server has stayed silent since its SYN-ACK
+//! while the client sent (`view_marks`), in a byte of the record that nothing else writes.
 
 use aya_ebpf::{
     bindings::xdp_action,
