@@ -607,78 +607,62 @@ fn per_port_view_equals_ss_by_port_and_the_oldest_close_wait_ages() {
     drop((kept, open6, l5, l6, l7));
 }
 
-/// A listening socket on `addr` with this accept backlog (std's is 128).
-fn listen_backlog(addr: SocketAddr, backlog: i32) -> TcpListener {
+/// An IPv4 TCP socket with the `int` option `(level, name)` set to 1, and `addr` as the
+/// kernel takes it.
+fn tcp4_socket(addr: SocketAddr, option: (i32, i32)) -> (std::os::fd::OwnedFd, libc::sockaddr_in) {
     use std::os::fd::FromRawFd as _;
     let SocketAddr::V4(v4) = addr else {
         panic!("IPv4 expected")
     };
-    // SAFETY: plain socket calls on a socket this function owns until it hands it over; every
-    // pointer passed points to a live, correctly sized value.
-    unsafe {
+    // SAFETY: a new socket, owned from here on; the option value is a live `int`.
+    let fd = unsafe {
         let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
         assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
-        let one: i32 = 1;
+        std::os::fd::OwnedFd::from_raw_fd(fd)
+    };
+    let one: i32 = 1;
+    // SAFETY: as above.
+    let rc = unsafe {
         libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_REUSEADDR,
+            fd.as_raw_fd(),
+            option.0,
+            option.1,
             (&raw const one).cast(),
             4,
-        );
-        let sa = libc::sockaddr_in {
-            sin_family: libc::AF_INET as u16,
-            sin_port: v4.port().to_be(),
-            sin_addr: libc::in_addr {
-                s_addr: u32::from_ne_bytes(v4.ip().octets()),
-            },
-            sin_zero: [0; 8],
-        };
-        let rc = libc::bind(
-            fd,
-            (&raw const sa).cast(),
-            std::mem::size_of::<libc::sockaddr_in>() as u32,
-        );
+        )
+    };
+    assert_eq!(rc, 0, "setsockopt: {}", std::io::Error::last_os_error());
+    let sa = libc::sockaddr_in {
+        sin_family: libc::AF_INET as u16,
+        sin_port: v4.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(v4.ip().octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    (fd, sa)
+}
+
+const SOCKADDR_IN_LEN: u32 = std::mem::size_of::<libc::sockaddr_in>() as u32;
+
+/// A listening socket on `addr` with this accept backlog (std's is 128).
+fn listen_backlog(addr: SocketAddr, backlog: i32) -> TcpListener {
+    let (fd, sa) = tcp4_socket(addr, (libc::SOL_SOCKET, libc::SO_REUSEADDR));
+    // SAFETY: a socket this function owns and a correctly sized address.
+    unsafe {
+        let rc = libc::bind(fd.as_raw_fd(), (&raw const sa).cast(), SOCKADDR_IN_LEN);
         assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
-        assert_eq!(libc::listen(fd, backlog), 0, "listen");
-        TcpListener::from_raw_fd(fd)
+        assert_eq!(libc::listen(fd.as_raw_fd(), backlog), 0, "listen");
     }
+    TcpListener::from(fd)
 }
 
 /// Connects to `addr` with TCP_SYNCNT = 1 (one SYN retransmission, then ETIMEDOUT after
 /// ~3 s); whether it connected.
 fn connect_giving_up_early(addr: SocketAddr) -> bool {
-    let SocketAddr::V4(v4) = addr else {
-        panic!("IPv4 expected")
-    };
-    // SAFETY: as in `listen_backlog`; the socket is closed before returning.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        assert!(fd >= 0, "socket");
-        let one: i32 = 1;
-        libc::setsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_SYNCNT,
-            (&raw const one).cast(),
-            4,
-        );
-        let sa = libc::sockaddr_in {
-            sin_family: libc::AF_INET as u16,
-            sin_port: v4.port().to_be(),
-            sin_addr: libc::in_addr {
-                s_addr: u32::from_ne_bytes(v4.ip().octets()),
-            },
-            sin_zero: [0; 8],
-        };
-        let rc = libc::connect(
-            fd,
-            (&raw const sa).cast(),
-            std::mem::size_of::<libc::sockaddr_in>() as u32,
-        );
-        libc::close(fd);
-        rc == 0
-    }
+    let (fd, sa) = tcp4_socket(addr, (libc::IPPROTO_TCP, libc::TCP_SYNCNT));
+    // SAFETY: a socket this function owns (closed on return) and a correctly sized address.
+    unsafe { libc::connect(fd.as_raw_fd(), (&raw const sa).cast(), SOCKADDR_IN_LEN) == 0 }
 }
 
 /// `listen(fd, 1)` and no accept(): once two connections fill the accept queue, Linux drops
