@@ -1,8 +1,8 @@
 //! The fast path: data and ACKs of a connection whose endpoints are both ESTABLISHED, most of
 //! the traffic. Such a segment changes no state, no gauge and no event: all the state machine
 //! would do with it is record its sender's highest ACK, the end of its data and its window,
-//! and note that the flow is alive. The fast path does exactly that, in place, with one hash lookup: no lock, no
-//! clock, no atomic, no call besides the lookup.
+//! and note that the flow is alive. The fast path does exactly that, in place, with one hash
+//! lookup: no lock, no clock, no atomic, no call besides the lookup.
 //!
 //! Race-freedom with respect to the slow path (which takes the record's lock), in short (the
 //! README's "Per-packet path" has the full argument):
@@ -11,8 +11,8 @@
 //!   whole, under the lock, so the fast path never sees half a transition.
 //! - It writes four fields the slow path writes only for a segment from the same sender:
 //!   the sender's ACK and the end of its data (serial maxima), its window, and the "seen" mark
-//!   (`last` = 0, turned into a time by the reaper). The slow path writes back only the fields its own segment
-//!   changed, so it never undoes these writes.
+//!   (`last` = 0, turned into a time by the reaper). The slow path writes back only the
+//!   fields its own segment changed, so it never undoes these writes.
 //! - Then it reads the state word again: if the slow path changed it meanwhile, the segment
 //!   goes through the slow path as well, which redoes the same writes (idempotent) and the
 //!   transitions the new state calls for.
