@@ -2,7 +2,8 @@
 //! The agent runs in host mode on the server side of a veth pair; each behaviour is forced
 //! with socket options, sysctls of the namespace, nft rules that drop chosen segments, and
 //! crafted segments injected on the client's side; `ss` and the namespaces' own TCP counters
-//! are the oracle.
+//! are the oracle. Each test also records the agent's interface with tcpdump and ends by
+//! replaying the recording: `tcpscope replay` must count what the kernel counted live.
 
 mod common;
 
@@ -15,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Link, NetNs, agent::Agent};
+use common::{Link, NetNs, Tcpdump, agent::Agent};
 use serde_json::Value;
 use tcp_common::frames::{FrameSpec, Upper};
 
@@ -70,6 +71,113 @@ fn agree(what: &str, link: &Link, agent: &Agent) {
         );
         thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The agent's interface recorded for the whole test (tcpdump in the server's namespace, on
+/// the interface the agent attaches to), so that the test ends by replaying it: `tcpscope
+/// replay` runs tcp-common's state machine in userspace over the same segments, with the
+/// agent's timeouts, and must count what the kernel counted live.
+struct Recording {
+    tcpdump: Tcpdump,
+    /// The agent's timeout flags and their values, for replay.
+    timeouts: Vec<String>,
+}
+
+/// Starts the recording, then the agent on the server's side with `--iface` and `args`.
+fn recorded_agent(link: &Link, args: &[&str]) -> (Agent, Recording) {
+    let tcpdump = Tcpdump::start(&link.server, &["-i", &link.server_if]);
+    let timeouts = args
+        .windows(2)
+        .filter(|w| w[0].ends_with("-secs"))
+        .flat_map(|w| w.iter().map(|s| (*s).to_owned()))
+        .collect();
+    let mut all = vec!["--iface", link.server_if.as_str()];
+    all.extend_from_slice(args);
+    let mut agent = Agent::start(&link.server, &all);
+    agent.wait_for("tracking");
+    (agent, Recording { tcpdump, timeouts })
+}
+
+impl Recording {
+    /// Ends the recording and replays it: every tally the kernel keeps per segment, and those
+    /// the reaper adds when records expire, must equal replay's. Not compared: the
+    /// silent-server mark (the agent's view walk; replay has no walk) and replay's own
+    /// `syn_without_synack`.
+    fn replays_as_live(mut self, link: &Link, agent: &Agent) {
+        // A last frame brings the capture's clock, which replay runs on, to now: a UDP
+        // datagram to a closed port (and its ICMP answer). Replay then expires what the
+        // reaper has expired by now.
+        link.client.enter({
+            let to = format!("{}:9", link.server_v4());
+            move || {
+                let udp = std::net::UdpSocket::bind("0.0.0.0:0").expect("udp");
+                udp.send_to(b"end", to).expect("send");
+            }
+        });
+        thread::sleep(Duration::from_millis(1500));
+        let live = counters(agent);
+        self.tcpdump.stop();
+        let mut args = vec![
+            "replay".to_owned(),
+            "--format".to_owned(),
+            "json".to_owned(),
+        ];
+        args.extend(self.timeouts.iter().cloned());
+        args.push(self.tcpdump.file.to_str().expect("path").to_owned());
+        let replayed = common::tcpscope_json(&args)["counters"].clone();
+        // Per-side tallies: replay cannot tell sides (it sees no local addresses): totals.
+        let total = |v: &Value| match v {
+            Value::Array(a) => a.iter().map(|n| n.as_u64().expect("count")).sum(),
+            n => n.as_u64().expect("count"),
+        };
+        let mut compared = 0;
+        for (key, value) in live.as_object().expect("counters") {
+            if matches!(key.as_str(), "silent_servers" | "syn_without_synack")
+                || !value.is_number() && !value.is_array()
+            {
+                continue;
+            }
+            let Some(theirs) = replayed.get(key) else {
+                continue;
+            };
+            assert_eq!(
+                total(value),
+                total(theirs),
+                "{key}: live vs replay of the capture"
+            );
+            compared += 1;
+        }
+        assert!(compared >= 20, "only {compared} tallies compared");
+        // Per port (replay keeps them only when any).
+        for key in ["unanswered_syns", "accept_queue_overflows"] {
+            let mine = prom_ports(link, key);
+            let theirs: BTreeMap<String, u64> = replayed
+                .get(key)
+                .and_then(Value::as_object)
+                .map(|m| {
+                    m.iter()
+                        .map(|(p, n)| (p.clone(), n.as_u64().expect("n")))
+                        .collect()
+                })
+                .unwrap_or_default();
+            assert_eq!(
+                mine, theirs,
+                "{key} per port: live vs replay of the capture"
+            );
+        }
+    }
+}
+
+/// `tcpscope_{key}_total{port}` of the agent's `/metrics`, by port (zeros left out).
+fn prom_ports(link: &Link, key: &str) -> BTreeMap<String, u64> {
+    let prefix = format!("tcpscope_{key}_total{{port=\"");
+    common::metrics::scrape(&link.server)
+        .into_iter()
+        .filter_map(|(series, n)| {
+            let port = series.strip_prefix(&prefix)?.strip_suffix("\"}")?;
+            (n > 0.0).then(|| (port.to_owned(), n as u64))
+        })
+        .collect()
 }
 
 /// The tallies of `tcpscope stats --format json` on the agent's pins.
@@ -193,8 +301,7 @@ fn exchange(a: &mut TcpStream, b: &mut TcpStream, bytes: usize) {
 fn only_an_exact_rst_closes_a_connection() {
     common::require_root();
     let link = Link::new();
-    let mut agent = Agent::start(&link.server, &["--iface", &link.server_if]);
-    agent.wait_for("tracking");
+    let (agent, rec) = recorded_agent(&link, &[]);
     let listener = link.server.enter({
         let addr = format!("{}:9300", link.server_v4());
         move || TcpListener::bind(addr).expect("bind")
@@ -244,6 +351,7 @@ fn only_an_exact_rst_closes_a_connection() {
         exchange(c, s, 100);
         exchange(s, c, 100);
     }
+    rec.replays_as_live(&link, &agent);
     drop(conns);
     drop(listener);
 }
@@ -259,18 +367,7 @@ fn close_wait_stays_and_an_orphaned_fin_wait_2_ends_with_linux() {
     let link = Link::new();
     link.client
         .sh(&["sysctl", "-qw", "net.ipv4.tcp_fin_timeout=3"]);
-    let mut agent = Agent::start(
-        &link.server,
-        &[
-            "--iface",
-            &link.server_if,
-            "--closing-secs",
-            "2",
-            "--fin-wait2-secs",
-            "3",
-        ],
-    );
-    agent.wait_for("tracking");
+    let (agent, rec) = recorded_agent(&link, &["--closing-secs", "2", "--fin-wait2-secs", "3"]);
     let listener = link.server.enter({
         let addr = format!("{}:9301", link.server_v4());
         move || TcpListener::bind(addr).expect("bind")
@@ -336,6 +433,7 @@ fn close_wait_stays_and_an_orphaned_fin_wait_2_ends_with_linux() {
         .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
         .collect();
     assert_eq!(lines.len(), 2);
+    rec.replays_as_live(&link, &agent);
     drop(servers);
     drop(listener);
 }
@@ -366,8 +464,7 @@ fn nft(ns: &NetNs, rules: &str) {
 fn synack_retransmissions_equal_the_servers() {
     common::require_root();
     let link = Link::new();
-    let mut agent = Agent::start(&link.server, &["--iface", &link.server_if]);
-    agent.wait_for("tracking");
+    let (agent, rec) = recorded_agent(&link, &[]);
     let listener = link.server.enter({
         let addr = format!("{}:9302", link.server_v4());
         move || TcpListener::bind(addr).expect("bind")
@@ -397,6 +494,7 @@ fn synack_retransmissions_equal_the_servers() {
     assert!(wire >= 2, "only {wire} SYN-ACK retransmissions");
     assert_eq!(grew(&before, &after, "synack_retransmits"), wire);
     assert_eq!(grew(&before, &after, "handshakes_completed"), 1);
+    rec.replays_as_live(&link, &agent);
 }
 
 /// Sets an `int` socket option.
@@ -427,8 +525,7 @@ fn set_int(s: &TcpStream, level: i32, opt: i32, v: i32) {
 fn keepalive_probes_answers_and_the_abort_equal_linux() {
     common::require_root();
     let link = Link::new();
-    let mut agent = Agent::start(&link.server, &["--iface", &link.server_if]);
-    agent.wait_for("tracking");
+    let (agent, rec) = recorded_agent(&link, &[]);
     let listener = link.server.enter({
         let addr = format!("{}:9303", link.server_v4());
         move || TcpListener::bind(addr).expect("bind")
@@ -507,6 +604,7 @@ fn keepalive_probes_answers_and_the_abort_equal_linux() {
         text.contains(r#"tcpscope_closes_total{reason="keepalive"} 1"#),
         "{text}"
     );
+    rec.replays_as_live(&link, &agent);
     drop(conns);
 }
 
@@ -518,11 +616,7 @@ fn per_port_view_equals_ss_by_port_and_the_oldest_close_wait_ages() {
     use common::metrics as prom;
     common::require_root();
     let link = Link::new();
-    let mut agent = Agent::start(
-        &link.server,
-        &["--iface", &link.server_if, "--ports", "9305,9306"],
-    );
-    agent.wait_for("tracking");
+    let (agent, rec) = recorded_agent(&link, &["--ports", "9305,9306"]);
     let listen = |port: u16| {
         link.server.enter({
             let addr = format!("{}:{port}", link.server_v4());
@@ -604,6 +698,7 @@ fn per_port_view_equals_ss_by_port_and_the_oldest_close_wait_ages() {
         (1.5..=4.5).contains(&(later - first)),
         "the oldest CLOSE-WAIT went from {first} s to {later} s in 3 s"
     );
+    rec.replays_as_live(&link, &agent);
     drop((kept, open6, l5, l6, l7));
 }
 
@@ -675,11 +770,7 @@ fn a_full_accept_queue_shows_as_unanswered_syns() {
     use common::metrics as prom;
     common::require_root();
     let link = Link::new();
-    let mut agent = Agent::start(
-        &link.server,
-        &["--iface", &link.server_if, "--half-open-secs", "2"],
-    );
-    agent.wait_for("tracking");
+    let (agent, rec) = recorded_agent(&link, &["--half-open-secs", "2"]);
     let full: SocketAddr = format!("{}:9307", link.server_v4()).parse().expect("addr");
     let fine: SocketAddr = format!("{}:9308", link.server_v4()).parse().expect("addr");
     let backlog_1 = link.server.enter(move || listen_backlog(full, 1));
@@ -739,6 +830,7 @@ fn a_full_accept_queue_shows_as_unanswered_syns() {
         );
         thread::sleep(Duration::from_millis(200));
     }
+    rec.replays_as_live(&link, &agent);
     drop((queued, accepted, backlog_1, accepting));
 }
 
@@ -760,8 +852,7 @@ fn ignored_or_reset_final_acks_are_accept_queue_overflows() {
             link.server
                 .sh(&["sysctl", "-qw", "net.ipv4.tcp_abort_on_overflow=1"]);
         }
-        let mut agent = Agent::start(&link.server, &["--iface", &link.server_if]);
-        agent.wait_for("tracking");
+        let (agent, rec) = recorded_agent(&link, &[]);
         let addr: SocketAddr = format!("{}:9309", link.server_v4()).parse().expect("addr");
         let listener = link.server.enter(move || listen_backlog(addr, 8));
         let first: Vec<TcpStream> = link.client.enter(move || {
@@ -826,6 +917,7 @@ fn ignored_or_reset_final_acks_are_accept_queue_overflows() {
             );
             thread::sleep(Duration::from_millis(100));
         }
+        rec.replays_as_live(&link, &agent);
         drop((connected, first, listener));
     }
 }
@@ -844,8 +936,7 @@ fn a_server_silent_after_a_cookie_handshake_is_marked() {
     let link = Link::new();
     link.server
         .sh(&["sysctl", "-qw", "net.ipv4.tcp_syncookies=2"]);
-    let mut agent = Agent::start(&link.server, &["--iface", &link.server_if]);
-    agent.wait_for("tracking");
+    let (agent, rec) = recorded_agent(&link, &[]);
     let addr: SocketAddr = format!("{}:9310", link.server_v4()).parse().expect("addr");
     let listener = link.server.enter(move || listen_backlog(addr, 1));
     let queued = link
@@ -911,6 +1002,7 @@ fn a_server_silent_after_a_cookie_handshake_is_marked() {
         );
         thread::sleep(Duration::from_millis(200));
     }
+    rec.replays_as_live(&link, &agent);
     drop((clients, queued, listener));
 }
 
@@ -933,11 +1025,7 @@ fn time_wait_timer(link: &Link, port: u16) -> Option<u64> {
 fn a_fin_retransmitted_into_time_wait_restarts_it() {
     common::require_root();
     let link = Link::new();
-    let mut agent = Agent::start(
-        &link.server,
-        &["--iface", &link.server_if, "--time-wait-secs", "3"],
-    );
-    agent.wait_for("tracking");
+    let (agent, rec) = recorded_agent(&link, &["--time-wait-secs", "3"]);
     let listener = link.server.enter({
         let addr = format!("{}:9311", link.server_v4());
         move || TcpListener::bind(addr).expect("bind")
@@ -1001,5 +1089,6 @@ fn a_fin_retransmitted_into_time_wait_restarts_it() {
         1,
         "the client's TIME-WAIT ended before its restart's time: {remote:?}"
     );
+    rec.replays_as_live(&link, &agent);
     drop((c, listener));
 }

@@ -33,6 +33,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("tshark", "/usr/bin/tshark"),
     // nft: the life-cycle tests drop chosen segments (there is no netem here).
     ("nftables", "/usr/sbin/nft"),
+    // tcpdump: the life-cycle tests record what the agent saw, for replay.
+    ("tcpdump", "/usr/bin/tcpdump"),
 ];
 
 /// Lists the prerequisites a run may skip (comma-separated names of [`PREREQUISITES`]); the

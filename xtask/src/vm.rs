@@ -33,9 +33,7 @@ use crate::{
 
 /// Test targets of `tcp-user` run in the guest: every one that loads the programs into the
 /// kernel, except the latency tests (their oracle, tshark, brings 160 MB of libraries, and
-/// their timing tolerances are for real CPUs, not an emulated one) and the life-cycle tests
-/// (they drop segments with nft, whose binary and nf_tables modules the guest does not carry;
-/// the programs they exercise are the ones `ss_agreement` loads there).
+/// their timing tolerances are for real CPUs, not an emulated one).
 pub const VM_TESTS: &[&str] = &[
     "test_run",
     "attach",
@@ -43,6 +41,7 @@ pub const VM_TESTS: &[&str] = &[
     "exporter",
     "syn_flood",
     "mirror_replay",
+    "lifecycle",
 ];
 
 /// Host packages this task uses, each with a binary that proves it is installed.
@@ -55,6 +54,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("prometheus", "/usr/bin/promtool"),
     ("hping3", "/usr/sbin/hping3"),
     ("tcpreplay", "/usr/bin/tcpreplay"),
+    ("nftables", "/usr/sbin/nft"),
+    ("tcpdump", "/usr/bin/tcpdump"),
     // Debian 13 ships its modules xz-compressed.
     ("xz-utils", "/usr/bin/xz"),
 ];
@@ -69,18 +70,22 @@ const GUEST_TOOLS: &[&str] = &[
     "/usr/bin/promtool",
     "/usr/sbin/hping3",
     "/usr/bin/tcpreplay",
+    "/usr/sbin/nft",
+    "/usr/bin/tcpdump",
 ];
 
-/// Kernel modules the tests need that Debian builds as modules: veth pairs, and the `clsact`
-/// qdisc and `cls_bpf` for TC attach without TCX. Their own dependencies are added from each
+/// Kernel modules the tests need that Debian builds as modules: veth pairs, the `clsact`
+/// qdisc and `cls_bpf` for TC attach without TCX, and nf_tables for the life-cycle tests'
+/// nft rules (the `inet` family, filter chains and the payload, compare and bitwise
+/// expressions they use are all in its core). Their own dependencies are added from each
 /// module's `depends=` field.
-const MODULES: &[&str] = &["veth", "sch_ingress", "cls_bpf"];
+const MODULES: &[&str] = &["veth", "sch_ingress", "cls_bpf", "nf_tables"];
 
 /// The guest's init script.
 const INIT: &str = include_str!("vm-init.sh");
 
-/// A full run takes about 4 min under TCG on 2 CPUs; the limit leaves room for slower hosts.
-const DEFAULT_TIMEOUT_SECS: u64 = 900;
+/// A full run takes about 11 min under TCG on 2 CPUs; the limit leaves room for slower hosts.
+const DEFAULT_TIMEOUT_SECS: u64 = 1500;
 /// The default flow tables take about 70 MiB; the tests and their tools fit in the rest.
 const DEFAULT_MEMORY_MIB: u32 = 2048;
 
