@@ -1,10 +1,12 @@
-//! Reading Ethernet frames and their timestamps from pcap and pcapng files.
+//! Reading frames and their timestamps from pcap and pcapng files: Ethernet, and the Linux
+//! "cooked" headers (`LINUX_SLL`, `LINUX_SLL2`) that `tcpdump -i any` writes, rewritten as
+//! Ethernet frames for the parser.
 
 use std::{fs::File, io::BufReader, path::Path};
 
 use anyhow::{Context as _, Result, bail};
 use pcap_file::{
-    DataLink,
+    DataLink, PcapError,
     pcap::PcapReader,
     pcapng::{
         Block, PcapNgReader,
@@ -12,12 +14,28 @@ use pcap_file::{
     },
 };
 
-/// Calls `each(timestamp_ns, frame)` for every packet of the capture, in file order.
+/// How a capture file ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ending {
+    /// After its last complete record.
+    Complete,
+    /// In the middle of a record (a capture cut short: a full disk, a killed writer, a copy
+    /// in progress), after `frames` complete packets, which were all read. tshark reads the
+    /// same packets and warns the same way.
+    CutShort {
+        /// Complete packets read before the cut.
+        frames: u64,
+    },
+}
+
+/// Calls `each(timestamp_ns, frame)` for every packet of the capture, in file order, each
+/// frame as Ethernet.
 ///
 /// # Errors
-/// When the file cannot be read, is neither pcap nor pcapng, or holds a link type other than
-/// Ethernet.
-pub fn for_each_frame(path: &Path, mut each: impl FnMut(u64, &[u8])) -> Result<()> {
+/// When the file cannot be read, is neither pcap nor pcapng, holds a link type other than
+/// Ethernet, `LINUX_SLL` or `LINUX_SLL2`, or a record is corrupt (other than cut short at the
+/// end of the file, which is [`Ending::CutShort`]).
+pub fn for_each_frame(path: &Path, mut each: impl FnMut(u64, &[u8])) -> Result<Ending> {
     let mut magic = [0u8; 4];
     {
         use std::io::Read as _;
@@ -35,33 +53,98 @@ pub fn for_each_frame(path: &Path, mut each: impl FnMut(u64, &[u8])) -> Result<(
     }
 }
 
-fn read_pcap(path: &Path, file: BufReader<File>, each: &mut impl FnMut(u64, &[u8])) -> Result<()> {
+/// The link layers read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Link {
+    Ethernet,
+    /// `LINUX_SLL`: a 16-byte header whose last two bytes are the EtherType.
+    Sll,
+    /// `LINUX_SLL2`: a 20-byte header whose first two bytes are the EtherType.
+    Sll2,
+}
+
+impl Link {
+    fn of(path: &Path, link: DataLink) -> Result<Self> {
+        Ok(match link {
+            DataLink::ETHERNET => Self::Ethernet,
+            DataLink::LINUX_SLL => Self::Sll,
+            DataLink::LINUX_SLL2 => Self::Sll2,
+            other => bail!(
+                "{}: link type {other:?} is not supported (Ethernet, LINUX_SLL and LINUX_SLL2 \
+                 are)",
+                path.display()
+            ),
+        })
+    }
+
+    /// `data` as an Ethernet frame: itself, or its payload behind a header of zero addresses
+    /// and the cooked header's EtherType, built in `buf`. A cooked frame too short for its
+    /// header becomes an empty frame (counted as malformed, like a runt Ethernet frame).
+    fn ethernet<'a>(self, data: &'a [u8], buf: &'a mut Vec<u8>) -> &'a [u8] {
+        let (header, ethertype_at) = match self {
+            Self::Ethernet => return data,
+            Self::Sll => (16, 14),
+            Self::Sll2 => (20, 0),
+        };
+        if data.len() < header {
+            return &[];
+        }
+        buf.clear();
+        buf.extend_from_slice(&[0; 12]);
+        buf.extend_from_slice(&data[ethertype_at..ethertype_at + 2]);
+        buf.extend_from_slice(&data[header..]);
+        buf
+    }
+}
+
+/// Whether a read error is the end of the file inside a record.
+fn cut_short(e: &PcapError) -> bool {
+    matches!(e, PcapError::IoError(io) if io.kind() == std::io::ErrorKind::UnexpectedEof)
+}
+
+fn read_pcap(
+    path: &Path,
+    file: BufReader<File>,
+    each: &mut impl FnMut(u64, &[u8]),
+) -> Result<Ending> {
     let mut reader = PcapReader::new(file)
         .with_context(|| format!("{}: not a pcap or pcapng file", path.display()))?;
-    let link = reader.header().datalink;
-    if link != DataLink::ETHERNET {
-        bail!(
-            "{}: link type {link:?} is not supported (Ethernet only)",
-            path.display()
-        );
-    }
+    let link = Link::of(path, reader.header().datalink)?;
+    let (mut buf, mut frames) = (Vec::new(), 0u64);
     while let Some(packet) = reader.next_packet() {
-        let packet =
-            packet.with_context(|| format!("{}: corrupt packet record", path.display()))?;
-        each(duration_ns(packet.timestamp), &packet.data);
+        let packet = match packet {
+            Ok(p) => p,
+            Err(e) if cut_short(&e) => return Ok(Ending::CutShort { frames }),
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("{}: corrupt packet record", path.display()));
+            }
+        };
+        each(
+            duration_ns(packet.timestamp),
+            link.ethernet(&packet.data, &mut buf),
+        );
+        frames += 1;
     }
-    Ok(())
+    Ok(Ending::Complete)
 }
 
 fn read_pcapng(
     path: &Path,
     file: BufReader<File>,
     each: &mut impl FnMut(u64, &[u8]),
-) -> Result<()> {
+) -> Result<Ending> {
     let mut reader = PcapNgReader::new(file)
         .with_context(|| format!("{}: corrupt pcapng header", path.display()))?;
+    let (mut buf, mut frames) = (Vec::new(), 0u64);
     while let Some(block) = reader.next_block() {
-        let block = block.with_context(|| format!("{}: corrupt pcapng block", path.display()))?;
+        let block = match block {
+            Ok(b) => b,
+            Err(e) if cut_short(&e) => return Ok(Ending::CutShort { frames }),
+            Err(e) => {
+                return Err(e).with_context(|| format!("{}: corrupt pcapng block", path.display()));
+            }
+        };
         let Block::EnhancedPacket(packet) = block else {
             continue;
         };
@@ -69,19 +152,17 @@ fn read_pcapng(
         let Some(iface) = reader.packet_interface(&packet) else {
             bail!("{}: packet for an undeclared interface", path.display());
         };
-        if iface.linktype != DataLink::ETHERNET {
-            bail!(
-                "{}: link type {:?} is not supported (Ethernet only)",
-                path.display(),
-                iface.linktype
-            );
-        }
+        let link = Link::of(path, iface.linktype)?;
         // pcap-file hands the raw timestamp units over as nanoseconds; scale them by the
         // interface's resolution (default: microseconds).
         let raw = duration_ns(packet.timestamp);
-        each(scale_units(raw, ts_resolution(iface)), &packet.data);
+        each(
+            scale_units(raw, ts_resolution(iface)),
+            link.ethernet(&packet.data, &mut buf),
+        );
+        frames += 1;
     }
-    Ok(())
+    Ok(Ending::Complete)
 }
 
 fn duration_ns(d: std::time::Duration) -> u64 {
@@ -118,7 +199,27 @@ fn scale_units(raw: u64, resol: u8) -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use super::scale_units;
+    use super::{Link, scale_units};
+
+    #[test]
+    fn cooked_headers_become_ethernet() {
+        let payload = [0x45u8, 0, 0, 20];
+        let mut sll = vec![0, 4, 0, 1, 0, 6, 1, 2, 3, 4, 5, 6, 0, 0, 0x08, 0x00];
+        sll.extend_from_slice(&payload);
+        let mut sll2 = vec![
+            0x86, 0xdd, 0, 0, 0, 0, 0, 2, 0, 1, 4, 6, 1, 2, 3, 4, 5, 6, 0, 0,
+        ];
+        sll2.extend_from_slice(&payload);
+        let mut buf = Vec::new();
+        let eth = Link::Sll.ethernet(&sll, &mut buf).to_vec();
+        assert_eq!(&eth[12..14], &[0x08, 0x00]);
+        assert_eq!(&eth[14..], &payload);
+        let eth = Link::Sll2.ethernet(&sll2, &mut buf).to_vec();
+        assert_eq!(&eth[12..14], &[0x86, 0xdd]);
+        assert_eq!(&eth[14..], &payload);
+        assert!(Link::Sll2.ethernet(&sll2[..19], &mut buf).is_empty());
+        assert_eq!(Link::Ethernet.ethernet(&sll, &mut buf), &sll[..]);
+    }
 
     #[test]
     fn timestamp_resolutions() {

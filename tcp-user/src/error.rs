@@ -29,6 +29,24 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A directory of the pin path is not safe to pin in.
+    #[error("refusing the pin directory {dir:?}: {why}")]
+    PinDirUnsafe {
+        /// The directory.
+        dir: std::path::PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// Another agent holds the pin directory.
+    #[error(
+        "the pin directory {dir:?} is held by another tcpscope agent ({holder}): stop it, or give this one its own --pin-dir"
+    )]
+    PinDirBusy {
+        /// The directory.
+        dir: std::path::PathBuf,
+        /// The holder, as far as `/proc/locks` tells.
+        holder: String,
+    },
     /// No tracker's maps are pinned where asked.
     #[error("no flow table pinned at {path:?} (is `tcpscope run` running with the same --pin-dir?{})", if found.is_empty() { String::new() } else { format!(" found there: {found}") })]
     NotPinned {

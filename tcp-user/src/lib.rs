@@ -15,6 +15,7 @@ pub mod flows;
 pub mod http;
 pub mod iface;
 pub mod loader;
+pub mod pins;
 pub mod reaper;
 pub mod replay;
 pub mod report;

@@ -62,9 +62,6 @@ pub const PINNED_MAPS: [&str; 6] = [
     "METRICS",
     "SYN_PORTS",
 ];
-/// Default bpffs directory for the pinned maps.
-pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/tcpscope";
-
 /// Where the maps of this build's layout are pinned under `base`: a directory per layout
 /// version, so that an agent never opens maps written by an incompatible build.
 #[must_use]
@@ -149,6 +146,9 @@ pub const DEFAULT_FLOWS_CAPACITY: u32 = 262_144;
 pub const DEFAULT_FLOWS6_CAPACITY: u32 = 131_072;
 /// Default capacity of the half-open table.
 pub const DEFAULT_HALF_OPEN_CAPACITY: u32 = 65_536;
+/// The largest capacity a table may be given: 2^26 slots (8 GiB of IPv4 table, 12 GiB of
+/// half-open table). The kernel allocates a table in full at start.
+pub const MAX_CAPACITY: u32 = 1 << 26;
 
 impl Default for LoadOptions {
     fn default() -> Self {
@@ -176,7 +176,8 @@ pub enum Mode {
 /// Requested XDP attach mode.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum XdpModeChoice {
-    /// Native if the driver supports it, else generic (skb), logged.
+    /// Generic (skb) on software devices (veth, tun/tap: native XDP adds drops there);
+    /// elsewhere native if the driver supports it, else generic, logged.
     #[default]
     Auto,
     /// Native (driver) mode only.
@@ -641,6 +642,20 @@ impl Tracker {
             iface: iface.to_owned(),
             hook: format!("XDP ({mode})"),
             source,
+        };
+        let choice = match choice {
+            XdpModeChoice::Auto => match crate::iface::driver(iface) {
+                Ok(d) if d.is_virtual() => {
+                    info!(
+                        "{iface}: a software device ({}): generic (skb) XDP, which adds no drops \
+                         there (--xdp-mode native to override)",
+                        d.name
+                    );
+                    XdpModeChoice::Skb
+                }
+                _ => XdpModeChoice::Auto,
+            },
+            other => other,
         };
         match choice {
             XdpModeChoice::Native => program

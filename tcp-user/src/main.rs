@@ -16,6 +16,7 @@ use tcp_user::{
     flows::{self, FlowView},
     http, iface,
     loader::{self, LoadOptions, Mode, Tracker, XdpModeChoice, error_chain},
+    pins::{self, PinDir},
     report::{Exposition, Report, WalkExport},
 };
 use tokio::{
@@ -44,8 +45,9 @@ enum Command {
     /// Print the running agent's tallies (events and endpoints per state, from its pinned maps)
     /// with the same names and layout as `replay`.
     Stats(StatsArgs),
-    /// Run the state machine over a capture file (pcap or pcapng, Ethernet) and print the
-    /// final state; packet timestamps are the clock. Needs no privileges.
+    /// Run the state machine over a capture file (pcap or pcapng; Ethernet, or the Linux
+    /// cooked headers of `tcpdump -i any`) and print the final state; packet timestamps are the
+    /// clock. Needs no privileges.
     Replay(ReplayArgs),
 }
 
@@ -77,27 +79,29 @@ struct RunArgs {
     /// host: XDP ingress + TC egress; mirror: XDP only, both directions arrive on ingress.
     #[arg(long, value_enum, default_value_t = Mode::Host)]
     mode: Mode,
-    /// XDP attach mode; auto tries native and falls back to skb (generic), saying so.
+    /// XDP attach mode; auto: generic (skb) on software devices such as veth (native XDP
+    /// adds drops there), elsewhere native with a fall-back to generic, saying so.
     #[arg(long, value_enum, default_value_t = XdpModeChoice::Auto)]
     xdp_mode: XdpModeChoice,
     /// Log the packet counters every SECS seconds (0: only at exit).
     #[arg(long, default_value_t = 0, value_name = "SECS")]
     report_every: u64,
     /// bpffs directory where the maps are pinned (per layout version), so that a restart
-    /// keeps every tracked flow and `tcpscope flows` can read them.
-    #[arg(long, default_value = loader::DEFAULT_PIN_DIR, value_name = "DIR")]
-    pin_dir: PathBuf,
+    /// keeps every tracked flow and `tcpscope flows` can read them; one agent holds it at a
+    /// time. Default: /sys/fs/bpf/tcpscope/netns-INODE, INODE that of this network namespace.
+    #[arg(long, value_name = "DIR")]
+    pin_dir: Option<PathBuf>,
     #[command(flatten)]
     timeouts: TimeoutArgs,
-    /// Capacity of the IPv4 established-flow table (120 bytes of kernel memory per slot).
-    #[arg(long, default_value_t = loader::DEFAULT_FLOWS_CAPACITY, value_name = "N")]
+    /// Capacity of the IPv4 established-flow table (128 bytes of kernel memory per slot).
+    #[arg(long, default_value_t = loader::DEFAULT_FLOWS_CAPACITY, value_name = "N", value_parser = capacity)]
     flows_capacity: u32,
-    /// Capacity of the IPv6 established-flow table (144 bytes per slot).
-    #[arg(long, default_value_t = loader::DEFAULT_FLOWS6_CAPACITY, value_name = "N")]
+    /// Capacity of the IPv6 established-flow table (152 bytes per slot).
+    #[arg(long, default_value_t = loader::DEFAULT_FLOWS6_CAPACITY, value_name = "N", value_parser = capacity)]
     flows6_capacity: u32,
     /// Capacity of the half-open (handshake in progress) table, both families (192 bytes per
     /// slot).
-    #[arg(long, default_value_t = loader::DEFAULT_HALF_OPEN_CAPACITY, value_name = "N")]
+    #[arg(long, default_value_t = loader::DEFAULT_HALF_OPEN_CAPACITY, value_name = "N", value_parser = capacity)]
     half_open_capacity: u32,
     /// Serve GET /metrics (Prometheus) and GET /healthz on this address; `off`: no server.
     #[arg(long, default_value = "0.0.0.0:9977", value_name = "ADDR:PORT|off", value_parser = parse_listen)]
@@ -108,6 +112,18 @@ struct RunArgs {
     /// (`tcpscope_port_endpoints{port,state,side}`), comma-separated, at most 64.
     #[arg(long, value_name = "PORT,...", value_parser = parse_ports, default_value = "", hide_default_value = true)]
     ports: Ports,
+}
+
+/// A table capacity: 1 to [`loader::MAX_CAPACITY`].
+fn capacity(s: &str) -> Result<u32, String> {
+    let range = format!("1 to {}", loader::MAX_CAPACITY);
+    let n: u32 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of slots ({range})"))?;
+    if n == 0 || n > loader::MAX_CAPACITY {
+        return Err(format!("{n} slots: the capacity must be {range}"));
+    }
+    Ok(n)
 }
 
 /// `--ports`: distinct ports, in the order given.
@@ -230,9 +246,10 @@ impl TimeoutArgs {
 
 #[derive(Debug, Args)]
 struct StatsArgs {
-    /// bpffs directory the running agent pins its maps in.
-    #[arg(long, default_value = loader::DEFAULT_PIN_DIR, value_name = "DIR")]
-    pin_dir: PathBuf,
+    /// bpffs directory the running agent pins its maps in. Default: that of an agent in this
+    /// network namespace (/sys/fs/bpf/tcpscope/netns-INODE).
+    #[arg(long, value_name = "DIR")]
+    pin_dir: Option<PathBuf>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Prometheus)]
     format: Format,
@@ -240,9 +257,10 @@ struct StatsArgs {
 
 #[derive(Debug, Args)]
 struct FlowsArgs {
-    /// bpffs directory the running agent pins its maps in.
-    #[arg(long, default_value = loader::DEFAULT_PIN_DIR, value_name = "DIR")]
-    pin_dir: PathBuf,
+    /// bpffs directory the running agent pins its maps in. Default: that of an agent in this
+    /// network namespace (/sys/fs/bpf/tcpscope/netns-INODE).
+    #[arg(long, value_name = "DIR")]
+    pin_dir: Option<PathBuf>,
     /// Output: a table, one JSON document, or one JSON object per line.
     #[arg(short = 'o', long = "output", value_enum, default_value_t = FlowsFormat::Table)]
     output: FlowsFormat,
@@ -340,10 +358,11 @@ fn hint(e: &tcp_user::error::Error) -> &'static str {
     let chain = error_chain(e);
     if chain.contains("Operation not permitted") || chain.contains("EPERM") {
         " (run as root, or grant CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON)"
+    } else if chain.contains("Device or resource busy") || chain.contains("File exists") {
+        " (another XDP program, perhaps another tcpscope agent's, is attached to this \
+         interface: `ip link show` names it)"
     } else if chain.contains("XDP (native)") {
         " (the driver may lack native XDP: try --xdp-mode skb)"
-    } else if chain.contains("Device or resource busy") {
-        " (another XDP program is attached to this interface)"
     } else {
         ""
     }
@@ -364,14 +383,23 @@ async fn run(args: RunArgs) -> Result<()> {
         args.ifaces
     };
     // Check the interfaces before loading anything: a typo must not cost a program load.
-    for iface in &ifaces {
+    for (i, iface) in ifaces.iter().enumerate() {
+        if ifaces[..i].contains(iface) {
+            bail!("--iface {iface} is given twice");
+        }
         if !iface::exists(iface) {
             bail!("no network interface named {iface:?} in this network namespace");
         }
     }
+    let pin_base = match args.pin_dir {
+        Some(dir) => dir,
+        None => pins::default_dir().map_err(|e| anyhow::anyhow!(error_chain(&e)))?,
+    };
+    // Held until exit; released by the kernel however the agent exits.
+    let pins = PinDir::acquire(&pin_base).map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
     let options = LoadOptions {
         mode: args.mode,
-        pin_dir: Some(args.pin_dir.clone()),
+        pin_dir: Some(pin_base.clone()),
         flows_capacity: args.flows_capacity,
         flows6_capacity: args.flows6_capacity,
         half_open_capacity: args.half_open_capacity,
@@ -380,7 +408,10 @@ async fn run(args: RunArgs) -> Result<()> {
     let timeouts = args.timeouts.timeouts();
     let mut tracker = match Tracker::load(&options) {
         Ok(t) => t,
-        Err(e) => bail!("{}{}", error_chain(&e), hint(&e)),
+        Err(e) => {
+            pins.discard();
+            bail!("{}{}", error_chain(&e), hint(&e));
+        }
     };
     let mut ebpf_log = match aya_log::EbpfLogger::init(tracker.ebpf_mut()) {
         Ok(logger) => {
@@ -416,7 +447,12 @@ async fn run(args: RunArgs) -> Result<()> {
     for iface in &ifaces {
         match tracker.attach(iface, args.mode, args.xdp_mode) {
             Ok(attachment) => info!("attached {attachment}"),
-            Err(e) => bail!("{}{}", error_chain(&e), hint(&e)),
+            Err(e) => {
+                // Detach what is attached before the pins go.
+                drop(tracker);
+                pins.discard();
+                bail!("{}{}", error_chain(&e), hint(&e));
+            }
         }
     }
     // From here on the tracker is shared: the reaper thread runs the expiry program while the
@@ -574,9 +610,26 @@ fn exposition(
     .text())
 }
 
+/// The pin directory `flows` and `stats` read (`dir`, or this namespace's default), with a
+/// warning when no agent holds it: its figures are then those the last agent left.
+fn pinned_dir(dir: Option<&std::path::Path>) -> Result<PathBuf> {
+    let dir = match dir {
+        Some(d) => d.to_path_buf(),
+        None => pins::default_dir().map_err(|e| anyhow::anyhow!(error_chain(&e)))?,
+    };
+    if pins::held_by_an_agent(&dir) == Some(false) {
+        warn!(
+            "no agent holds {}: these are the figures the last agent left, not live ones",
+            dir.display()
+        );
+    }
+    Ok(dir)
+}
+
 fn stats(args: &StatsArgs) -> Result<()> {
     let err = |e: tcp_user::error::Error| anyhow::anyhow!(error_chain(&e));
-    let (totals, metrics) = tcp_user::counters::read_pinned(&args.pin_dir).map_err(err)?;
+    let pin_dir = pinned_dir(args.pin_dir.as_deref())?;
+    let (totals, metrics) = tcp_user::counters::read_pinned(&pin_dir).map_err(err)?;
     let report = Report::from_kernel(&metrics, *totals.hook(Hook::XdpIngress));
     let text = match args.format {
         Format::Prometheus => report.prometheus_text(Hook::XdpIngress.name()),
@@ -612,8 +665,8 @@ fn render_json(
 
 fn list_flows(args: &FlowsArgs) -> Result<()> {
     let now = flows::monotonic_ns();
-    let records =
-        flows::read_pinned(&args.pin_dir).map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+    let pin_dir = pinned_dir(args.pin_dir.as_deref())?;
+    let records = flows::read_pinned(&pin_dir).map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
     let filter = flows::Filter {
         state: args.state,
         port: args.port,
@@ -689,6 +742,13 @@ fn list_flows(args: &FlowsArgs) -> Result<()> {
 fn replay(args: &ReplayArgs) -> Result<()> {
     let timeouts = args.timeouts.timeouts();
     let replay = tcp_user::replay::replay_file(&args.capture, timeouts)?;
+    if let tcp_user::capture::Ending::CutShort { frames } = replay.ending {
+        warn!(
+            "{}: the capture was cut short in the middle of a packet; replayed the {frames} \
+             complete packets before it",
+            args.capture.display()
+        );
+    }
     let text = match args.format {
         Format::Prometheus => replay.report.prometheus_text("replay"),
         Format::Json => {

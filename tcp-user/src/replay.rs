@@ -25,6 +25,8 @@ pub struct Replay {
     now_ns: u64,
     /// Everything counted.
     pub report: Report,
+    /// How the capture file ended ([`capture::Ending::Complete`] for frames fed one by one).
+    pub ending: capture::Ending,
 }
 
 impl Replay {
@@ -37,6 +39,7 @@ impl Replay {
             last_sweep_ns: 0,
             now_ns: 0,
             report: Report::default(),
+            ending: capture::Ending::Complete,
         }
     }
 
@@ -118,11 +121,14 @@ impl Replay {
 
 /// Replays a capture file with these timeouts.
 ///
+/// A file cut short in the middle of a record is replayed up to its last complete packet,
+/// and says so in [`Replay::ending`].
+///
 /// # Errors
 /// When the file cannot be read.
 pub fn replay_file(path: &Path, timeouts: Timeouts) -> Result<Replay> {
     let mut replay = Replay::new(timeouts);
-    capture::for_each_frame(path, |ts, frame| replay.frame(ts, frame))?;
+    replay.ending = capture::for_each_frame(path, |ts, frame| replay.frame(ts, frame))?;
     replay.finish();
     Ok(replay)
 }

@@ -42,6 +42,7 @@ pub const VM_TESTS: &[&str] = &[
     "syn_flood",
     "mirror_replay",
     "lifecycle",
+    "reliability",
 ];
 
 /// Host packages this task uses, each with a binary that proves it is installed.

@@ -133,9 +133,14 @@ fn measure(
             pass = Some(p);
         }
         Receiver::Tcpscope => {
-            let mut a = Agent::start(agent_bin, &bed.rx, &bed.rx_if, &["--listen", "off"])?;
-            // Native XDP on the veth, as measured; a fallback to generic mode would measure
-            // another path.
+            // Native XDP on the veth, as measured (auto picks generic on a veth, where native
+            // adds drops under bursts; this measures the per-packet cost of the native path).
+            let mut a = Agent::start(
+                agent_bin,
+                &bed.rx,
+                &bed.rx_if,
+                &["--listen", "off", "--xdp-mode", "native"],
+            )?;
             let attached = a.log().iter().find(|l| l.contains("attached")).cloned();
             ensure!(
                 attached

@@ -23,16 +23,36 @@ impl Agent {
     pub fn start(ns: &NetNs, args: &[&str]) -> Self {
         let pin_dir =
             std::path::PathBuf::from(format!("/sys/fs/bpf/{}", super::unique("tcpscope-test-")));
-        let mut child = ns
-            .command(env!("CARGO_BIN_EXE_tcpscope"))
-            .arg("run")
-            .arg("--pin-dir")
-            .arg(&pin_dir)
+        Self::spawn(ns, Some(pin_dir), args)
+    }
+
+    /// Starts it without `--pin-dir`: its pins go to the namespace's default directory.
+    pub fn start_default_pins(ns: &NetNs, args: &[&str]) -> Self {
+        Self::spawn(ns, None, args)
+    }
+
+    /// The default pin directory of the agents in `ns`.
+    pub fn default_pin_dir(ns: &NetNs) -> std::path::PathBuf {
+        use std::os::unix::fs::MetadataExt as _;
+        let ino = std::fs::metadata(format!("/run/netns/{}", ns.name))
+            .expect("namespace file")
+            .ino();
+        std::path::PathBuf::from(format!("/sys/fs/bpf/tcpscope/netns-{ino}"))
+    }
+
+    fn spawn(ns: &NetNs, pin_dir: Option<std::path::PathBuf>, args: &[&str]) -> Self {
+        let mut command = ns.command(env!("CARGO_BIN_EXE_tcpscope"));
+        command.arg("run");
+        if let Some(dir) = &pin_dir {
+            command.arg("--pin-dir").arg(dir);
+        }
+        let mut child = command
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("starting tcpscope");
+        let pin_dir = pin_dir.unwrap_or_else(|| Self::default_pin_dir(ns));
         let stderr = child.stderr.take().expect("piped");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -85,6 +105,13 @@ impl Agent {
             .as_array()
             .expect("array of flows")
             .clone()
+    }
+
+    /// SIGKILL: it dies at once, leaving its pins (and, where the kernel has no links, its
+    /// netlink attachments) behind.
+    pub fn sigkill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// SIGTERM, then the summary lines it printed, by hook.
