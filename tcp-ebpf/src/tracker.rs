@@ -16,7 +16,8 @@
 //!   inserted, finished, into the table it belongs in (nothing at all for a segment that cannot
 //!   start a flow): no lock, no second lookup. A handshake in progress goes to the half-open
 //!   table, so that a spoofed-SYN flood can only ever fill that one; a connection picked up
-//!   mid-stream goes straight to its established table.
+//!   mid-stream goes straight to its established table, in host mode only from a segment of
+//!   the local side (a spoofer can send ACKs, not make this host's stack answer them).
 //!
 //! Nothing between lock and unlock calls a function, as the verifier requires (6.1 refuses
 //! even `memcpy`): copies there are field by field.
@@ -188,6 +189,10 @@ fn established_insert(
     }
 }
 
+/// Event slots of SYNs and SYN-ACKs (slot `n` counts event bit `n`).
+const SYN_SLOT: usize = ev::SYN.trailing_zeros() as usize;
+const SYN_ACK_SLOT: usize = ev::SYN_ACK.trailing_zeros() as usize;
+
 /// `-EEXIST`: another CPU inserted the same key first.
 const EEXIST: i32 = -17;
 
@@ -209,6 +214,19 @@ pub fn track_segment(seg: &Segment, side: Side, absent: bool) {
     let syn = seg.flags & tcp_flags::SYN != 0;
     if towards_listener && seg.flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN {
         count_port(seg.dport, 1, 0, 0);
+    }
+    // SYNs and SYN-ACKs are counted here, on arrival, from the flags, not from the state
+    // machine's events (which `finish` leaves out): so every one counts in
+    // `tcpscope_syn_total` / `tcpscope_synack_total` whether its record could be stored, was
+    // lost to a race, or found its table full. The state machine reports `ev::SYN` /
+    // `ev::SYN_ACK` for exactly these segments (replay counts the events; the mirror-mode
+    // test compares both on every capture).
+    if seg.flags & (tcp_flags::SYN | tcp_flags::FIN | tcp_flags::RST) == tcp_flags::SYN {
+        m.events.bump(if seg.flags & tcp_flags::ACK == 0 {
+            SYN_SLOT
+        } else {
+            SYN_ACK_SLOT
+        });
     }
     // The key lives in the scratch slot, off the stack (the verifier limits a call chain's
     // stack to 512 bytes, and 6.1 rounds every frame up to 32).
@@ -254,7 +272,7 @@ pub fn track_segment(seg: &Segment, side: Side, absent: bool) {
                 } else {
                     // The new attempt is not tracked (as a SYN that finds the half-open table
                     // full): the old endpoints leave the gauges, no new ones join, and the
-                    // segment's events are not counted.
+                    // segment's events are not counted (its SYN was, on arrival).
                     m.events.bump(event_slots::HALF_OPEN_INSERT_FAILED);
                     m.events.bump(event_slots::UNTRACKED_SEGMENTS);
                     // SAFETY: this CPU's scratch slot.
@@ -360,6 +378,22 @@ unsafe fn create(
     now: u64,
     key: &FlowKey,
 ) -> Created {
+    if side == Side::Remote
+        && seg.flags & (tcp_flags::SYN | tcp_flags::RST | tcp_flags::ACK) == tcp_flags::ACK
+    {
+        // A connection picked up mid-stream (an ACK-bearing segment with no record) from a
+        // remote segment waits for a segment of the local side: anyone can send an ACK from
+        // any address, but only a live connection makes this host's stack answer with
+        // anything but a RST (and a lone RST starts nothing). So a spoofed-ACK flood cannot
+        // fill the established tables, and a connection whose handshake found the half-open
+        // table full (a SYN flood) is tracked from its first local segment (README:
+        // Reliability). Decided on the flags alone, before the state machine runs, which
+        // would pick the connection up from exactly these segments.
+        scratch.events = 0;
+        scratch.action = KEEP;
+        scratch.slots = [NO_SLOT; 4];
+        return Created::Done;
+    }
     // SAFETY: a field of this CPU's scratch slot, and a constant.
     unsafe { copy_flow(&raw mut scratch.work, &raw const EMPTY) };
     let events = track(&mut scratch.work, seg, dir, side, now);
@@ -544,7 +578,8 @@ fn finish(m: &mut Metrics, out: &Scratch, seg: &Segment, side: Side, now: u64) {
         count_port(seg.sport, 0, 0, 1);
     }
     if events != 0 {
-        m.events.add_events(events);
+        // SYN and SYN-ACK were counted on arrival (see `track_segment`).
+        m.events.add_events(events & !(ev::SYN | ev::SYN_ACK));
         // Keepalive by the side of the prober: the sender of a probe, the receiver of its
         // answer.
         if events & ev::KEEPALIVE_PROBE != 0 {

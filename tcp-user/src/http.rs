@@ -4,10 +4,26 @@
 //! a request handler sends it a [`Request`] and waits (bounded) for the text. The server
 //! protects itself from slow or abusive clients: the request head must arrive within
 //! [`Limits::header_timeout`] and fit in [`Limits::max_header_bytes`]; a connection lives at
-//! most [`Limits::connection_timeout`]; at most [`Limits::max_connections`] are served at once
-//! (more are closed at accept); a request body is never read.
+//! most [`Limits::connection_timeout`]; a request body is never read. At most
+//! [`Limits::max_connections`] connections are open at once, at most
+//! [`Limits::max_per_client`] from one address, and a new connection is never queued: when
+//! its address or the server is at its limit, the oldest idle connection (of that address,
+//! else of the address holding the most) is closed to make room, and only when every
+//! connection is busy with a request is the new one closed. Idle means "no request being
+//! answered": a keep-alive connection between requests, or one whose head has not arrived.
+//! So idle or reconnecting sockets, however many, cannot keep another client's scrape
+//! waiting.
 
-use std::{convert::Infallible, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    net::IpAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use http_body_util::Full;
 use hyper::{
@@ -21,7 +37,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use log::{debug, warn};
 use tokio::{
     net::TcpListener,
-    sync::{Semaphore, mpsc, oneshot},
+    sync::{Notify, mpsc, oneshot},
 };
 
 /// What a request handler asks the main loop for.
@@ -40,8 +56,10 @@ pub struct Limits {
     pub header_timeout: Duration,
     /// Longest life of a connection (keep-alive included).
     pub connection_timeout: Duration,
-    /// Connections served at once.
+    /// Connections open at once.
     pub max_connections: usize,
+    /// Connections open at once from one client address.
+    pub max_per_client: usize,
     /// Largest request head.
     pub max_header_bytes: usize,
     /// Longest wait for the main loop's answer.
@@ -49,12 +67,13 @@ pub struct Limits {
 }
 
 impl Limits {
-    /// Defaults: 5 s for the head, 60 s per connection, 64 connections, 16 KiB heads, 10 s
-    /// for an answer (Prometheus' default scrape timeout).
+    /// Defaults: 5 s for the head, 60 s per connection, 64 connections, 8 per address, 16 KiB
+    /// heads, 10 s for an answer (Prometheus' default scrape timeout).
     pub const DEFAULT: Self = Self {
         header_timeout: Duration::from_secs(5),
         connection_timeout: Duration::from_secs(60),
         max_connections: 64,
+        max_per_client: 8,
         max_header_bytes: 16 * 1024,
         answer_timeout: Duration::from_secs(10),
     };
@@ -91,6 +110,18 @@ async fn ask(
 }
 
 async fn handle(
+    req: hyper::Request<Incoming>,
+    to: mpsc::Sender<Request>,
+    limits: Limits,
+    busy: Arc<AtomicBool>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    busy.store(true, Ordering::Relaxed);
+    let answer = answer(req, to, limits).await;
+    busy.store(false, Ordering::Relaxed);
+    answer
+}
+
+async fn answer(
     req: hyper::Request<Incoming>,
     to: mpsc::Sender<Request>,
     limits: Limits,
@@ -131,11 +162,69 @@ async fn handle(
     })
 }
 
+/// One open connection, as the accept loop sees it.
+struct Conn {
+    peer: IpAddr,
+    opened: Instant,
+    /// A request is being answered.
+    busy: Arc<AtomicBool>,
+    /// Closes the connection.
+    close: Arc<Notify>,
+}
+
+/// The open connections, by id.
+#[derive(Default)]
+struct Conns {
+    open: HashMap<u64, Conn>,
+    next_id: u64,
+}
+
+impl Conns {
+    /// Room for a new connection from `peer`: closes the oldest idle connection of `peer`
+    /// when it is at `limits.max_per_client`, and the oldest idle one of the address holding
+    /// the most when the server is at `limits.max_connections`. `false`: no idle connection
+    /// to close, the newcomer must go.
+    fn make_room(&mut self, peer: IpAddr, limits: &Limits) -> bool {
+        if self.open.values().filter(|c| c.peer == peer).count() >= limits.max_per_client
+            && !self.close_oldest_idle(|c| c.peer == peer)
+        {
+            return false;
+        }
+        if self.open.len() >= limits.max_connections {
+            let mut per_addr: HashMap<IpAddr, usize> = HashMap::new();
+            for c in self.open.values() {
+                *per_addr.entry(c.peer).or_default() += 1;
+            }
+            let mut addrs: Vec<(usize, IpAddr)> =
+                per_addr.into_iter().map(|(a, n)| (n, a)).collect();
+            addrs.sort_unstable_by(|a, b| b.cmp(a));
+            return addrs
+                .into_iter()
+                .any(|(_, addr)| self.close_oldest_idle(|c| c.peer == addr));
+        }
+        true
+    }
+
+    /// Closes the oldest idle connection that `which` selects; `false` if there is none.
+    fn close_oldest_idle(&mut self, which: impl Fn(&Conn) -> bool) -> bool {
+        let oldest = self
+            .open
+            .iter()
+            .filter(|(_, c)| which(c) && !c.busy.load(Ordering::Relaxed))
+            .min_by_key(|(_, c)| c.opened)
+            .map(|(id, _)| *id);
+        let Some(id) = oldest else { return false };
+        if let Some(c) = self.open.remove(&id) {
+            debug!("{}: idle metrics connection closed to make room", c.peer);
+            c.close.notify_one();
+        }
+        true
+    }
+}
+
 /// Serves until the task is dropped.
 pub async fn serve(listener: TcpListener, to: mpsc::Sender<Request>, limits: Limits) {
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
-    // Connections accepted and not yet served (a task takes its slot only once it runs).
-    let waiting = Arc::new(Semaphore::new(2 * limits.max_connections));
+    let conns = Arc::new(Mutex::new(Conns::default()));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -146,36 +235,50 @@ pub async fn serve(listener: TcpListener, to: mpsc::Sender<Request>, limits: Lim
                 continue;
             }
         };
-        let Ok(in_line) = Arc::clone(&waiting).try_acquire_owned() else {
-            debug!("{peer}: too many metrics connections, closing");
-            drop(stream);
-            continue;
+        let (busy, close) = (Arc::new(AtomicBool::new(false)), Arc::new(Notify::new()));
+        let id = {
+            let mut open = conns
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if !open.make_room(peer.ip(), &limits) {
+                debug!("{peer}: every metrics connection is busy, closing");
+                continue;
+            }
+            let id = open.next_id;
+            open.next_id += 1;
+            open.open.insert(
+                id,
+                Conn {
+                    peer: peer.ip(),
+                    opened: Instant::now(),
+                    busy: Arc::clone(&busy),
+                    close: Arc::clone(&close),
+                },
+            );
+            id
         };
-        let (to, slots) = (to.clone(), Arc::clone(&slots));
+        let (to, conns) = (to.clone(), Arc::clone(&conns));
         tokio::spawn(async move {
-            // Twice the head timeout: every connection being served when this one arrived
-            // has by then sent its head or been cut off, so a slot is free (waiters are
-            // served in order, and there are no more of them than slots).
-            let Ok(Ok(permit)) =
-                tokio::time::timeout(2 * limits.header_timeout, slots.acquire_owned()).await
-            else {
-                debug!("{peer}: no metrics connection slot freed in time, closing");
-                return;
-            };
-            drop(in_line);
-            let service = service_fn(move |req| handle(req, to.clone(), limits));
+            let service = service_fn(move |req| handle(req, to.clone(), limits, Arc::clone(&busy)));
             let mut builder = http1::Builder::new();
             builder
                 .timer(TokioTimer::new())
                 .header_read_timeout(limits.header_timeout)
                 .max_buf_size(limits.max_header_bytes);
             let conn = builder.serve_connection(TokioIo::new(stream), service);
-            match tokio::time::timeout(limits.connection_timeout, conn).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => debug!("{peer}: metrics connection: {e}"),
-                Err(_) => debug!("{peer}: metrics connection timed out"),
+            tokio::select! {
+                served = tokio::time::timeout(limits.connection_timeout, conn) => match served {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => debug!("{peer}: metrics connection: {e}"),
+                    Err(_) => debug!("{peer}: metrics connection timed out"),
+                },
+                () = close.notified() => {}
             }
-            drop(permit);
+            conns
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .open
+                .remove(&id);
         });
     }
 }

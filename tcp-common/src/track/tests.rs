@@ -730,6 +730,12 @@ proptest! {
         for (who, flags, seq, ack, len) in script {
             let before = c.flow;
             let e = c.send(who, flags, seq, ack, len);
+            // The kernel counts SYNs and SYN-ACKs from the flags, on arrival (a segment whose
+            // record cannot be stored is counted too); replay counts these events: the two
+            // must mark exactly the same segments.
+            let handshake = flags & (SYN | FIN | RST) == SYN;
+            prop_assert_eq!(e & E::SYN != 0, handshake && flags & ACK == 0, "SYN event on {:#x}", flags);
+            prop_assert_eq!(e & E::SYN_ACK != 0, handshake && flags & ACK != 0, "SYN-ACK event on {:#x}", flags);
             if e & E::NEW_FLOW != 0 {
                 closes_since_start = 0;
             }
