@@ -12,6 +12,15 @@ use std::{
 use common::Link;
 use serde_json::Value;
 
+/// The agent on the server's side of `link` with `--iface` and `extra`, once it tracks.
+fn tracking_agent(link: &Link, extra: &[&str]) -> common::agent::Agent {
+    let mut args = vec!["--iface", link.server_if.as_str()];
+    args.extend_from_slice(extra);
+    let mut agent = common::agent::Agent::start(&link.server, &args);
+    agent.wait_for("tracking");
+    agent
+}
+
 /// `tcpscope run ARGS` in `ns` (with the pre-exec `umask`), expected to fail: its stderr.
 fn failed_start(ns: &common::NetNs, args: &[&str]) -> String {
     let out = ns
@@ -116,11 +125,7 @@ fn pin_directories_are_private_and_unsafe_ones_refused() {
 fn a_pin_directory_is_held_by_one_agent() {
     common::require_root();
     let link = Link::new();
-    let mut first = common::agent::Agent::start(
-        &link.server,
-        &["--iface", &link.server_if, "--listen", "off"],
-    );
-    first.wait_for("tracking");
+    let mut first = tracking_agent(&link, &["--listen", "off"]);
     let pin_dir = first.pin_dir.to_str().expect("path").to_owned();
     let err = failed_start(
         &link.server,
@@ -247,11 +252,7 @@ fn failed_starts_say_why_and_leave_no_pins() {
     let err = failed_start(&link.server, &args);
     assert!(err.contains("given twice"), "{err}");
     // Another program holds the interface's XDP hook (a second agent, on other pins).
-    let mut other = common::agent::Agent::start(
-        &link.server,
-        &["--iface", &link.server_if, "--listen", "off"],
-    );
-    other.wait_for("tracking");
+    let other = tracking_agent(&link, &["--listen", "off"]);
     let mut args = base.to_vec();
     args.extend(["--iface", &link.server_if]);
     let err = failed_start(&link.server, &args);
@@ -680,8 +681,7 @@ fn scrapes_survive_idle_and_reconnecting_clients() {
         "dev",
         &link.client_if,
     ]);
-    let mut agent = common::agent::Agent::start(&link.server, &["--iface", &link.server_if]);
-    agent.wait_for("tracking");
+    let agent = tracking_agent(&link, &[]);
     let metrics: SocketAddr = format!("{}:9977", link.server_v4()).parse().expect("addr");
     let loopback: SocketAddr = "127.0.0.1:9977".parse().expect("addr");
     let idle: Vec<TcpStream> = link.client.enter(move || {
@@ -738,4 +738,233 @@ fn scrapes_survive_idle_and_reconnecting_clients() {
     );
     drop(idle);
     agent.stop();
+}
+
+/// Opens `n` IPv4 connections to `port` on the server, one after another, each with a request
+/// and its answer (so that both sides have sent), and returns them held.
+fn held_connections(
+    link: &Link,
+    port: u16,
+    n: usize,
+) -> (TcpListener, Vec<(TcpStream, TcpStream)>) {
+    use std::io::{Read as _, Write as _};
+    let listener = link.server.enter({
+        let addr = format!("{}:{port}", link.server_v4());
+        move || TcpListener::bind(addr).expect("bind")
+    });
+    let to: std::net::SocketAddr = format!("{}:{port}", link.server_v4())
+        .parse()
+        .expect("addr");
+    let mut conns = Vec::new();
+    for _ in 0..n {
+        let mut c = link
+            .client
+            .enter(move || TcpStream::connect(to).expect("connect"));
+        let (mut s, _) = listener.accept().expect("accept");
+        let mut buf = [0u8; 4];
+        c.write_all(b"ping").expect("request");
+        s.read_exact(&mut buf).expect("request");
+        s.write_all(b"pong").expect("answer");
+        c.read_exact(&mut buf).expect("answer");
+        conns.push((c, s));
+    }
+    (listener, conns)
+}
+
+/// The sum of the agent's `/metrics` series `name` that carry every label of `having`
+/// (`label="value"`, any order).
+fn metric(link: &Link, name: &str, having: &[&str]) -> f64 {
+    common::metrics::sum(&common::metrics::scrape(&link.server), name, having)
+}
+
+/// A full established table refuses new records, counts them, and never evicts a live flow:
+/// with room for 8, of 12 connections the first 8 stay tracked, the gauges count 8, and the
+/// refusals are counted.
+#[test]
+fn a_full_table_refuses_counts_and_never_evicts() {
+    common::require_root();
+    let link = Link::new();
+    let agent = tracking_agent(&link, &["--flows-capacity", "8"]);
+    let (_first_listener, first) = held_connections(&link, 9410, 8);
+    let first_addrs: std::collections::BTreeSet<(String, String)> = first
+        .iter()
+        .map(|(_, s)| {
+            (
+                s.local_addr().expect("addr").to_string(),
+                s.peer_addr().expect("addr").to_string(),
+            )
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while tracked_established(&agent, 9410) != first_addrs {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first 8 were never all tracked"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let (_more_listener, more) = held_connections(&link, 9411, 4);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(
+        tracked_established(&agent, 9410),
+        first_addrs,
+        "a live flow was evicted"
+    );
+    assert!(
+        tracked_established(&agent, 9411).is_empty(),
+        "a full table took more"
+    );
+    let held = metric(
+        &link,
+        "tcpscope_flows",
+        &[r#"family="ipv4""#, r#"table="established""#],
+    );
+    assert_eq!(held, 8.0);
+    let refused = metric(
+        &link,
+        "tcpscope_flow_table_insert_failures_total",
+        &[r#"family="ipv4""#, r#"table="established""#],
+    );
+    assert!(
+        refused >= 4.0,
+        "{refused} refusals counted for 4 connections"
+    );
+    let gauge = metric(
+        &link,
+        "tcpscope_endpoints",
+        &[
+            r#"role="server""#,
+            r#"side="local""#,
+            r#"state="established""#,
+        ],
+    );
+    assert_eq!(gauge, 8.0, "the gauges count what the table holds");
+    drop((first, more));
+}
+
+/// Expiry paths besides TIME-WAIT: an idle established connection given up after
+/// `--established-secs` (counted as an eviction: Linux still has it), and a handshake whose
+/// SYN is never answered, failed after `--half-open-secs`; the gauges go back to zero.
+#[test]
+fn idle_records_expire_with_their_counters_and_gauges() {
+    common::require_root();
+    let link = Link::new();
+    let agent = tracking_agent(&link, &["--established-secs", "2", "--half-open-secs", "2"]);
+    let (_listener, conns) = held_connections(&link, 9412, 1);
+    let established = (
+        "tcpscope_endpoints",
+        &[
+            r#"role="server""#,
+            r#"side="local""#,
+            r#"state="established""#,
+        ][..],
+    );
+    assert_eq!(metric(&link, established.0, established.1), 1.0);
+    // Idle: given up within a reaper walk or two of the timeout, while ss still has it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(8);
+    while metric(&link, established.0, established.1) != 0.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the idle record never expired"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert_eq!(
+        ss_established(&link.server, 9412).len(),
+        1,
+        "Linux keeps it"
+    );
+    let evicted = metric(
+        &link,
+        "tcpscope_flow_table_evictions_total",
+        &[r#"family="ipv4""#, r#"table="established""#],
+    );
+    assert_eq!(evicted, 1.0);
+    // A SYN dropped by the server's firewall (after XDP has seen it): never answered.
+    let before =
+        agent.json(&["stats", "--format", "json"])["counters"]["handshakes_failed_timeout"]
+            .as_u64()
+            .expect("counter");
+    let mut nft = link
+        .server
+        .command("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("nft");
+    {
+        use std::io::Write as _;
+        nft.stdin
+            .take()
+            .expect("stdin")
+            .write_all(
+                b"table inet tcpscope_rel {\n chain input {\n type filter hook input priority 0;\n \
+                  tcp dport 9413 drop\n }\n}\n",
+            )
+            .expect("rules");
+    }
+    assert!(nft.wait().expect("nft").success());
+    let to: std::net::SocketAddr = format!("{}:9413", link.server_v4()).parse().expect("addr");
+    // 1.5 s: the first SYN and one retransmission, then the record idles out.
+    let refused = link
+        .client
+        .enter(move || TcpStream::connect_timeout(&to, std::time::Duration::from_millis(1500)));
+    assert!(refused.is_err());
+    let half_open = ("tcpscope_flows", &[r#"table="half_open""#][..]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(8);
+    loop {
+        let failed =
+            agent.json(&["stats", "--format", "json"])["counters"]["handshakes_failed_timeout"]
+                .as_u64()
+                .expect("counter");
+        if failed == before + 1 && metric(&link, half_open.0, half_open.1) == 0.0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the unanswered handshake never failed: {failed} (was {before})"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let syn_sent = metric(
+        &link,
+        "tcpscope_endpoints",
+        &[r#"role="client""#, r#"state="syn_sent""#],
+    );
+    assert_eq!(syn_sent, 0.0);
+    drop(conns);
+}
+
+/// Pins survive a restart: a new agent on the same pins shows the connections the first one
+/// tracked at once, before they send again; a directory of another layout beside them is
+/// reported and left alone.
+#[test]
+fn pins_survive_a_restart_and_other_layouts_are_left_alone() {
+    use common::agent::Agent;
+    common::require_root();
+    let link = Link::new();
+    let mut first = tracking_agent(&link, &["--listen", "off"]);
+    let (_listener, conns) = held_connections(&link, 9414, 3);
+    let tracked = tracked_established(&first, 9414);
+    assert_eq!(tracked.len(), 3);
+    let pins = first.pin_dir.clone();
+    first.keep_pins = true;
+    first.stop();
+    let other = pins.join("v1");
+    std::fs::create_dir(&other).expect("another layout's directory");
+    let mut second = Agent::start_on_pins(
+        &link.server,
+        &pins,
+        &["--iface", &link.server_if, "--listen", "off"],
+    );
+    let noted = second.wait_for("another layout");
+    assert!(noted.contains("v1"), "{noted}");
+    second.wait_for("tracking");
+    assert_eq!(
+        tracked_established(&second, 9414),
+        tracked,
+        "the restart lost flows"
+    );
+    assert!(other.is_dir(), "the other layout's directory was touched");
+    drop(conns);
 }

@@ -135,11 +135,22 @@ fn measure(
         Receiver::Tcpscope => {
             // Native XDP on the veth, as measured (auto picks generic on a veth, where native
             // adds drops under bursts; this measures the per-packet cost of the native path).
+            // Mirror mode: in host mode a record started by a remote segment waits for a
+            // segment of the local side, and the receiver answers the generator's flows only
+            // with RSTs, so none would ever be tracked; mirror mode starts their records from
+            // their first ACK, and the figures are those of established flows.
             let mut a = Agent::start(
                 agent_bin,
                 &bed.rx,
                 &bed.rx_if,
-                &["--listen", "off", "--xdp-mode", "native"],
+                &[
+                    "--listen",
+                    "off",
+                    "--xdp-mode",
+                    "native",
+                    "--mode",
+                    "mirror",
+                ],
             )?;
             let attached = a.log().iter().find(|l| l.contains("attached")).cloned();
             ensure!(
@@ -375,8 +386,12 @@ pub fn run(cfg: &Config, bed: &Testbed, agent_bin: &std::path::Path) -> Result<S
                  generator's timed loop, and a blackhole route drops the receiver's RSTs. \
                  ns/packet = the kernel's time of the sending loop / frames the receiver \
                  counted (generator included: compare the differences), {secs} s per case. \
-                 The agent is the release binary (`tcpscope run --listen off`, XDP native, TC \
-                 egress attached); conntrack: `iptables -A INPUT -m conntrack --ctstate \
+                 The agent is the release binary (`tcpscope run --listen off --mode mirror`, \
+                 XDP native: in host mode a record started by a remote segment waits for a \
+                 segment of the local side, and the receiver answers these flows only with \
+                 RSTs; mirror mode starts each flow's record from its first ACK, so every \
+                 later one takes the established fast path, as a tracked connection's do); \
+                 conntrack: `iptables -A INPUT -m conntrack --ctstate \
                  ESTABLISHED,RELATED,NEW -j ACCEPT` or the same as a native nft rule, ACK-only \
                  flows picked up by `nf_conntrack_tcp_loose`; conntrack and the ruleset are \
                  flushed after each."

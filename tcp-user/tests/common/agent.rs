@@ -17,6 +17,8 @@ pub struct Agent {
     stderr: mpsc::Receiver<String>,
     log: Vec<String>,
     pub pin_dir: std::path::PathBuf,
+    /// Leave the pins behind on drop (for the next agent of a restart test).
+    pub keep_pins: bool,
 }
 
 impl Agent {
@@ -24,6 +26,11 @@ impl Agent {
         let pin_dir =
             std::path::PathBuf::from(format!("/sys/fs/bpf/{}", super::unique("tcpscope-test-")));
         Self::spawn(ns, Some(pin_dir), args)
+    }
+
+    /// Starts it on the pins of an earlier agent (a restart).
+    pub fn start_on_pins(ns: &NetNs, pin_dir: &std::path::Path, args: &[&str]) -> Self {
+        Self::spawn(ns, Some(pin_dir.to_path_buf()), args)
     }
 
     /// Starts it without `--pin-dir`: its pins go to the namespace's default directory.
@@ -67,6 +74,7 @@ impl Agent {
             stderr: rx,
             log: Vec::new(),
             pin_dir,
+            keep_pins: false,
         }
     }
 
@@ -165,6 +173,8 @@ impl Drop for Agent {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.pin_dir);
+        if !self.keep_pins {
+            let _ = std::fs::remove_dir_all(&self.pin_dir);
+        }
     }
 }
