@@ -21,7 +21,9 @@ pub enum Ending {
     Complete,
     /// In the middle of a record (a capture cut short: a full disk, a killed writer, a copy
     /// in progress), after `frames` complete packets, which were all read. tshark reads the
-    /// same packets and warns the same way.
+    /// same packets and warns the same way. In a pcap file only a record that the end of the
+    /// file cuts counts (a corrupt length in the middle is an error); in pcapng, any block
+    /// that the reader finds running past the end of the file.
     CutShort {
         /// Complete packets read before the cut.
         frames: u64,
@@ -109,17 +111,23 @@ fn read_pcap(
 ) -> Result<Ending> {
     let mut reader = PcapReader::new(file)
         .with_context(|| format!("{}: not a pcap or pcapng file", path.display()))?;
-    let link = Link::of(path, reader.header().datalink)?;
+    let header = reader.header();
+    let link = Link::of(path, header.datalink)?;
     let (mut buf, mut frames) = (Vec::new(), 0u64);
+    // Where the next record starts: the file header is 24 bytes, each record header 16.
+    let mut offset = 24u64;
     while let Some(packet) = reader.next_packet() {
         let packet = match packet {
             Ok(p) => p,
-            Err(e) if cut_short(&e) => return Ok(Ending::CutShort { frames }),
+            Err(e) if cut_short(&e) && pcap_record_cut(path, offset, &header) => {
+                return Ok(Ending::CutShort { frames });
+            }
             Err(e) => {
                 return Err(e)
                     .with_context(|| format!("{}: corrupt packet record", path.display()));
             }
         };
+        offset += 16 + packet.data.len() as u64;
         each(
             duration_ns(packet.timestamp),
             link.ethernet(&packet.data, &mut buf),
@@ -127,6 +135,33 @@ fn read_pcap(
         frames += 1;
     }
     Ok(Ending::Complete)
+}
+
+/// Whether the pcap record at `offset` is one the end of the file cut: its header cut, or its
+/// declared length (a plausible one: at most the snapshot length, or 256 KiB) running past
+/// the end. A record whose length field is corrupt in the middle of a file is not.
+fn pcap_record_cut(path: &Path, offset: u64, header: &pcap_file::pcap::PcapHeader) -> bool {
+    use std::io::{Read as _, Seek as _, SeekFrom};
+    let Ok(mut f) = File::open(path) else {
+        return false;
+    };
+    let Ok(len) = f.metadata().map(|m| m.len()) else {
+        return false;
+    };
+    if len.saturating_sub(offset) < 16 {
+        return true;
+    }
+    let mut record = [0u8; 16];
+    if f.seek(SeekFrom::Start(offset)).is_err() || f.read_exact(&mut record).is_err() {
+        return false;
+    }
+    let field = [record[8], record[9], record[10], record[11]];
+    let included = u64::from(match header.endianness {
+        pcap_file::Endianness::Big => u32::from_be_bytes(field),
+        pcap_file::Endianness::Little => u32::from_le_bytes(field),
+    });
+    let plausible = included <= u64::from(header.snaplen).max(256 * 1024);
+    plausible && offset + 16 + included > len
 }
 
 fn read_pcapng(

@@ -109,16 +109,49 @@ async fn ask(
         .unwrap_or_else(|_| Err("the agent did not answer in time".to_owned()))
 }
 
+/// A response body that keeps its connection marked busy until hyper drops it, that is
+/// until it is written out (or the connection is gone): a client reading a large `/metrics`
+/// slowly is not idle.
+struct TrackedBody {
+    inner: Full<Bytes>,
+    busy: Arc<AtomicBool>,
+}
+
+impl hyper::body::Body for TrackedBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for TrackedBody {
+    fn drop(&mut self) {
+        self.busy.store(false, Ordering::Relaxed);
+    }
+}
+
 async fn handle(
     req: hyper::Request<Incoming>,
     to: mpsc::Sender<Request>,
     limits: Limits,
     busy: Arc<AtomicBool>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Response<TrackedBody>, Infallible> {
     busy.store(true, Ordering::Relaxed);
-    let answer = answer(req, to, limits).await;
-    busy.store(false, Ordering::Relaxed);
-    answer
+    let Ok(answer) = answer(req, to, limits).await;
+    Ok(answer.map(|inner| TrackedBody { inner, busy }))
 }
 
 async fn answer(

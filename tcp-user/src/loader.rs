@@ -176,8 +176,8 @@ pub enum Mode {
 /// Requested XDP attach mode.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum XdpModeChoice {
-    /// Generic (skb) on software devices (veth, tun/tap: native XDP adds drops there);
-    /// elsewhere native if the driver supports it, else generic, logged.
+    /// Generic (skb) on software devices (veth, tun/tap, bonds: no bus address; native XDP
+    /// adds drops on a veth); elsewhere native if the driver supports it, else generic, logged.
     #[default]
     Auto,
     /// Native (driver) mode only.

@@ -353,12 +353,26 @@ fn main() -> ExitCode {
     }
 }
 
+/// The pin directory of a start in progress: removes what the start created when dropped
+/// before the agent tracks (emptied once it does).
+struct StartGuard(Option<PinDir>);
+
+impl Drop for StartGuard {
+    fn drop(&mut self) {
+        if let Some(pins) = self.0.take() {
+            pins.discard();
+        }
+    }
+}
+
 /// A hint for errors whose usual cause is known.
 fn hint(e: &tcp_user::error::Error) -> &'static str {
     let chain = error_chain(e);
     if chain.contains("Operation not permitted") || chain.contains("EPERM") {
         " (run as root, or grant CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON)"
-    } else if chain.contains("Device or resource busy") || chain.contains("File exists") {
+    } else if matches!(e, tcp_user::error::Error::Attach { .. })
+        && (chain.contains("Device or resource busy") || chain.contains("File exists"))
+    {
         " (another XDP program, perhaps another tcpscope agent's, is attached to this \
          interface: `ip link show` names it)"
     } else if chain.contains("XDP (native)") {
@@ -396,7 +410,11 @@ async fn run(args: RunArgs) -> Result<()> {
         None => pins::default_dir().map_err(|e| anyhow::anyhow!(error_chain(&e)))?,
     };
     // Held until exit; released by the kernel however the agent exits.
-    let pins = PinDir::acquire(&pin_base).map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+    // Held until exit. Until the agent tracks, any failure removes the pins this start
+    // created (the guard drops after the tracker, which detaches first).
+    let mut pins = StartGuard(Some(
+        PinDir::acquire(&pin_base).map_err(|e| anyhow::anyhow!(error_chain(&e)))?,
+    ));
     let options = LoadOptions {
         mode: args.mode,
         pin_dir: Some(pin_base.clone()),
@@ -408,10 +426,7 @@ async fn run(args: RunArgs) -> Result<()> {
     let timeouts = args.timeouts.timeouts();
     let mut tracker = match Tracker::load(&options) {
         Ok(t) => t,
-        Err(e) => {
-            pins.discard();
-            bail!("{}{}", error_chain(&e), hint(&e));
-        }
+        Err(e) => bail!("{}{}", error_chain(&e), hint(&e)),
     };
     let mut ebpf_log = match aya_log::EbpfLogger::init(tracker.ebpf_mut()) {
         Ok(logger) => {
@@ -447,12 +462,7 @@ async fn run(args: RunArgs) -> Result<()> {
     for iface in &ifaces {
         match tracker.attach(iface, args.mode, args.xdp_mode) {
             Ok(attachment) => info!("attached {attachment}"),
-            Err(e) => {
-                // Detach what is attached before the pins go.
-                drop(tracker);
-                pins.discard();
-                bail!("{}{}", error_chain(&e), hint(&e));
-            }
+            Err(e) => bail!("{}{}", error_chain(&e), hint(&e)),
         }
     }
     // From here on the tracker is shared: the reaper thread runs the expiry program while the
@@ -473,6 +483,7 @@ async fn run(args: RunArgs) -> Result<()> {
         rule.window_ns / 1_000_000_000,
         rule.completion * 100.0
     );
+    let _pins = pins.0.take();
     info!("tracking; stop with SIGINT or SIGTERM");
 
     let mut report = (args.report_every > 0)

@@ -3,12 +3,13 @@
 //! - **One per network namespace by default**: `/sys/fs/bpf/tcpscope/netns-<inode>`, the
 //!   inode of the agent's network namespace (what `ls -iL /proc/self/ns/net` prints). Agents in
 //!   two namespaces never share tables, so a 4-tuple present in both stays two records; `flows`
-//!   and `stats` run in the same namespace find the same directory.
+//!   and `stats` run in the same namespace find the same directory. (The kernel may give a
+//!   namespace created later the inode of a deleted one, which then finds its pins.)
 //! - **Safe**: every directory the agent creates on the way is 0700 whatever the umask, and
 //!   an existing one below the bpffs mount that is owned by another user or writable by group
 //!   or others is refused (whoever can write it can unlink the pins, or plant maps of their
-//!   own for the agent to use). The mount point itself (`/sys/fs/bpf`, often 1777 with the
-//!   sticky bit) is not checked.
+//!   own for the agent to use); so is a symbolic link. The mount point itself (`/sys/fs/bpf`,
+//!   0700 as systemd mounts it, 1777 with the sticky bit elsewhere) is not checked.
 //! - **Held by one agent at a time**: an exclusive `flock` on the directory, which the kernel
 //!   drops when the agent exits, however it exits. A second agent exits naming the first's
 //!   process (from `/proc/locks`); `flows` and `stats` say when no agent holds the directory.
@@ -31,7 +32,7 @@ use crate::{error::Error, loader::layout_dir};
 /// Where the per-namespace default directories live.
 pub const PIN_ROOT: &str = "/sys/fs/bpf/tcpscope";
 
-/// The default pin directory of the calling thread's network namespace.
+/// The default pin directory of this process's network namespace.
 ///
 /// # Errors
 /// When `/proc/self/ns/net` cannot be read (no procfs).
@@ -46,7 +47,6 @@ pub fn default_dir() -> Result<PathBuf, Error> {
 /// A pin directory held by this process.
 #[derive(Debug)]
 pub struct PinDir {
-    base: PathBuf,
     /// The locked directory (the lock lives as long as this descriptor).
     _lock: File,
     /// Directories this start created, outermost first.
@@ -70,7 +70,7 @@ impl PinDir {
             at = dir.parent();
         }
         let mut created = Vec::new();
-        let result = (|| {
+        let prepared = (|| {
             for dir in missing.iter().rev() {
                 match std::fs::DirBuilder::new().mode(0o700).create(dir) {
                     Ok(()) => {
@@ -84,26 +84,19 @@ impl PinDir {
                     Err(source) => return Err(io_err(dir, source)),
                 }
             }
-            check_path(&layout)?;
-            lock(base)
+            check_path(&layout)
         })();
-        match result {
-            Ok(lock) => Ok(Self {
-                base: base.to_path_buf(),
-                _lock: lock,
-                created,
-            }),
-            Err(e) => {
-                remove(&created);
-                Err(e)
-            }
+        if let Err(e) = prepared {
+            remove(&created);
+            return Err(e);
         }
-    }
-
-    /// The base directory.
-    #[must_use]
-    pub fn base(&self) -> &Path {
-        &self.base
+        // No clean-up when another agent holds the directory: what this start created, that
+        // agent may have found and used meanwhile.
+        let lock = lock(base)?;
+        Ok(Self {
+            _lock: lock,
+            created,
+        })
     }
 
     /// Removes the directories this start created, with the pins in them, innermost first
@@ -113,10 +106,16 @@ impl PinDir {
     }
 }
 
-/// Removes `dirs` (outermost first) and what they hold, innermost first.
+/// Removes `dirs` (outermost first, as created), innermost first: the innermost with what it
+/// holds (the layout directory and this start's pins), the others only if empty by then (an
+/// agent of another namespace may have made its own directory in one meanwhile).
 fn remove(dirs: &[PathBuf]) {
-    for dir in dirs.iter().rev() {
-        let _ = std::fs::remove_dir_all(dir);
+    let Some((innermost, outer)) = dirs.split_last() else {
+        return;
+    };
+    let _ = std::fs::remove_dir_all(innermost);
+    for dir in outer.iter().rev() {
+        let _ = std::fs::remove_dir(dir);
     }
 }
 
@@ -151,7 +150,8 @@ fn check_path(dir: &Path) -> Result<(), Error> {
     let me = unsafe { libc::geteuid() };
     let mut at = Some(dir);
     while let Some(d) = at {
-        let meta = std::fs::metadata(d).map_err(|source| io_err(d, source))?;
+        // Not following symbolic links: a link is refused (below), whatever it points to.
+        let meta = std::fs::symlink_metadata(d).map_err(|source| io_err(d, source))?;
         let parent = d.parent();
         let is_mount_root = match parent {
             None => true,
@@ -163,7 +163,7 @@ fn check_path(dir: &Path) -> Result<(), Error> {
         if !meta.is_dir() {
             return Err(Error::PinDirUnsafe {
                 dir: d.to_path_buf(),
-                why: "not a directory".to_owned(),
+                why: "not a directory (symbolic links are not followed)".to_owned(),
             });
         }
         if meta.uid() != me {
@@ -221,12 +221,10 @@ fn holder_pid(dir: &Path) -> Option<u32> {
         })
 }
 
-/// Whether an agent holds `dir` now (its lock is taken). `None` when the directory cannot be
-/// opened.
+/// Whether an agent holds `dir` now, as `/proc/locks` shows (read only: taking even a shared
+/// lock to find out could make an agent starting at that moment fail). `None` when the
+/// directory does not exist.
 #[must_use]
 pub fn held_by_an_agent(dir: &Path) -> Option<bool> {
-    let f = File::open(dir).ok()?;
-    // SAFETY: flock on a descriptor this function owns; closing it drops a lock we got.
-    let free = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0;
-    Some(!free)
+    dir.exists().then(|| holder_pid(dir).is_some())
 }

@@ -251,6 +251,25 @@ fn failed_starts_say_why_and_leave_no_pins() {
     args.extend(["--iface", &link.server_if, "--iface", &link.server_if]);
     let err = failed_start(&link.server, &args);
     assert!(err.contains("given twice"), "{err}");
+    // The metrics port taken: the start fails after the maps are loaded and pinned.
+    let taken = link
+        .server
+        .enter(|| TcpListener::bind("127.0.0.1:9978").expect("bind"));
+    let args = [
+        "--pin-dir",
+        pin_arg.as_str(),
+        "--listen",
+        "127.0.0.1:9978",
+        "--iface",
+        &link.server_if,
+    ];
+    let err = failed_start(&link.server, &args);
+    assert!(err.contains("cannot listen on 127.0.0.1:9978"), "{err}");
+    assert!(
+        !pins.exists(),
+        "a start that failed at its listener left its pins"
+    );
+    drop(taken);
     // Another program holds the interface's XDP hook (a second agent, on other pins).
     let other = tracking_agent(&link, &["--listen", "off"]);
     let mut args = base.to_vec();
