@@ -452,9 +452,9 @@ fn both_directions_on_two_cpus_at_once_lose_no_state() {
 /// to each client from CPU 1 (its data through TC egress, the clients' ACKs through XDP, both
 /// on CPU 1, where veth delivers them), and each client, on CPU 0, closes in the middle of
 /// the stream, half of them with a FIN (then reading on to the server's), half with a RST.
-/// Nothing may be lost or mistaken: every connection ends as `ss` says, every FIN and RST is
-/// accepted (a sequence field the fast path left stale would make one look out of window), and
-/// the closes are counted by kind.
+/// Nothing may be lost or mistaken: every connection ends as `ss` says, every client's FIN
+/// and RST is accepted (a sequence field the fast path left stale would make one look out of
+/// window), and the closes are counted by kind.
 #[test]
 fn fins_and_rsts_race_the_fast_path_on_the_other_cpu() {
     common::require_root();
@@ -543,27 +543,26 @@ fn fins_and_rsts_race_the_fast_path_on_the_other_cpu() {
     let d = |k: &str| after[k].as_u64().expect(k) - before[k].as_u64().expect(k);
     assert_eq!(d("closed_by_fin"), (CONNECTIONS / 2) as u64);
     assert_eq!(d("closed_by_rst"), (CONNECTIONS / 2) as u64);
-    // Out-of-window RSTs can only be the server stack's answers to segments that reach it
-    // after its socket is gone (a client's ACK the two CPUs reordered): such a RST carries the
-    // stale ACK's number, which may lie behind the client's window by then (under emulation,
-    // where the generic XDP path reorders more, it does). None of the clients' RSTs may be.
+    // RSTs taken as out of window, or as in the window but not at the expected number, can
+    // only be the server stack's answers to segments that reach it after its socket is gone
+    // (a client's ACK the two CPUs reordered): such a RST carries the stale ACK's number,
+    // behind the client's latest, and possibly behind its window by then (under emulation,
+    // where the generic XDP path reorders more, it is). None of the clients' RSTs may be: a
+    // client RST not taken would leave its connection open against `ss` (the checkpoint) and
+    // missing from `closed_by_rst`.
     let server_rsts = link
         .server
         .tcp_counters()
         .delta(&server_tcp_before, "Tcp.OutRsts");
+    let not_taken = d("invalid_rst") + d("invalid_rst_in_window");
     eprintln!(
-        "{} RSTs out of window, {server_rsts} sent by the server's stack",
-        d("invalid_rst")
+        "{} RSTs out of window, {} in it but not exact; {server_rsts} sent by the server's stack",
+        d("invalid_rst"),
+        d("invalid_rst_in_window")
     );
     assert!(
-        d("invalid_rst") <= server_rsts,
-        "{} RSTs taken as out of window, the server sent only {server_rsts}",
-        d("invalid_rst")
-    );
-    assert_eq!(
-        d("invalid_rst_in_window"),
-        0,
-        "a RST taken as not at the expected sequence number"
+        not_taken <= server_rsts,
+        "{not_taken} RSTs not taken, the server sent only {server_rsts}"
     );
     assert_eq!(d("invalid_fin"), 0, "a FIN taken as out of window");
     assert_eq!(d("handshakes_completed"), CONNECTIONS as u64);
