@@ -446,6 +446,27 @@ fn tracked_share(
     }
 }
 
+/// Child processes killed on drop.
+struct KillOnDrop(Vec<std::process::Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Raises a stop flag on drop.
+struct StopOnDrop(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// A spoofed-source SYN flood (sources in 198.18.0.0/15, which the test owns; the server's
 /// namespace has no route back to them) fills the half-open table, while a real client opens a
 /// connection every 50 ms (request and answer, then held): at least 99% of the connections
@@ -477,6 +498,8 @@ fn a_syn_flood_does_not_blind_the_tracker() {
             move || TcpListener::bind(addr).expect("bind")
         });
         let stop = Arc::new(AtomicBool::new(false));
+        // Stops the server and client threads (and so closes their sockets) on a failure too.
+        let _stop_on_drop = StopOnDrop(Arc::clone(&stop));
         // The server answers each request and keeps the connection.
         listener.set_nonblocking(true).expect("nonblocking");
         let server = thread::spawn({
@@ -521,13 +544,14 @@ fn a_syn_flood_does_not_blind_the_tracker() {
             }
         });
         thread::sleep(Duration::from_millis(500));
-        // Two flooders, 8 s each, from two spoofed sources (hping3 moves the source port on:
+        // Two flooders from two spoofed sources (hping3 moves the source port on:
         // every SYN a new 4-tuple until the ports wrap).
+        // Killed (with the SIGKILL of Child::kill) once the flood's checks are done, or when
+        // the test fails: bounded in time by the test itself (under a slow, emulated CPU the
+        // checks take longer than a fixed flood time would allow).
         let flood = |source: &'static str| {
-            let mut c = link.client.command("timeout");
+            let mut c = link.client.command("hping3");
             c.args([
-                "8",
-                "hping3",
                 "-q",
                 "-S",
                 "-p",
@@ -542,7 +566,8 @@ fn a_syn_flood_does_not_blind_the_tracker() {
                 .spawn()
                 .expect("hping3")
         };
-        let mut floods = [flood("198.18.7.7"), flood("198.19.9.9")];
+        let flood_started = std::time::Instant::now();
+        let mut floods = KillOnDrop(vec![flood("198.18.7.7"), flood("198.19.9.9")]);
         // During the flood: the flag rises, and the real connections are tracked.
         thread::sleep(Duration::from_secs(3));
         let during = tracked_share(
@@ -568,15 +593,15 @@ fn a_syn_flood_does_not_blind_the_tracker() {
         );
         // Both flooders were still at it (their exit status on the timeout's signal differs
         // between coreutils and busybox, so it says nothing).
-        for f in &mut floods {
+        for f in &mut floods.0 {
             assert!(
                 f.try_wait().expect("hping3").is_none(),
                 "hping3 ended early"
             );
         }
-        for mut f in floods {
-            let _ = f.wait().expect("hping3");
-        }
+        // At least 6 s of flood, then it ends.
+        thread::sleep(Duration::from_secs(6).saturating_sub(flood_started.elapsed()));
+        drop(floods);
         thread::sleep(Duration::from_secs(1));
         stop.store(true, Ordering::Relaxed);
         let clients = client.join().expect("client thread");
