@@ -85,7 +85,7 @@ const MODULES: &[&str] = &["veth", "sch_ingress", "cls_bpf", "nf_tables"];
 /// The guest's init script.
 const INIT: &str = include_str!("vm-init.sh");
 
-/// A full run takes about 11 min under TCG on 2 CPUs; the limit leaves room for slower hosts.
+/// A full run takes about 18 min under TCG on 2 CPUs; the limit leaves room for slower hosts.
 const DEFAULT_TIMEOUT_SECS: u64 = 1500;
 /// The default flow tables take about 70 MiB; the tests and their tools fit in the rest.
 const DEFAULT_MEMORY_MIB: u32 = 2048;
