@@ -328,6 +328,12 @@ pub mod event_slots {
     /// Connections whose server stayed silent after its SYN-ACK while the client sent (the
     /// view walk's mark, counted once per connection).
     pub const SILENT_SERVERS: usize = 46;
+    /// Established records removed by reconciliation: host mode, their local socket was gone
+    /// or in another state (sock_diag); mirror mode, not seen since a restart.
+    pub const RECONCILED_REMOVED: usize = 47;
+    /// Connections of the kernel's socket table the agent picked up into an established
+    /// table (host mode: at start, and any that no segment had brought since).
+    pub const RECONCILED_PICKED_UP: usize = 48;
     /// The insert-failure slot of an established table.
     #[must_use]
     #[inline(always)]

@@ -428,6 +428,14 @@ pub struct ReapRequest {
     /// Timeouts, ns: TIME-WAIT, closed, half-open, established, closing, FIN-WAIT-2 (the
     /// fields of [`crate::track::Timeouts`] in order).
     pub timeouts: [u64; 6],
+    /// The tables to walk: bit `t` for table `t` ([`ReapRequest::ALL_TABLES`]: every one).
+    /// The agent leaves out a table that held nothing at its last walk and has had nothing
+    /// inserted since (see `tcp-user/src/reaper.rs`): walking a table visits every bucket,
+    /// empty or not.
+    pub tables: u64,
+    /// 1: remove the established records the agent put in the DOOMED maps, each if unchanged
+    /// since the agent read it (reconciliation with the kernel's socket table).
+    pub reconcile: u64,
     /// Out: records visited, per table.
     pub visited: [u64; table::COUNT],
     /// Out: records removed, per table.
@@ -435,9 +443,19 @@ pub struct ReapRequest {
 }
 
 /// Words of a [`ReapRequest`].
-const REAP_WORDS: usize = 6 + 2 * table::COUNT;
+const REAP_WORDS: usize = 8 + 2 * table::COUNT;
 
 impl ReapRequest {
+    /// [`ReapRequest::tables`]: every table.
+    pub const ALL_TABLES: u64 = (1 << table::COUNT) - 1;
+
+    /// Whether the request asks for table `t` to be walked.
+    #[must_use]
+    #[inline(always)]
+    pub const fn walks(&self, t: usize) -> bool {
+        self.tables & (1 << t) != 0
+    }
+
     /// The request bytes (at least an Ethernet header's worth, as the kernel requires).
     #[must_use]
     pub fn to_bytes(&self) -> [u8; core::mem::size_of::<Self>()] {
@@ -445,6 +463,8 @@ impl ReapRequest {
         let words = self
             .timeouts
             .iter()
+            .chain(core::iter::once(&self.tables))
+            .chain(core::iter::once(&self.reconcile))
             .chain(self.visited.iter())
             .chain(self.reaped.iter());
         for (chunk, w) in out.as_chunks_mut::<8>().0.iter_mut().zip(words) {
@@ -467,6 +487,8 @@ impl ReapRequest {
         let fields = r
             .timeouts
             .iter_mut()
+            .chain(core::iter::once(&mut r.tables))
+            .chain(core::iter::once(&mut r.reconcile))
             .chain(r.visited.iter_mut())
             .chain(r.reaped.iter_mut());
         for (f, w) in fields.zip(words) {
@@ -566,6 +588,8 @@ mod tests {
     fn reap_request_round_trips() {
         let r = ReapRequest {
             timeouts: [1, 2, 3, 4, 5, 6],
+            tables: 0b101,
+            reconcile: 1,
             visited: [6, 7, 8],
             reaped: [9, 10, 11],
         };

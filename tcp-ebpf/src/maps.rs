@@ -68,6 +68,21 @@ pub static FLOWS6: HashMap<FlowKey, EstablishedEntry, FLOWS6_CAPACITY> = HashMap
 #[btf_map]
 pub static HALF_OPEN: HashMap<FlowKey, HalfOpenEntry, HALF_OPEN_CAPACITY> = HashMap::new();
 
+/// Room for the records one reconciliation may remove (more wait for the next one).
+pub const DOOMED_CAPACITY: usize = 8192;
+
+/// IPv4 established records the agent found stale (host mode: their local socket is gone or
+/// in another state, per sock_diag; mirror mode: not seen since a restart), with the record's
+/// `last` when the agent read it. A walk asked to reconcile removes each one that is unchanged
+/// since, under its lock (see the reaper). Filled and emptied by the agent around that walk;
+/// not pinned.
+#[btf_map]
+pub static DOOMED4: HashMap<FlowKey4, u32, DOOMED_CAPACITY> = HashMap::new();
+
+/// The same for the IPv6 established table.
+#[btf_map]
+pub static DOOMED6: HashMap<FlowKey, u32, DOOMED_CAPACITY> = HashMap::new();
+
 /// 1 in mirror mode (both directions arrive on ingress; sides unknown), set at load time.
 #[unsafe(no_mangle)]
 pub static MIRROR: Global<u8> = Global::new(0);

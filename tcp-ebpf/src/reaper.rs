@@ -28,7 +28,7 @@ use tcp_common::{
 };
 
 use crate::{
-    maps::{FLOWS4, FLOWS6, HALF_OPEN, SYN_PORTS},
+    maps::{DOOMED4, DOOMED6, FLOWS4, FLOWS6, HALF_OPEN, SYN_PORTS},
     tracker::{NO_PORT_STATS, REAPER, metrics},
 };
 
@@ -99,6 +99,8 @@ struct Walk {
     table: u64,
     visited: u64,
     reaped: u64,
+    /// 1: look the records up in the DOOMED maps (see [`ReapRequest::reconcile`]).
+    reconcile: u64,
 }
 
 /// The record a callback is handed, locked-through-able on every kernel (see
@@ -122,9 +124,32 @@ fn delete(map: *mut c_void, key: *mut c_void) -> bool {
     unsafe { aya_ebpf::helpers::bpf_map_delete_elem(map, key) == 0 }
 }
 
-/// Called for every record of an established table.
+/// Called for every record of the IPv4 established table.
 #[inline(never)]
-extern "C" fn visit_established(
+extern "C" fn visit_established4(
+    map: *mut c_void,
+    key: *mut c_void,
+    value: *mut c_void,
+    ctx: *mut c_void,
+) -> i64 {
+    visit_established::<false>(map, key, value, ctx)
+}
+
+/// Called for every record of the IPv6 established table.
+#[inline(never)]
+extern "C" fn visit_established6(
+    map: *mut c_void,
+    key: *mut c_void,
+    value: *mut c_void,
+    ctx: *mut c_void,
+) -> i64 {
+    visit_established::<true>(map, key, value, ctx)
+}
+
+/// A record of an established table (`V6`: the IPv6 one; a callback each, so that the
+/// verifier knows which key a DOOMED lookup is handed).
+#[inline(always)]
+fn visit_established<const V6: bool>(
     map: *mut c_void,
     key: *mut c_void,
     value: *mut c_void,
@@ -134,9 +159,13 @@ extern "C" fn visit_established(
     let Some(entry) = lockable::<EstablishedEntry>(map, key, value) else {
         return 0;
     };
-    // What happened to the record under its lock: 0 kept, 1 marked DEAD now, 2 DEAD long
-    // enough to delete, 3 kept with an endpoint's FIN-WAIT-2 ended (`slots[2..]`: the
-    // endpoints' gauge slots after).
+    // The record's `last` when the agent found it stale (a lookup: no helper call is allowed
+    // under the lock), or none.
+    // SAFETY: the caller's context and the current record's key.
+    let doomed = unsafe { doomed_last::<V6>(key, (*walk).reconcile) };
+    // What happened to the record under its lock: 0 kept, 1 marked DEAD now (expired), 4
+    // marked DEAD now (stale, reconciliation), 2 DEAD long enough to delete, 3 kept with an
+    // endpoint's FIN-WAIT-2 ended (`slots[2..]`: the endpoints' gauge slots after).
     // SAFETY: the kernel passes the caller's context and a live record of the walked table.
     let (fate, slots, evicted, table) = unsafe {
         (*walk).visited += 1;
@@ -159,6 +188,8 @@ extern "C" fn visit_established(
             let age = Age::of_established(&snap, now);
             if age.expired(timeouts) {
                 1
+            } else if doomed == Some(snap.last) {
+                4
             } else if age.fin_wait2_expired(timeouts) != [false, false] {
                 3
             } else {
@@ -172,7 +203,7 @@ extern "C" fn visit_established(
             NO_SLOT,
         ];
         let evicted = !finished([snap.ep_state(0), snap.ep_state(1)]);
-        if fate == 1 {
+        if fate == 1 || fate == 4 {
             Established::mark_dead(rec, now);
         } else if fate == 3 {
             let mut after = snap;
@@ -203,6 +234,12 @@ extern "C" fn visit_established(
             }
             m.removed(table);
         }
+        4 => {
+            m.move_endpoint(slots[0], NO_SLOT);
+            m.move_endpoint(slots[1], NO_SLOT);
+            m.events.bump(event_slots::RECONCILED_REMOVED);
+            m.removed(table);
+        }
         2 => {
             if delete(map, key) {
                 // SAFETY: the caller's context.
@@ -216,6 +253,27 @@ extern "C" fn visit_established(
         _ => {}
     }
     0
+}
+
+/// The `last` the agent saw on the record of `key` in an established table (`V6`: the IPv6
+/// one) when it found it stale, if it did and `reconcile` asks for it.
+///
+/// # Safety
+/// `key` is the current record's key in a table of that kind.
+#[inline(always)]
+unsafe fn doomed_last<const V6: bool>(key: *mut c_void, reconcile: u64) -> Option<u32> {
+    if reconcile == 0 {
+        return None;
+    }
+    let map: *mut c_void = if V6 {
+        core::ptr::from_ref(&DOOMED6).cast_mut().cast()
+    } else {
+        core::ptr::from_ref(&DOOMED4).cast_mut().cast()
+    };
+    // SAFETY: `map` is a hash map whose key is the walked table's (caller), `key` a valid key.
+    let found = unsafe { bpf_map_lookup_elem(map, key) }.cast::<u32>();
+    // SAFETY: a value of that map, valid while the program runs.
+    (!found.is_null()).then(|| unsafe { core::ptr::read_volatile(found) })
 }
 
 /// Called for every record of the half-open table.
@@ -329,17 +387,18 @@ pub fn reap(ctx: &XdpContext) -> u32 {
         table: 0,
         visited: 0,
         reaped: 0,
+        // SAFETY: bounds checked above.
+        reconcile: unsafe { (*req).reconcile },
     };
-    let established = visit_established as *mut c_void;
     let tables: [(*mut c_void, *mut c_void, usize); 3] = [
         (
             core::ptr::from_ref(&FLOWS4).cast_mut().cast(),
-            established,
+            visit_established4 as *mut c_void,
             table::ESTABLISHED_V4,
         ),
         (
             core::ptr::from_ref(&FLOWS6).cast_mut().cast(),
-            established,
+            visit_established6 as *mut c_void,
             table::ESTABLISHED_V6,
         ),
         (
@@ -348,8 +407,15 @@ pub fn reap(ctx: &XdpContext) -> u32 {
             table::HALF_OPEN,
         ),
     ];
+    // SAFETY: bounds checked above.
+    let wanted = unsafe { (*req).tables };
     for (map, visit, t) in tables {
-        walk_table(map, visit, &mut walk, t);
+        if wanted & (1 << t) == 0 {
+            walk.visited = 0;
+            walk.reaped = 0;
+        } else {
+            walk_table(map, visit, &mut walk, t);
+        }
         // SAFETY: bounds checked above; `t` is below table::COUNT.
         unsafe {
             if let Some(v) = (*req).visited.get_mut(t) {

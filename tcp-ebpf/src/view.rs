@@ -192,9 +192,16 @@ extern "C" fn visit_half_open(
     0
 }
 
-/// The view program's body: walks the three tables into the view.
+/// The view program's body: walks the tables the "packet" names into the view (its first
+/// eight bytes: the tables as in [`tcp_common::metrics::ReapRequest::tables`]).
 #[inline(always)]
-pub fn walk(_ctx: &XdpContext) -> u32 {
+pub fn walk(ctx: &XdpContext) -> u32 {
+    let start = ctx.data();
+    if start + 8 > ctx.data_end() {
+        return xdp_action::XDP_ABORTED;
+    }
+    // SAFETY: bounds checked above; the "packet" is the agent's request.
+    let wanted = unsafe { core::ptr::read_unaligned(start as *const u64) };
     let mut walk = Walk {
         // SAFETY: no preconditions.
         now: unsafe { bpf_ktime_get_ns() },
@@ -219,6 +226,9 @@ pub fn walk(_ctx: &XdpContext) -> u32 {
         ),
     ];
     for (map, visit, t) in tables {
+        if wanted & (1 << t) == 0 {
+            continue;
+        }
         walk.table = t as u64;
         // SAFETY: `map` is one of this object's hash maps, `visit` has the callback signature
         // the helper expects for its values, and `walk` outlives the call.

@@ -47,6 +47,12 @@ pub enum Error {
         /// The holder, as far as `/proc/locks` tells.
         holder: String,
     },
+    /// The kernel's socket table (sock_diag) could not be read.
+    #[error("reading the kernel's socket table (sock_diag)")]
+    SocketTable {
+        /// Why.
+        source: std::io::Error,
+    },
     /// No tracker's maps are pinned where asked.
     #[error("no flow table pinned at {path:?} (is `tcpscope run` running with the same --pin-dir?{})", if found.is_empty() { String::new() } else { format!(" found there: {found}") })]
     NotPinned {

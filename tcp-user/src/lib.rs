@@ -7,6 +7,7 @@
     reason = "aya's load and attach errors are large; they occur once, on the cold path"
 )]
 
+pub mod batch;
 pub mod capture;
 pub mod counters;
 pub mod error;
@@ -14,11 +15,14 @@ pub mod flood;
 pub mod flows;
 pub mod http;
 pub mod iface;
+pub mod links;
 pub mod loader;
 pub mod pins;
 pub mod reaper;
+pub mod reconcile;
 pub mod replay;
 pub mod report;
+pub mod sockets;
 
 /// The eBPF object built by xtask (release, with BTF), embedded at compile time.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("TCPSCOPE_EBPF_OBJ"));

@@ -11,6 +11,7 @@ use std::{
     ffi::CString,
     fmt,
     path::{Path, PathBuf},
+    sync::{Mutex, PoisonError, RwLock, RwLockReadGuard},
 };
 
 use aya::{
@@ -18,7 +19,8 @@ use aya::{
     maps::{Array, MapData, PerCpuHashMap, ProgramArray},
     programs::{
         LinkOrder, SchedClassifier, TcAttachType, TestRunOptions, Xdp, XdpMode,
-        tc::{self, NlOptions, TcAttach},
+        tc::{self, NlOptions, SchedClassifierLinkId, TcAttach},
+        xdp::XdpLinkId,
     },
     util::KernelVersion,
 };
@@ -227,6 +229,8 @@ impl fmt::Display for TcAttachMode {
 pub struct Attachment {
     /// Interface name.
     pub iface: String,
+    /// Interface index at attach time (a re-created interface of the same name has another).
+    pub ifindex: u32,
     /// XDP mode in effect.
     pub xdp: XdpAttachMode,
     /// TC egress attach mode, `None` in mirror mode.
@@ -244,10 +248,18 @@ impl fmt::Display for Attachment {
 }
 
 /// The loaded programs and everything attached. Dropping it detaches all. `Sync`: the
-/// reaper thread runs the expiry program while the main loop reads the maps.
+/// reaper thread runs the expiry program while the main loop reads the maps and attaches to
+/// interfaces that come (back); an attach holds the object exclusively for its few syscalls.
 pub struct Tracker {
-    ebpf: Ebpf,
-    attachments: Vec<Attachment>,
+    ebpf: RwLock<Ebpf>,
+    attached: Mutex<Vec<Attached>>,
+}
+
+/// One interface's attachment and the links that make it.
+struct Attached {
+    info: Attachment,
+    xdp: XdpLinkId,
+    tc: Option<SchedClassifierLinkId>,
 }
 
 /// `aya-log-ebpf` level numbers (error = 1 ... trace = 5): eBPF log statements above the
@@ -388,26 +400,30 @@ impl Tracker {
                 })?;
         }
         Ok(Self {
-            ebpf,
-            attachments: Vec::new(),
+            ebpf: RwLock::new(ebpf),
+            attached: Mutex::new(Vec::new()),
         })
     }
 
-    /// The loaded object (maps, programs, test runs).
-    #[must_use]
-    pub const fn ebpf(&self) -> &Ebpf {
-        &self.ebpf
+    /// The loaded object (maps, programs, test runs), held shared until the guard drops.
+    pub fn ebpf(&self) -> RwLockReadGuard<'_, Ebpf> {
+        self.ebpf.read().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The loaded object, mutably (e.g. to take the log ring buffer).
-    pub const fn ebpf_mut(&mut self) -> &mut Ebpf {
-        &mut self.ebpf
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        self.ebpf.get_mut().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Everything attached so far.
+    /// Everything attached now.
     #[must_use]
-    pub fn attachments(&self) -> &[Attachment] {
-        &self.attachments
+    pub fn attachments(&self) -> Vec<Attachment> {
+        self.attached
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|a| a.info.clone())
+            .collect()
     }
 
     /// Packet counters summed over CPUs.
@@ -415,7 +431,7 @@ impl Tracker {
     /// # Errors
     /// When the map cannot be read.
     pub fn counters(&self) -> Result<counters::Totals, Error> {
-        counters::read(&self.ebpf)
+        counters::read(&self.ebpf())
     }
 
     /// The tracker's metrics summed over CPUs.
@@ -423,7 +439,7 @@ impl Tracker {
     /// # Errors
     /// When the map cannot be read.
     pub fn metrics(&self) -> Result<Metrics, Error> {
-        counters::read_metrics(&self.ebpf)
+        counters::read_metrics(&self.ebpf())
     }
 
     /// Occupancy and pressure of both flow tables, from the summed metrics.
@@ -431,11 +447,9 @@ impl Tracker {
     /// # Errors
     /// When a table's description cannot be read.
     pub fn tables(&self, metrics: &Metrics) -> Result<Vec<TableStats>, Error> {
+        let ebpf = self.ebpf();
         let capacity = |name: &'static str| -> Result<u32, Error> {
-            let map = self
-                .ebpf
-                .map(name)
-                .ok_or(Error::Missing { kind: "map", name })?;
+            let map = ebpf.map(name).ok_or(Error::Missing { kind: "map", name })?;
             let data = match map {
                 aya::maps::Map::HashMap(d) => d,
                 _ => {
@@ -480,10 +494,8 @@ impl Tracker {
     /// When the map cannot be read.
     pub fn port_stats(&self) -> Result<Vec<(u16, PortStats)>, Error> {
         let name = SYN_PORTS_MAP;
-        let map = self
-            .ebpf
-            .map(name)
-            .ok_or(Error::Missing { kind: "map", name })?;
+        let ebpf = self.ebpf();
+        let map = ebpf.map(name).ok_or(Error::Missing { kind: "map", name })?;
         let ports: PerCpuHashMap<&MapData, u32, PortStats> =
             PerCpuHashMap::try_from(map).map_err(|source| Error::Map { name, source })?;
         let mut out = Vec::new();
@@ -516,7 +528,8 @@ impl Tracker {
             name: WALK_VIEW_MAP,
             source,
         };
-        let map = self.ebpf.map(WALK_VIEW_MAP).ok_or(Error::Missing {
+        let ebpf = self.ebpf();
+        let map = ebpf.map(WALK_VIEW_MAP).ok_or(Error::Missing {
             kind: "map",
             name: WALK_VIEW_MAP,
         })?;
@@ -539,8 +552,17 @@ impl Tracker {
     /// # Errors
     /// When the kernel refuses the test run.
     pub fn walk_into_view(&self) -> Result<(), Error> {
-        let program: &Xdp = self
-            .ebpf
+        self.walk_tables_into_view(ReapRequest::ALL_TABLES)
+    }
+
+    /// [`Self::walk_into_view`] over the tables of `tables` only (bits as in
+    /// [`ReapRequest::tables`]).
+    ///
+    /// # Errors
+    /// When the kernel refuses the test run.
+    pub fn walk_tables_into_view(&self, tables: u64) -> Result<(), Error> {
+        let ebpf = self.ebpf();
+        let program: &Xdp = ebpf
             .program(VIEW_PROGRAM)
             .and_then(|p| p.try_into().ok())
             .ok_or(Error::Missing {
@@ -548,7 +570,8 @@ impl Tracker {
                 name: VIEW_PROGRAM,
             })?;
         // The kernel wants at least an Ethernet header's worth of packet.
-        let packet = [0u8; 64];
+        let mut packet = [0u8; 64];
+        packet[..8].copy_from_slice(&tables.to_ne_bytes());
         let opts = TestRunOptions {
             data_in: Some(&packet),
             ..TestRunOptions::default()
@@ -566,8 +589,31 @@ impl Tracker {
     /// # Errors
     /// When the kernel refuses the test run.
     pub fn reap(&self, timeouts: &Timeouts) -> Result<ReapRequest, Error> {
-        let program: &Xdp = self
-            .ebpf
+        self.reap_tables(timeouts, ReapRequest::ALL_TABLES)
+    }
+
+    /// [`Self::reap`] over the tables of `tables` only (bits as in [`ReapRequest::tables`]);
+    /// the others are answered with nothing visited.
+    ///
+    /// # Errors
+    /// When the kernel refuses the test run.
+    pub fn reap_tables(&self, timeouts: &Timeouts, tables: u64) -> Result<ReapRequest, Error> {
+        self.reap_with(timeouts, tables, false)
+    }
+
+    /// [`Self::reap_tables`], removing the records in the DOOMED maps that are unchanged
+    /// since they were put there when `reconcile` (see `reconcile.rs`).
+    ///
+    /// # Errors
+    /// When the kernel refuses the test run.
+    pub fn reap_with(
+        &self,
+        timeouts: &Timeouts,
+        tables: u64,
+        reconcile: bool,
+    ) -> Result<ReapRequest, Error> {
+        let ebpf = self.ebpf();
+        let program: &Xdp = ebpf
             .program(REAP_PROGRAM)
             .and_then(|p| p.try_into().ok())
             .ok_or(Error::Missing {
@@ -576,6 +622,8 @@ impl Tracker {
             })?;
         let request = ReapRequest {
             timeouts: timeouts.to_array(),
+            tables,
+            reconcile: u64::from(reconcile),
             ..ReapRequest::default()
         }
         .to_bytes();
@@ -598,134 +646,203 @@ impl Tracker {
     /// Attaches the programs to `iface` (in the caller's network namespace).
     ///
     /// # Errors
-    /// When the interface does not exist or the kernel refuses an attach; whatever was
-    /// attached to this interface before the failure stays owned by the tracker.
+    /// When the interface does not exist or the kernel refuses an attach; a failed attach
+    /// leaves nothing attached to the interface.
     pub fn attach(
-        &mut self,
+        &self,
         iface: &str,
         mode: Mode,
         xdp_mode: XdpModeChoice,
-    ) -> Result<&Attachment, Error> {
+    ) -> Result<Attachment, Error> {
         let name = CString::new(iface).map_err(|_| Error::UnknownInterface(iface.to_owned()))?;
         // SAFETY: `name` is a valid NUL-terminated string that outlives the call.
-        if unsafe { libc::if_nametoindex(name.as_ptr()) } == 0 {
+        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        if ifindex == 0 {
             return Err(Error::UnknownInterface(iface.to_owned()));
         }
-        let xdp = self.attach_xdp(iface, &name, xdp_mode)?;
+        let mut ebpf = self.ebpf.write().unwrap_or_else(PoisonError::into_inner);
+        let (xdp, xdp_link) = attach_xdp(&mut ebpf, iface, &name, xdp_mode)?;
         let tc = match mode {
-            Mode::Host => Some(self.attach_tc(iface, &name)?),
+            Mode::Host => match attach_tc(&mut ebpf, iface, &name) {
+                Ok(tc) => Some(tc),
+                Err(e) => {
+                    detach_links(&mut ebpf, iface, xdp_link, None);
+                    return Err(e);
+                }
+            },
             Mode::Mirror => None,
         };
-        self.attachments.push(Attachment {
+        let info = Attachment {
             iface: iface.to_owned(),
+            ifindex,
             xdp,
-            tc,
-        });
-        Ok(self.attachments.last().expect("just pushed"))
+            tc: tc.as_ref().map(|(mode, _)| *mode),
+        };
+        self.attached
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(Attached {
+                info: info.clone(),
+                xdp: xdp_link,
+                tc: tc.map(|(_, link)| link),
+            });
+        Ok(info)
     }
 
-    fn attach_xdp(
-        &mut self,
-        iface: &str,
-        name: &CString,
-        choice: XdpModeChoice,
-    ) -> Result<XdpAttachMode, Error> {
-        let program: &mut Xdp = self
-            .ebpf
-            .program_mut(XDP_PROGRAM)
-            .and_then(|p| p.try_into().ok())
-            .ok_or(Error::Missing {
-                kind: "program",
-                name: XDP_PROGRAM,
-            })?;
-        let attach_err = |mode: XdpAttachMode, source| Error::Attach {
-            iface: iface.to_owned(),
-            hook: format!("XDP ({mode})"),
-            source,
+    /// Lets go of the attachment to `iface`, whose device may be gone already (the kernel then
+    /// removed the hooks with it): its links are released so that a device of that name can be
+    /// attached anew. `None` when nothing is attached under that name.
+    pub fn detach(&self, iface: &str) -> Option<Attachment> {
+        let gone = {
+            let mut attached = self.attached.lock().unwrap_or_else(PoisonError::into_inner);
+            let i = attached.iter().position(|a| a.info.iface == iface)?;
+            attached.remove(i)
         };
-        let choice = match choice {
-            XdpModeChoice::Auto => match crate::iface::driver(iface) {
-                Ok(d) if d.is_virtual() => {
-                    info!(
-                        "{iface}: a software device ({}): generic (skb) XDP, which adds no drops \
-                         there (--xdp-mode native to override)",
-                        d.name
-                    );
-                    XdpModeChoice::Skb
-                }
-                _ => XdpModeChoice::Auto,
-            },
-            other => other,
-        };
-        match choice {
-            XdpModeChoice::Native => program
-                .attach(name.as_c_str(), XdpMode::Driver)
-                .map(|_| XdpAttachMode::Native)
-                .map_err(|e| attach_err(XdpAttachMode::Native, e)),
-            XdpModeChoice::Skb => program
-                .attach(name.as_c_str(), XdpMode::Skb)
-                .map(|_| XdpAttachMode::Generic)
-                .map_err(|e| attach_err(XdpAttachMode::Generic, e)),
-            XdpModeChoice::Auto => match program.attach(name.as_c_str(), XdpMode::Driver) {
-                Ok(_) => Ok(XdpAttachMode::Native),
-                Err(native) => {
-                    warn!(
-                        "{iface}: native XDP refused ({}), falling back to generic (skb) mode",
-                        error_chain(&native)
-                    );
-                    program
-                        .attach(name.as_c_str(), XdpMode::Skb)
-                        .map(|_| XdpAttachMode::Generic)
-                        .map_err(|e| attach_err(XdpAttachMode::Generic, e))
-                }
-            },
-        }
+        let mut ebpf = self.ebpf.write().unwrap_or_else(PoisonError::into_inner);
+        detach_links(&mut ebpf, iface, gone.xdp, gone.tc);
+        Some(gone.info)
     }
+}
 
-    fn attach_tc(&mut self, iface: &str, name: &CString) -> Result<TcAttachMode, Error> {
-        let program: &mut SchedClassifier = self
-            .ebpf
+/// Detaches two links of one interface; failures (the device is gone, and the hooks with it)
+/// are logged at debug level only.
+fn detach_links(ebpf: &mut Ebpf, iface: &str, xdp: XdpLinkId, tc: Option<SchedClassifierLinkId>) {
+    if let Some(program) = ebpf
+        .program_mut(XDP_PROGRAM)
+        .and_then(|p| <&mut Xdp>::try_from(p).ok())
+        && let Err(e) = program.detach(xdp)
+    {
+        debug!("{iface}: detaching XDP: {}", error_chain(&e));
+    }
+    if let Some(tc) = tc
+        && let Some(program) = ebpf
             .program_mut(TC_PROGRAM)
-            .and_then(|p| p.try_into().ok())
-            .ok_or(Error::Missing {
-                kind: "program",
-                name: TC_PROGRAM,
-            })?;
-        let tcx = TcAttach::Tcx {
-            attach_type: TcAttachType::Egress,
-            order: LinkOrder::default(),
-        };
-        match program.attach(name.as_c_str(), tcx) {
-            Ok(_) => return Ok(TcAttachMode::Tcx),
-            Err(e) => info!(
-                "{iface}: TCX attach unavailable ({}), using a netlink clsact filter",
-                error_chain(&e)
-            ),
-        }
-        // An existing clsact qdisc (ours from an earlier run, or someone else's) is fine.
-        if let Err(e) = tc::qdisc_add_clsact(name.as_c_str()) {
-            let exists = matches!(&e, tc::TcError::NetlinkError(n)
-                if n.raw_os_error() == Some(libc::EEXIST));
-            if !exists {
-                warn!(
-                    "{iface}: adding the clsact qdisc failed: {}",
-                    error_chain(&e)
-                );
-            }
-        }
-        let netlink = TcAttach::Netlink {
-            parent: TcAttachType::Egress.into(),
-            options: NlOptions::default(),
-        };
-        program
-            .attach(name.as_c_str(), netlink)
-            .map(|_| TcAttachMode::Netlink)
-            .map_err(|source| Error::Attach {
-                iface: iface.to_owned(),
-                hook: "TC egress (netlink)".to_owned(),
-                source,
-            })
+            .and_then(|p| <&mut SchedClassifier>::try_from(p).ok())
+        && let Err(e) = program.detach(tc)
+    {
+        debug!("{iface}: detaching TC: {}", error_chain(&e));
     }
+}
+
+/// Attaches the XDP program to `iface` in the mode `choice` leads to.
+fn attach_xdp(
+    ebpf: &mut Ebpf,
+    iface: &str,
+    name: &CString,
+    choice: XdpModeChoice,
+) -> Result<(XdpAttachMode, XdpLinkId), Error> {
+    let program: &mut Xdp = ebpf
+        .program_mut(XDP_PROGRAM)
+        .and_then(|p| p.try_into().ok())
+        .ok_or(Error::Missing {
+            kind: "program",
+            name: XDP_PROGRAM,
+        })?;
+    let attach_err = |mode: XdpAttachMode, source| Error::Attach {
+        iface: iface.to_owned(),
+        hook: format!("XDP ({mode})"),
+        source,
+    };
+    let choice = match choice {
+        XdpModeChoice::Auto => match crate::iface::driver(iface) {
+            Ok(d) if d.is_virtual() => {
+                info!(
+                    "{iface}: a software device ({}): generic (skb) XDP, which adds no drops \
+                     there (--xdp-mode native to override)",
+                    d.name
+                );
+                XdpModeChoice::Skb
+            }
+            _ => XdpModeChoice::Auto,
+        },
+        other => other,
+    };
+    match choice {
+        XdpModeChoice::Native => program
+            .attach(name.as_c_str(), XdpMode::Driver)
+            .map(|id| (XdpAttachMode::Native, id))
+            .map_err(|e| attach_err(XdpAttachMode::Native, e)),
+        XdpModeChoice::Skb => program
+            .attach(name.as_c_str(), XdpMode::Skb)
+            .map(|id| (XdpAttachMode::Generic, id))
+            .map_err(|e| attach_err(XdpAttachMode::Generic, e)),
+        XdpModeChoice::Auto => match program.attach(name.as_c_str(), XdpMode::Driver) {
+            Ok(id) => Ok((XdpAttachMode::Native, id)),
+            Err(native) => {
+                warn!(
+                    "{iface}: native XDP refused ({}), falling back to generic (skb) mode",
+                    error_chain(&native)
+                );
+                program
+                    .attach(name.as_c_str(), XdpMode::Skb)
+                    .map(|id| (XdpAttachMode::Generic, id))
+                    .map_err(|e| attach_err(XdpAttachMode::Generic, e))
+            }
+        },
+    }
+}
+
+/// Attaches the TC program to `iface`'s egress: a TCX link where the kernel has them (6.6+),
+/// else a netlink filter on a clsact qdisc. A netlink filter outlives its agent when that
+/// agent is killed (SIGKILL): filters of our program's name found on the interface are
+/// removed first, so that the egress hook never runs twice.
+fn attach_tc(
+    ebpf: &mut Ebpf,
+    iface: &str,
+    name: &CString,
+) -> Result<(TcAttachMode, SchedClassifierLinkId), Error> {
+    let program: &mut SchedClassifier = ebpf
+        .program_mut(TC_PROGRAM)
+        .and_then(|p| p.try_into().ok())
+        .ok_or(Error::Missing {
+            kind: "program",
+            name: TC_PROGRAM,
+        })?;
+    let tcx = TcAttach::Tcx {
+        attach_type: TcAttachType::Egress,
+        order: LinkOrder::default(),
+    };
+    match program.attach(name.as_c_str(), tcx) {
+        Ok(id) => return Ok((TcAttachMode::Tcx, id)),
+        Err(e) => info!(
+            "{iface}: TCX attach unavailable ({}), using a netlink clsact filter",
+            error_chain(&e)
+        ),
+    }
+    // An existing clsact qdisc (ours from an earlier run, or someone else's) is fine.
+    if let Err(e) = tc::qdisc_add_clsact(name.as_c_str()) {
+        let exists = matches!(&e, tc::TcError::NetlinkError(n)
+            if n.raw_os_error() == Some(libc::EEXIST));
+        if !exists {
+            warn!(
+                "{iface}: adding the clsact qdisc failed: {}",
+                error_chain(&e)
+            );
+        }
+    }
+    match tc::qdisc_detach_program(name.as_c_str(), TcAttachType::Egress.into(), TC_PROGRAM) {
+        Ok(()) => info!(
+            "{iface}: removed the TC egress filter an earlier agent left (killed before it \
+             could detach)"
+        ),
+        Err(tc::TcError::IoError(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => warn!(
+            "{iface}: looking for TC egress filters an earlier agent left: {}",
+            error_chain(&e)
+        ),
+    }
+    let netlink = TcAttach::Netlink {
+        parent: TcAttachType::Egress.into(),
+        options: NlOptions::default(),
+    };
+    program
+        .attach(name.as_c_str(), netlink)
+        .map(|id| (TcAttachMode::Netlink, id))
+        .map_err(|source| Error::Attach {
+            iface: iface.to_owned(),
+            hook: "TC egress (netlink)".to_owned(),
+            source,
+        })
 }
 
 const _: () = {

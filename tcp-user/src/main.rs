@@ -6,7 +6,7 @@ use anyhow::{Context as _, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use log::{debug, info, warn};
 use tcp_common::{
-    counters::{Counter, Hook},
+    counters::{Counter, Hook, event_slots},
     state::{Side, TcpState},
     track::Timeouts,
 };
@@ -14,7 +14,7 @@ use tcp_user::{
     counters::Totals,
     flood::{FloodDetector, FloodRule},
     flows::{self, FlowView},
-    http, iface,
+    http, iface, links,
     loader::{self, LoadOptions, Mode, Tracker, XdpModeChoice, error_chain},
     pins::{self, PinDir},
     report::{Exposition, Report, WalkExport},
@@ -76,6 +76,16 @@ struct RunArgs {
     /// route.
     #[arg(short, long = "iface", value_name = "IFACE")]
     ifaces: Vec<String>,
+    /// Start even when an --iface does not exist (yet): the agent attaches when it appears.
+    /// Whatever this flag, an interface that goes away is attached again when it comes back,
+    /// and /healthz answers 503 while it is away.
+    #[arg(long)]
+    allow_missing_iface: bool,
+    /// Mirror mode: this long after the start, remove the records no segment has touched
+    /// since (records an earlier agent left in the pins whose connections are gone). Host
+    /// mode reconciles with the kernel's socket table instead (at start and every 30 s).
+    #[arg(long, default_value_t = 300, value_name = "SECS")]
+    stale_after_restart_secs: u64,
     /// host: XDP ingress + TC egress; mirror: XDP only, both directions arrive on ingress.
     #[arg(long, value_enum, default_value_t = Mode::Host)]
     mode: Mode,
@@ -401,8 +411,11 @@ async fn run(args: RunArgs) -> Result<()> {
         if ifaces[..i].contains(iface) {
             bail!("--iface {iface} is given twice");
         }
-        if !iface::exists(iface) {
-            bail!("no network interface named {iface:?} in this network namespace");
+        if !iface::exists(iface) && !args.allow_missing_iface {
+            bail!(
+                "no network interface named {iface:?} in this network namespace \
+                 (--allow-missing-iface to start anyway and attach when it appears)"
+            );
         }
     }
     let pin_base = match args.pin_dir {
@@ -459,17 +472,47 @@ async fn run(args: RunArgs) -> Result<()> {
             None
         }
     };
+    let mut followed = links::Interfaces::new(&ifaces, args.mode, args.xdp_mode);
     for iface in &ifaces {
+        if !iface::exists(iface) {
+            warn!("{iface}: no such interface yet: attaching when it appears");
+            continue;
+        }
         match tracker.attach(iface, args.mode, args.xdp_mode) {
-            Ok(attachment) => info!("attached {attachment}"),
+            Ok(attachment) => {
+                info!("attached {attachment}");
+                followed.attached(attachment);
+            }
             Err(e) => bail!("{}{}", error_chain(&e), hint(&e)),
         }
     }
+    // Link events wake the interface check at once; without them it runs once a second.
+    let mut link_events = match links::LinkEvents::open().and_then(|l| {
+        // SAFETY: the socket owns its descriptor and keeps it open, unchanged, for as long as
+        // it lives, and the AsyncFd owns the socket.
+        unsafe { AsyncFd::register_with_interest(l, Interest::READABLE) }
+            .map_err(|e| std::io::Error::other(e.to_string()))
+    }) {
+        Ok(fd) => Some(fd),
+        Err(e) => {
+            warn!("link events unavailable ({e}): interfaces are checked once a second");
+            None
+        }
+    };
     // From here on the tracker is shared: the reaper thread runs the expiry program while the
     // main loop serves scrapes.
     let tracker = std::sync::Arc::new(tracker);
-    let reaper = tcp_user::reaper::Reaper::start(std::sync::Arc::clone(&tracker), timeouts)
-        .context("starting the reaper thread")?;
+    let reconcile = match args.mode {
+        Mode::Host => tcp_user::reconcile::Policy::Host {
+            ifaces: ifaces.clone(),
+        },
+        Mode::Mirror => tcp_user::reconcile::Policy::Mirror {
+            stale_after: Duration::from_secs(args.stale_after_restart_secs),
+        },
+    };
+    let reaper =
+        tcp_user::reaper::Reaper::start(std::sync::Arc::clone(&tracker), timeouts, Some(reconcile))
+            .context("starting the reaper thread")?;
     // The sides an endpoint can have in this mode, for the walk's views.
     let sides: &[Side] = match args.mode {
         Mode::Host => &[Side::Local, Side::Remote],
@@ -501,7 +544,24 @@ async fn run(args: RunArgs) -> Result<()> {
                 guard.get_inner_mut().flush();
                 guard.clear_ready();
             }
-            _ = ticker.tick() => watch_floods(&tracker, &mut flood),
+            _ = ticker.tick() => {
+                followed.update(&tracker, &[]);
+                watch_floods(&tracker, &mut flood);
+            }
+            guard = async { link_events.as_mut().expect("guarded").readable_mut().await },
+                if link_events.is_some() => {
+                let mut guard = guard.context("waiting for link events")?;
+                match guard.get_inner().drain() {
+                    Ok(events) => followed.update(&tracker, events.as_slice()),
+                    Err(e) => {
+                        warn!("reading link events: {e}: interfaces are checked once a second");
+                        drop(guard);
+                        link_events = None;
+                        continue;
+                    }
+                }
+                guard.clear_ready();
+            }
             Some(request) = requests.recv() => match request {
                 http::Request::Metrics(answer) => {
                     let walk = reaper.view();
@@ -515,9 +575,7 @@ async fn run(args: RunArgs) -> Result<()> {
                     );
                 }
                 http::Request::Health(answer) => {
-                    let attached: Vec<&str> =
-                        tracker.attachments().iter().map(|a| a.iface.as_str()).collect();
-                    let _ = answer.send(Ok(format!("ok: tracking on {}\n", attached.join(", "))));
+                    let _ = answer.send(followed.health());
                 }
             },
             _ = async { report.as_mut().expect("guarded").tick().await }, if report.is_some() => {
@@ -617,6 +675,10 @@ fn exposition(
         flood_ports: flood.exposition(flows::monotonic_ns()),
         port_tallies: flood.port_tallies(flows::monotonic_ns()),
         walk,
+        reconciled: Some([
+            metrics.events.slots[event_slots::RECONCILED_REMOVED],
+            metrics.events.slots[event_slots::RECONCILED_PICKED_UP],
+        ]),
     }
     .text())
 }

@@ -269,6 +269,7 @@ impl Report {
                 ports.into_iter().collect()
             },
             walk: None,
+            reconciled: None,
         }
         .text()
     }
@@ -307,6 +308,8 @@ pub struct Exposition<'a> {
     /// What the reaper's last walk found, for the per-port view and the oldest endpoints
     /// (none for a replay, or before the first walk).
     pub walk: Option<WalkExport<'a>>,
+    /// Records reconciliation removed and connections it picked up (none for a replay).
+    pub reconciled: Option<[u64; 2]>,
 }
 
 /// The reaper walk's view and how to label it.
@@ -584,6 +587,21 @@ impl Exposition<'_> {
         }
         out.push(unanswered.done());
         out.push(overflows.done());
+        if let Some([removed, picked_up]) = self.reconciled {
+            out.push(
+                Family::new(
+                    "tcpscope_reconciled_total",
+                    "Reconciliation of the tables with the truth: records removed (host mode: \
+                     their local socket gone or in another state, per sock_diag; mirror mode: \
+                     untouched since a restart) and connections picked up from the kernel's \
+                     socket table",
+                    MetricType::COUNTER,
+                )
+                .value(&[("action", "removed")], removed as f64)
+                .value(&[("action", "picked_up")], picked_up as f64)
+                .done(),
+            );
+        }
         out.push(counter(
             "tcpscope_silent_servers_total",
             "Connections whose server sent nothing after its SYN-ACK while the client sent data \

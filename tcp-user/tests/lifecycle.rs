@@ -438,24 +438,6 @@ fn close_wait_stays_and_an_orphaned_fin_wait_2_ends_with_linux() {
     drop(listener);
 }
 
-/// Applies an nft ruleset in `ns`.
-fn nft(ns: &NetNs, rules: &str) {
-    let mut child = ns
-        .command("nft")
-        .arg("-f")
-        .arg("-")
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .expect("nft");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(rules.as_bytes())
-        .expect("nft rules");
-    assert!(child.wait().expect("nft").success(), "nft -f: {rules}");
-}
-
 /// SYN-ACKs dropped at the client: the server retransmits them (on its timer and on the
 /// client's repeated SYN), and `tcpscope_synack_retransmits_total` counts exactly the
 /// retransmissions the server's stack counts (`TcpExtTCPSynRetrans`: the server namespace
@@ -470,7 +452,7 @@ fn synack_retransmissions_equal_the_servers() {
         move || TcpListener::bind(addr).expect("bind")
     });
     let addr = listener.local_addr().expect("address");
-    nft(
+    common::nft(
         &link.client,
         "table inet tcpscope_test {\n chain input {\n type filter hook input priority 0;\n \
          tcp sport 9302 tcp flags & (syn | ack) == syn | ack drop\n }\n}\n",
@@ -481,7 +463,7 @@ fn synack_retransmissions_equal_the_servers() {
         TcpStream::connect_timeout(&addr, Duration::from_secs(15)).expect("connect")
     });
     thread::sleep(Duration::from_millis(2500));
-    nft(&link.client, "delete table inet tcpscope_test");
+    common::nft(&link.client, "delete table inet tcpscope_test");
     let mut c = connecting.join().expect("connect thread");
     let (mut s, _) = listener.accept().expect("accept");
     exchange(&mut c, &mut s, 100);
@@ -551,7 +533,7 @@ fn keepalive_probes_answers_and_the_abort_equal_linux() {
     agree("probes answered", &link, &agent);
     // The client black-holed: Linux sends exactly TCP_KEEPCNT (3) unanswered probes, then
     // its RST.
-    nft(
+    common::nft(
         &link.client,
         "table inet tcpscope_test {\n chain input {\n type filter hook input priority 0;\n \
          tcp sport 9303 drop\n }\n}\n",
@@ -860,7 +842,7 @@ fn ignored_or_reset_final_acks_are_accept_queue_overflows() {
                 .map(|_| TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("c"))
                 .collect()
         });
-        nft(
+        common::nft(
             &link.client,
             "table inet tcpscope_test {\n chain output {\n type filter hook output priority 0;\n \
              tcp dport 9309 tcp flags & (syn | ack | fin | rst) == ack drop\n }\n}\n",
@@ -883,7 +865,7 @@ fn ignored_or_reset_final_acks_are_accept_queue_overflows() {
             assert!(Instant::now() < deadline, "the SYNs never all arrived");
             thread::sleep(Duration::from_millis(20));
         }
-        nft(&link.client, "delete table inet tcpscope_test");
+        common::nft(&link.client, "delete table inet tcpscope_test");
         let connected: Vec<TcpStream> = clients
             .into_iter()
             .filter_map(|c| c.join().expect("client"))
@@ -942,7 +924,7 @@ fn a_server_silent_after_a_cookie_handshake_is_marked() {
     let queued = link
         .client
         .enter(move || TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("c"));
-    nft(
+    common::nft(
         &link.client,
         "table inet tcpscope_test {\n chain output {\n type filter hook output priority 0;\n \
          tcp dport 9310 tcp flags & (syn | ack | fin | rst) == ack drop\n }\n}\n",
@@ -952,7 +934,7 @@ fn a_server_silent_after_a_cookie_handshake_is_marked() {
             .map(|_| TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect"))
             .collect()
     });
-    nft(&link.client, "delete table inet tcpscope_test");
+    common::nft(&link.client, "delete table inet tcpscope_test");
     for c in &mut clients {
         c.write_all(b"hello").expect("write");
         thread::sleep(Duration::from_millis(100));
@@ -1035,7 +1017,7 @@ fn a_fin_retransmitted_into_time_wait_restarts_it() {
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).expect("EOF");
     agree("client closed", &link, &agent);
-    nft(
+    common::nft(
         &link.client,
         "table inet tcpscope_test {\n chain output {\n type filter hook output priority 0;\n \
          tcp dport 9311 tcp flags & (syn | ack | fin | rst) == ack drop\n }\n}\n",
@@ -1047,7 +1029,7 @@ fn a_fin_retransmitted_into_time_wait_restarts_it() {
     // Its copies come 0.2, 0.6, 1.4, 3.0, 6.2 s after the first (backed off from the
     // minimum RTO): the last ACK passes again after the 3.0 s one.
     thread::sleep(Duration::from_millis(4000));
-    nft(&link.client, "delete table inet tcpscope_test");
+    common::nft(&link.client, "delete table inet tcpscope_test");
     // The next copy of the FIN is answered: the server's socket is gone.
     let deadline = Instant::now() + Duration::from_secs(15);
     while !ss_states(&link.server).is_empty() {

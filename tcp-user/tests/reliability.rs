@@ -929,25 +929,11 @@ fn idle_records_expire_with_their_counters_and_gauges() {
         agent.json(&["stats", "--format", "json"])["counters"]["handshakes_failed_timeout"]
             .as_u64()
             .expect("counter");
-    let mut nft = link
-        .server
-        .command("nft")
-        .args(["-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .expect("nft");
-    {
-        use std::io::Write as _;
-        nft.stdin
-            .take()
-            .expect("stdin")
-            .write_all(
-                b"table inet tcpscope_rel {\n chain input {\n type filter hook input priority 0;\n \
-                  tcp dport 9413 drop\n }\n}\n",
-            )
-            .expect("rules");
-    }
-    assert!(nft.wait().expect("nft").success());
+    common::nft(
+        &link.server,
+        "table inet tcpscope_rel {\n chain input {\n type filter hook input priority 0;\n \
+         tcp dport 9413 drop\n }\n}\n",
+    );
     let to: std::net::SocketAddr = format!("{}:9413", link.server_v4()).parse().expect("addr");
     // 1.5 s: the first SYN and one retransmission, then the record idles out.
     let refused = link
@@ -1010,5 +996,431 @@ fn pins_survive_a_restart_and_other_layouts_are_left_alone() {
         "the restart lost flows"
     );
     assert!(other.is_dir(), "the other layout's directory was touched");
+    drop(conns);
+}
+
+/// `/healthz` of the agent in `ns`: status and body.
+fn health(ns: &common::NetNs) -> (u16, String) {
+    ns.enter(|| common::metrics::http_get(common::metrics::AGENT, "/healthz"))
+}
+
+/// Interfaces come and go: when the tracked interface is deleted the agent says so and
+/// `/healthz` answers 503 naming it; when an interface of that name comes back (another
+/// index) the agent attaches to it and tracks its connections. With `--allow-missing-iface`
+/// it starts before the interface exists and attaches when it appears; without, it refuses.
+#[test]
+fn interfaces_that_go_and_come_back_are_attached_again() {
+    common::require_root();
+    let link = Link::new();
+    let mut agent = tracking_agent(&link, &[]);
+    let (code, body) = health(&link.server);
+    assert_eq!(code, 200, "{body}");
+    let (_l1, first) = held_connections(&link, 9415, 2);
+    assert_eq!(tracked_established(&agent, 9415).len(), 2);
+    drop(first);
+
+    link.server.sh(&["ip", "link", "del", &link.server_if]);
+    let gone = agent.wait_for("is gone");
+    assert!(gone.contains(&link.server_if), "{gone}");
+    let (code, body) = health(&link.server);
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains(&link.server_if), "{body}");
+
+    link.wire();
+    let back = agent.wait_for("the interface is here");
+    assert!(back.contains(&link.server_if), "{back}");
+    let (code, body) = health(&link.server);
+    assert_eq!(code, 200, "{body}");
+    let (_l2, second) = held_connections(&link, 9416, 3);
+    assert_eq!(
+        tracked_established(&agent, 9416).len(),
+        3,
+        "connections over the re-created interface"
+    );
+    drop(second);
+    // The egress hook follows too.
+    let out = common::metrics::sum(
+        &common::metrics::scrape(&link.server),
+        "tcpscope_packets_total",
+        &["hook=\"tc_egress\""],
+    );
+    assert!(out > 0.0, "no egress packet counted after the re-attach");
+
+    // An interface that does not exist yet.
+    let ns = common::NetNs::new("tsw");
+    let name = common::unique("dw");
+    let err = failed_start(&ns, &["--iface", &name, "--listen", "off"]);
+    assert!(err.contains("--allow-missing-iface"), "{err}");
+    let mut waiting =
+        common::agent::Agent::start(&ns, &["--iface", &name, "--allow-missing-iface"]);
+    waiting.wait_for("tracking");
+    let (code, body) = health(&ns);
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains(&name), "{body}");
+    let peer = format!("{name}p");
+    ns.sh(&[
+        "ip", "link", "add", &name, "type", "veth", "peer", "name", &peer,
+    ]);
+    waiting.wait_for("the interface is here");
+    let (code, body) = health(&ns);
+    assert_eq!(code, 200, "{body}");
+}
+
+/// A SIGKILLed agent cannot detach. Its XDP and TCX links die with it; a netlink TC filter
+/// (kernels before 6.6) outlives it, and the next start removes it before attaching its own,
+/// so that the egress hook never runs twice: after the restart the interface holds at most
+/// one filter of ours, and each segment the server sends is counted once.
+#[test]
+fn a_killed_agent_leaves_no_second_egress_hook() {
+    common::require_root();
+    let link = Link::new();
+    let mut first = tracking_agent(&link, &[]);
+    let pins = first.pin_dir.clone();
+    first.keep_pins = true;
+    first.sigkill();
+    let filters = || {
+        link.server
+            .sh(&["tc", "filter", "show", "dev", &link.server_if, "egress"])
+            .lines()
+            .filter(|l| l.contains("tcpscope_tc"))
+            .count()
+    };
+    let left = filters();
+    let mut second =
+        common::agent::Agent::start_on_pins(&link.server, &pins, &["--iface", &link.server_if]);
+    let attached = second.wait_for("attached");
+    second.wait_for("tracking");
+    if left > 0 {
+        assert!(
+            second
+                .log()
+                .iter()
+                .any(|l| l.contains("removed the TC egress filter")),
+            "{left} filter(s) left by the killed agent, and no word of removing them"
+        );
+    }
+    assert!(
+        filters() <= 1,
+        "{} egress filters of ours after the restart ({attached})",
+        filters()
+    );
+    let tx = || -> u64 {
+        let path = format!("/sys/class/net/{}/statistics/tx_packets", link.server_if);
+        link.server
+            .sh(&["cat", &path])
+            .trim()
+            .parse()
+            .expect("tx_packets")
+    };
+    let egress = || -> u64 {
+        common::metrics::sum(
+            &common::metrics::scrape(&link.server),
+            "tcpscope_packets_total",
+            &["hook=\"tc_egress\""],
+        ) as u64
+    };
+    let (sent_before, counted_before) = (tx(), egress());
+    let (_l, conns) = held_connections(&link, 9417, 2);
+    drop(conns);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let (sent, counted) = (tx() - sent_before, egress() - counted_before);
+    assert!(sent > 0);
+    assert_eq!(
+        counted, sent,
+        "segments the server sent vs segments the egress hook counted"
+    );
+}
+
+/// A FIN whose ACK never comes: with `--closing-secs 2`, a record with an endpoint in
+/// FIN-WAIT-1 that sees no segment for 2 s is removed, counted as an eviction, and leaves the
+/// gauges, while Linux (retransmitting its FIN) still has it. A LAST-ACK endpoint's peer is
+/// taken to TIME-WAIT when the FIN leaves (the observer cannot see it is lost): that record
+/// ends when both the TIME-WAIT time (`--time-wait-secs 2` here) and the closing idle time
+/// have passed. The client never receives the server's FINs, and the server's retransmissions
+/// are dropped before the egress hook, so that the tracker sees each FIN once, then silence.
+#[test]
+fn connections_awaiting_a_fins_ack_expire_after_closing_secs() {
+    use std::{
+        io::Read as _,
+        net::Shutdown,
+        time::{Duration, Instant},
+    };
+    common::require_root();
+    let link = Link::new();
+    let agent = tracking_agent(&link, &["--closing-secs", "2", "--time-wait-secs", "2"]);
+    let (_listener, mut conns) = held_connections(&link, 9419, 2);
+    // The second connection's client closes first: the server goes to CLOSE-WAIT.
+    conns[1].0.shutdown(Shutdown::Write).expect("client FIN");
+    let mut eof = [0u8; 1];
+    assert_eq!(conns[1].1.read(&mut eof).expect("server reads the FIN"), 0);
+    common::nft(
+        &link.client,
+        "table inet tcpscope_fin {\n chain input {\n type filter hook input priority 0;\n \
+         tcp sport 9419 drop\n }\n}\n",
+    );
+    common::nft(
+        &link.server,
+        "table inet tcpscope_fin {\n chain output {\n type filter hook output priority 0;\n \
+         tcp sport 9419 tcp flags & fin == fin limit rate over 1/hour burst 2 packets drop\n }\n}\n",
+    );
+    let local = |state: &str| {
+        metric(
+            &link,
+            "tcpscope_endpoints",
+            &[r#"side="local""#, &format!(r#"state="{state}""#)],
+        )
+    };
+    let evictions = || {
+        metric(
+            &link,
+            "tcpscope_flow_table_evictions_total",
+            &[r#"family="ipv4""#, r#"table="established""#],
+        )
+    };
+    let evicted_before = evictions();
+    // Both servers close: FIN-WAIT-1 and LAST-ACK, for good.
+    for (_, s) in &conns {
+        s.shutdown(Shutdown::Write).expect("server FIN");
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let remote_time_wait = || {
+        metric(
+            &link,
+            "tcpscope_endpoints",
+            &[r#"side="remote""#, r#"state="time_wait""#],
+        )
+    };
+    while local("fin_wait_1") != 1.0 || local("last_ack") != 1.0 || remote_time_wait() != 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "never tracked: fin_wait_1 {}, last_ack {}",
+            local("fin_wait_1"),
+            local("last_ack")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let fins = Instant::now();
+    let deadline = fins + Duration::from_secs(8);
+    while local("fin_wait_1") != 0.0 || local("last_ack") != 0.0 || remote_time_wait() != 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the closing records never expired: {:#}\n{}",
+            Value::Array(agent.flows()),
+            link.server.sh(&["nft", "list", "ruleset"])
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        fins.elapsed() >= Duration::from_millis(1500),
+        "expired {:?} after the FINs, before --closing-secs",
+        fins.elapsed()
+    );
+    assert_eq!(evictions() - evicted_before, 2.0);
+    let ss = link.server.sh(&["ss", "-Htn", "sport = :9419"]);
+    assert!(
+        ss.contains("FIN-WAIT-1") && ss.contains("LAST-ACK"),
+        "Linux still waits for the ACKs: {ss}"
+    );
+    drop(conns);
+}
+
+/// The tracker's local endpoints on `port` in `state` (`flows --state` spelling), counted.
+fn tracked_local(agent: &common::agent::Agent, port: u16, state: &str) -> usize {
+    let port_arg = port.to_string();
+    agent
+        .json(&[
+            "flows", "-o", "json", "--state", state, "--side", "local", "--port", &port_arg,
+        ])
+        .as_array()
+        .expect("flows")
+        .len()
+}
+
+/// Sockets on local port `port` in the server namespace in `state` (`ss` spelling).
+fn ss_count(link: &Link, port: u16, state: &str) -> usize {
+    link.server
+        .sh(&["ss", "-Htn", "state", state, &format!("sport = :{port}")])
+        .lines()
+        .count()
+}
+
+/// Restarts tell the truth (host mode): connections open before the first start are picked
+/// up at once; after a restart on the same pins, the connections closed while no agent ran
+/// are gone (or in TIME-WAIT, as in `ss`), and those opened meanwhile are there: the tracker
+/// shows what `ss` shows within a few seconds, and says what it reconciled.
+#[test]
+fn a_restarted_agent_shows_what_ss_shows() {
+    use std::time::{Duration, Instant};
+    common::require_root();
+    let link = Link::new();
+    let port = 9420;
+    let listener = link.server.enter({
+        let addr = format!("{}:{port}", link.server_v4());
+        move || TcpListener::bind(addr).expect("bind")
+    });
+    let to: std::net::SocketAddr = format!("{}:{port}", link.server_v4())
+        .parse()
+        .expect("addr");
+    let open = |n: usize| -> Vec<(TcpStream, TcpStream)> {
+        (0..n)
+            .map(|_| {
+                let c = link
+                    .client
+                    .enter(move || TcpStream::connect(to).expect("connect"));
+                let (s, _) = listener.accept().expect("accept");
+                (c, s)
+            })
+            .collect()
+    };
+    // Polls (bounded) until the tracker's local ESTABLISHED and TIME-WAIT endpoints on the
+    // port equal `ss`'s.
+    let agrees = |agent: &common::agent::Agent, what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (est, ss_est) = (
+                tracked_established(agent, port),
+                ss_established(&link.server, port),
+            );
+            let (tw, ss_tw) = (
+                tracked_local(agent, port, "time-wait"),
+                ss_count(&link, port, "time-wait"),
+            );
+            if est == ss_est && tw == ss_tw {
+                return ss_est.len();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: tracked {} established and {tw} TIME-WAIT, ss {} and {ss_tw}",
+                est.len(),
+                ss_est.len()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let reconciled = |action: &str| {
+        metric(
+            &link,
+            "tcpscope_reconciled_total",
+            &[&format!(r#"action="{action}""#)],
+        )
+    };
+    let mut conns = open(5);
+    let mut first = tracking_agent(&link, &[]);
+    assert_eq!(agrees(&first, "connections older than the agent"), 5);
+    assert_eq!(reconciled("picked_up"), 5.0);
+    conns.extend(open(45));
+    assert_eq!(agrees(&first, "50 connections"), 50);
+    let pins = first.pin_dir.clone();
+    first.keep_pins = true;
+    first.stop();
+    // Meanwhile: 15 closed by the client first (the server's socket ends in LAST-ACK, then
+    // is gone), 10 by the server first (TIME-WAIT on the server), 10 new.
+    let closed_by_client: Vec<_> = conns.drain(..15).collect();
+    for (c, s) in closed_by_client {
+        drop(c);
+        let mut s = s;
+        let mut buf = [0u8; 1];
+        let _ = std::io::Read::read(&mut s, &mut buf);
+        drop(s);
+    }
+    let closed_by_server: Vec<_> = conns.drain(..10).collect();
+    for (c, s) in closed_by_server {
+        drop(s);
+        let mut c = c;
+        let mut buf = [0u8; 1];
+        let _ = std::io::Read::read(&mut c, &mut buf);
+        drop(c);
+    }
+    conns.extend(open(10));
+    let mut second =
+        common::agent::Agent::start_on_pins(&link.server, &pins, &["--iface", &link.server_if]);
+    second.wait_for("tracking");
+    assert_eq!(agrees(&second, "after the restart"), 35);
+    assert_eq!(ss_count(&link, port, "time-wait"), 10);
+    // The gauges follow what reconciliation removed and added.
+    for (state, n) in [("established", 35.0), ("time_wait", 10.0)] {
+        let gauge = metric(
+            &link,
+            "tcpscope_endpoints",
+            &[r#"side="local""#, &format!(r#"state="{state}""#)],
+        );
+        assert_eq!(gauge, n, "local {state} endpoints gauge");
+    }
+    assert!(
+        reconciled("removed") >= 25.0 && reconciled("picked_up") >= 20.0,
+        "removed {}, picked up {} (25 and 20 expected: 10 TIME-WAIT records are replaced)",
+        reconciled("removed"),
+        reconciled("picked_up")
+    );
+    drop(conns);
+}
+
+/// Mirror mode has no socket table to ask: after a restart, the established records no
+/// segment touched since are removed `--stale-after-restart-secs` after the start (counted);
+/// a connection that sent meanwhile stays. (Half-open records end on their own timeout.)
+#[test]
+fn mirror_mode_ages_out_records_untouched_since_a_restart() {
+    use std::{
+        io::Write as _,
+        time::{Duration, Instant},
+    };
+    common::require_root();
+    let link = Link::new();
+    let port = 9421;
+    let on_port = |agent: &common::agent::Agent| {
+        agent
+            .flows()
+            .iter()
+            .filter(|f| common::on_port(f, port))
+            .count()
+    };
+    // Opened before the agent, so that it picks them up from their data (this veth brings it
+    // one direction only: a handshake seen here would stay half-open).
+    let (_listener, mut conns) = held_connections(&link, port, 3);
+    let mut first = tracking_agent(&link, &["--mode", "mirror"]);
+    for (c, _) in &mut conns {
+        c.write_all(b"data").expect("send");
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while on_port(&first) != 3 {
+        assert!(
+            Instant::now() < deadline,
+            "mirror mode never tracked 3 flows"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let pins = first.pin_dir.clone();
+    first.keep_pins = true;
+    first.stop();
+    // Two connections end while no agent runs.
+    conns.truncate(1);
+    let mut second = common::agent::Agent::start_on_pins(
+        &link.server,
+        &pins,
+        &[
+            "--iface",
+            &link.server_if,
+            "--mode",
+            "mirror",
+            "--stale-after-restart-secs",
+            "3",
+        ],
+    );
+    second.wait_for("tracking");
+    assert_eq!(on_port(&second), 3, "the pins kept the records");
+    // The live one sends.
+    conns[0].0.write_all(b"still here").expect("send");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while on_port(&second) != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "{} records on the port, 1 expected: {:#}",
+            on_port(&second),
+            Value::Array(second.flows())
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let removed = metric(&link, "tcpscope_reconciled_total", &[r#"action="removed""#]);
+    assert_eq!(removed, 2.0);
     drop(conns);
 }

@@ -44,15 +44,7 @@ fn held_records(agent: &Agent) -> usize {
                     .expect("endpoints")
                     .iter()
                     .all(|e| e["state"] == "established")
-                && f["endpoints"]
-                    .as_array()
-                    .expect("endpoints")
-                    .iter()
-                    .any(|e| {
-                        e["address"]
-                            .as_str()
-                            .is_some_and(|a| a.ends_with(&format!(":{PORT}")))
-                    })
+                && common::on_port(f, PORT)
         })
         .count()
 }

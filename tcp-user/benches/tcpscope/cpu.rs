@@ -1,4 +1,5 @@
-//! The agent's own CPU time (user + system, all threads), idle and while 64k flows churn.
+//! The agent's own CPU time (user + system, all threads), idle and while 64k flows churn, and
+//! idle with 1M slots per table, empty and with a few records.
 //!
 //! Churn: the generator sends SYNs over 65,536 source ports at a bounded rate, so that every
 //! port comes back every few seconds, after its half-open record has expired
@@ -26,7 +27,7 @@ use crate::{
     Config,
     agent::Agent,
     progs::BenchPrograms,
-    report::{Runs, Section, Table, met},
+    report::{Runs, Section, Table, Target, met},
     sys::{Testbed, clock_ticks_per_sec, cpu_ns, cpu_ticks},
     veth::{FIRST_PORT, template},
 };
@@ -45,6 +46,12 @@ const RATE: f64 = 16_384.0;
 const HALF_OPEN_SECS: &str = "2";
 /// Smallest burst the generator sends (it catches up in larger ones after a slow call).
 const MIN_BURST: u64 = 64;
+/// Slots per table of the large idle agent.
+const LARGE: u32 = 1 << 20;
+/// Records (half-open, from as many SYNs) of its sparse case.
+const SPARSE: u32 = 64;
+/// Target for an idle agent with 1M slots per table, % of one CPU.
+const IDLE_LARGE_LIMIT: f64 = 0.5;
 
 /// The agent's CPU counters, the SYNs its XDP program saw and its half-open table's tallies
 /// at one instant.
@@ -181,6 +188,7 @@ pub fn run(cfg: &Config, bed: &Testbed, agent_bin: &Path) -> Result<Section> {
         agent.log().join("\n")
     );
     agent.stop()?;
+    let (large_empty, large_sparse) = idle_large(cfg, bed, agent_bin, interval)?;
     let mut t = Table::new(&[
         "case",
         "CPU % of one CPU (utime+stime)",
@@ -208,11 +216,38 @@ pub fn run(cfg: &Config, bed: &Testbed, agent_bin: &Path) -> Result<Section> {
             met(None),
         ]);
     }
+    let large = format!("{}M", LARGE >> 20);
+    for (case, cpu, target) in [
+        (
+            format!("idle, {large} slots per table, empty"),
+            &large_empty,
+            format!("≤ {IDLE_LARGE_LIMIT}%"),
+        ),
+        (
+            format!("idle, {large} slots per table, {SPARSE} half-open records"),
+            &large_sparse,
+            "none set".to_owned(),
+        ),
+    ] {
+        let ok = (target != "none set").then(|| cpu[0].median() <= IDLE_LARGE_LIMIT);
+        t.row(vec![
+            case,
+            cpu[0].cell(2),
+            cpu[0].range(2),
+            cpu[1].cell(3),
+            "–".to_owned(),
+            "–".to_owned(),
+            "–".to_owned(),
+            target,
+            met(ok),
+        ]);
+    }
     Ok(Section {
         key: KEY,
         title: TITLE.to_owned(),
-        intro: vec![format!(
-            "The release agent (`--listen off --half-open-secs {HALF_OPEN_SECS}`, default \
+        intro: vec![
+            format!(
+                "The release agent (`--listen off --half-open-secs {HALF_OPEN_SECS}`, default \
              capacities); utime+stime of all its threads from /proc/<pid>/stat over {:.0} s \
              intervals (10 ms ticks; the schedstat column is the same time at ns resolution). \
              Churn: the live-frames generator sends SYNs over {FLOWS} source ports at \
@@ -221,9 +256,18 @@ pub fn run(cfg: &Config, bed: &Testbed, agent_bin: &Path) -> Result<Section> {
              generator's CPU, not the agent's) and expired by the agent's reaper, whose \
              in-kernel walk and deletions are the agent's system time; the SYN-flood rule \
              flags the port. Measured after one full cycle of warm-up. **Target:** none set.",
-            interval.as_secs_f64(),
-            f64::from(FLOWS) / RATE
-        )],
+                interval.as_secs_f64(),
+                f64::from(FLOWS) / RATE
+            ),
+            format!(
+                "Idle with {large} slots per table (`--flows-capacity`, `--flows6-capacity`, \
+             `--half-open-capacity` {LARGE}): a walk visits every bucket of a table, so the \
+             agent leaves out a table that held nothing at its last walk and had nothing \
+             inserted since; a table holding any record is walked whole once a second (the \
+             sparse case: {SPARSE} SYNs leave as many half-open records, kept by \
+             `--half-open-secs 3600`). **Target:** ≤ {IDLE_LARGE_LIMIT}% of a CPU, empty."
+            ),
+        ],
         tables: vec![t],
         notes: Vec::new(),
         json: json!({
@@ -238,7 +282,78 @@ pub fn run(cfg: &Config, bed: &Testbed, agent_bin: &Path) -> Result<Section> {
             "churn_expired_per_s": rates[2].json(),
             "churn_flows": FLOWS,
             "churn_syn_per_s": RATE,
+            "idle_large_slots_per_table": LARGE,
+            "idle_large_empty_pct": large_empty[0].json(),
+            "idle_large_empty_schedstat_pct": large_empty[1].json(),
+            "idle_large_sparse_records": SPARSE,
+            "idle_large_sparse_pct": large_sparse[0].json(),
+            "idle_large_sparse_schedstat_pct": large_sparse[1].json(),
         }),
-        targets: Vec::new(),
+        targets: vec![Target::at_most(
+            "idle_cpu_1m_slots",
+            large_empty[0].median(),
+            IDLE_LARGE_LIMIT,
+            "% of a CPU",
+        )],
     })
+}
+
+/// An idle agent with [`LARGE`] slots per table: its CPU with the tables empty, then with
+/// [`SPARSE`] half-open records (utime+stime and schedstat, % of one CPU, per run).
+fn idle_large(
+    cfg: &Config,
+    bed: &Testbed,
+    agent_bin: &Path,
+    interval: Duration,
+) -> Result<([Runs; 2], [Runs; 2])> {
+    let slots = LARGE.to_string();
+    let mut agent = Agent::start(
+        agent_bin,
+        &bed.rx,
+        &bed.rx_if,
+        &[
+            "--listen",
+            "off",
+            "--flows-capacity",
+            &slots,
+            "--flows6-capacity",
+            &slots,
+            "--half-open-capacity",
+            &slots,
+            "--half-open-secs",
+            "3600",
+        ],
+    )?;
+    let (pid, pin_dir) = (agent.pid(), agent.pin_dir().to_owned());
+    // The first walks visit every table whatever it holds.
+    std::thread::sleep(Duration::from_secs(3));
+    let measure = |runs: &mut [Runs; 2]| -> Result<()> {
+        for _ in 0..cfg.runs {
+            let a = Usage::now(pid, &pin_dir)?;
+            std::thread::sleep(interval);
+            let i = Interval::between(&a, &Usage::now(pid, &pin_dir)?);
+            runs[0].push(i.pct);
+            runs[1].push(i.precise_pct);
+        }
+        Ok(())
+    };
+    let mut empty = [Runs::default(), Runs::default()];
+    measure(&mut empty)?;
+    let mut traffic = BenchPrograms::load()?;
+    traffic.configure_generator(SPARSE, FIRST_PORT)?;
+    let syn = template(SYN);
+    traffic.with_generator(bed, &syn, |g| g.send(SPARSE).map(|_| ()))?;
+    std::thread::sleep(Duration::from_secs(2));
+    let (_, metrics) = tcp_user::counters::read_pinned(&pin_dir)
+        .map_err(|e| anyhow::anyhow!("reading the agent's metrics: {e}"))?;
+    let held = metrics.held(table::HALF_OPEN);
+    ensure!(
+        held == i64::from(SPARSE),
+        "{held} half-open records after {SPARSE} SYNs; agent log:\n{}",
+        agent.log().join("\n")
+    );
+    let mut sparse = [Runs::default(), Runs::default()];
+    measure(&mut sparse)?;
+    agent.stop()?;
+    Ok((empty, sparse))
 }

@@ -320,48 +320,9 @@ pub fn update_batch(
     values: &[u8],
     count: usize,
 ) -> Result<()> {
-    /// The `batch` member of `union bpf_attr`.
-    #[repr(C)]
-    struct BatchAttr {
-        in_batch: u64,
-        out_batch: u64,
-        keys: u64,
-        values: u64,
-        count: u32,
-        map_fd: u32,
-        elem_flags: u64,
-        flags: u64,
-    }
-    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
-    let mut attr = BatchAttr {
-        in_batch: 0,
-        out_batch: 0,
-        keys: keys.as_ptr() as u64,
-        values: values.as_ptr() as u64,
-        count: u32::try_from(count)?,
-        map_fd: u32::try_from(fd.as_raw_fd())?,
-        elem_flags: 0,
-        flags: 0,
-    };
-    // SAFETY: `attr` is a valid bpf_attr prefix of the size passed; `keys` and `values` hold
-    // `count` packed keys and values of the map's sizes (the caller builds them from the
-    // map's own key and value types) and outlive the call; the kernel writes only `count`.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_UPDATE_BATCH,
-            &raw mut attr,
-            size_of::<BatchAttr>(),
-        )
-    };
-    if rc != 0 {
-        bail!(
-            "BPF_MAP_UPDATE_BATCH stored {} of {count}: {}",
-            attr.count,
-            std::io::Error::last_os_error()
-        );
-    }
-    Ok(())
+    tcp_user::batch::update(fd, keys, values, count).map_err(|(stored, e)| {
+        anyhow::anyhow!("BPF_MAP_UPDATE_BATCH stored {stored} of {count}: {e}")
+    })
 }
 
 /// A bpffs directory for one agent's pins, removed on drop (the pinned maps go with it).

@@ -100,6 +100,11 @@ impl Agent {
         );
     }
 
+    /// The lines of its log read so far (by [`Self::wait_for`]).
+    pub fn log(&self) -> &[String] {
+        &self.log
+    }
+
     /// The JSON that `tcpscope ARGS --pin-dir <its pins>` prints; panics unless it succeeds.
     pub fn json(&self, args: &[&str]) -> serde_json::Value {
         let mut all: Vec<std::ffi::OsString> = args.iter().map(Into::into).collect();

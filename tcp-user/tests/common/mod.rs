@@ -229,6 +229,34 @@ fn parse_proc_counters(text: &str) -> HashMap<String, u64> {
     out
 }
 
+/// Applies an nft ruleset in `ns`.
+pub fn nft(ns: &NetNs, rules: &str) {
+    use std::io::Write as _;
+    let mut child = ns
+        .command("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("nft");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(rules.as_bytes())
+        .expect("nft rules");
+    assert!(child.wait().expect("nft").success(), "nft -f: {rules}");
+}
+
+/// Whether a flow of `tcpscope flows --json` has an endpoint on `port`.
+pub fn on_port(flow: &serde_json::Value, port: u16) -> bool {
+    let suffix = format!(":{port}");
+    flow["endpoints"]
+        .as_array()
+        .expect("endpoints")
+        .iter()
+        .any(|e| e["address"].as_str().is_some_and(|a| a.ends_with(&suffix)))
+}
+
 /// Two namespaces joined by a veth pair, with IPv4 and IPv6 addresses, offloads off (so
 /// that one packet on the wire is one segment for the kernel's counters too).
 pub struct Link {
@@ -248,22 +276,42 @@ impl Link {
         let client_if = unique("vc");
         let server_if = unique("vs");
         let net = (std::process::id() % 200 + 20) as u8;
+        let link = Self {
+            client,
+            server,
+            client_if,
+            server_if,
+            net,
+        };
+        link.wire();
+        link
+    }
+
+    /// Creates the veth pair with its addresses, up (again, after a test deleted it).
+    pub fn wire(&self) {
+        let Self {
+            client,
+            server,
+            client_if,
+            server_if,
+            net,
+        } = self;
         sh(&[
             "ip",
             "link",
             "add",
-            &client_if,
+            client_if,
             "netns",
             &client.name,
             "type",
             "veth",
             "peer",
             "name",
-            &server_if,
+            server_if,
             "netns",
             &server.name,
         ]);
-        for (ns, iface, host) in [(&client, &client_if, 1), (&server, &server_if, 2)] {
+        for (ns, iface, host) in [(&client, client_if, 1), (&server, server_if, 2)] {
             ns.sh(&[
                 "ip",
                 "addr",
@@ -285,13 +333,6 @@ impl Link {
                 "ethtool", "-K", iface, "tso", "off", "gso", "off", "gro", "off",
             ]);
             ns.sh(&["ip", "link", "set", iface, "up"]);
-        }
-        Self {
-            client,
-            server,
-            client_if,
-            server_if,
-            net,
         }
     }
 

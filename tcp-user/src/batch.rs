@@ -1,0 +1,99 @@
+//! Batched map access (`BPF_MAP_LOOKUP_BATCH`, `BPF_MAP_UPDATE_BATCH`, kernel 5.6): a few
+//! thousand elements per syscall instead of one or two syscalls each.
+
+use std::{
+    io,
+    os::fd::{AsRawFd as _, BorrowedFd},
+};
+
+/// The `batch` member of `union bpf_attr`.
+#[repr(C)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// `bpf(2)` with a batch command; the count the kernel answered, and the error if it failed.
+fn batch(cmd: libc::c_long, attr: &mut BatchAttr) -> (u32, Option<io::Error>) {
+    // SAFETY: `attr` is a valid bpf_attr prefix of the size passed; the callers make its
+    // pointers valid for what the command reads and writes (see each).
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, &raw mut *attr, size_of::<BatchAttr>()) };
+    (attr.count, (rc != 0).then(io::Error::last_os_error))
+}
+
+/// Every element of hash map `fd`, appended to `out`. `K` and `V` must be the map's own key
+/// and value types (plain data of the map's key and value sizes).
+///
+/// # Errors
+/// When the kernel refuses the read.
+pub fn lookup<K: Copy + Default, V: Copy + Default>(
+    fd: BorrowedFd<'_>,
+    out: &mut Vec<(K, V)>,
+) -> io::Result<()> {
+    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+    const CHUNK: usize = 4096;
+    let mut keys = vec![K::default(); CHUNK];
+    let mut values = vec![V::default(); CHUNK];
+    // A hash map's cursor is a bucket index.
+    let mut cursor: u32 = 0;
+    let mut first = true;
+    loop {
+        let mut next: u32 = 0;
+        // `keys` and `values` hold CHUNK elements of the map's types, filled up to `count`.
+        let mut attr = BatchAttr {
+            in_batch: if first { 0 } else { (&raw const cursor) as u64 },
+            out_batch: (&raw mut next) as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: CHUNK as u32,
+            map_fd: fd.as_raw_fd() as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        let (n, error) = batch(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        let n = (n as usize).min(CHUNK);
+        out.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
+        match error {
+            None => {}
+            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
+            Some(e) => return Err(e),
+        }
+        cursor = next;
+        first = false;
+    }
+}
+
+/// Stores `count` keys and values, packed (the map's key and value sizes), into map `fd`.
+///
+/// # Errors
+/// When the kernel refuses: how many it stored, and why.
+pub fn update(
+    fd: BorrowedFd<'_>,
+    keys: &[u8],
+    values: &[u8],
+    count: usize,
+) -> Result<(), (u32, io::Error)> {
+    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+    let count = u32::try_from(count).map_err(|e| (0, io::Error::other(e)))?;
+    // The kernel reads `count` keys and values from the slices, which outlive the call.
+    let mut attr = BatchAttr {
+        in_batch: 0,
+        out_batch: 0,
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count,
+        map_fd: fd.as_raw_fd() as u32,
+        elem_flags: 0,
+        flags: 0,
+    };
+    match batch(BPF_MAP_UPDATE_BATCH, &mut attr) {
+        (_, None) => Ok(()),
+        (stored, Some(e)) => Err((stored, e)),
+    }
+}
