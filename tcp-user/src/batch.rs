@@ -27,19 +27,25 @@ fn batch(cmd: libc::c_long, attr: &mut BatchAttr) -> (u32, Option<io::Error>) {
     (attr.count, (rc != 0).then(io::Error::last_os_error))
 }
 
-/// Every element of hash map `fd`, appended to `out`. `K` and `V` must be the map's own key
-/// and value types (plain data of the map's key and value sizes).
+/// Every element of hash map `fd`, appended to `out`.
+///
+/// # Safety
+/// `K` and `V` are the map's own key and value types: plain data (any bit pattern valid,
+/// all-zero included) of exactly the map's key and value sizes. The kernel writes that many
+/// bytes per element.
 ///
 /// # Errors
 /// When the kernel refuses the read.
-pub fn lookup<K: Copy + Default, V: Copy + Default>(
+pub unsafe fn lookup<K: Copy, V: Copy>(
     fd: BorrowedFd<'_>,
     out: &mut Vec<(K, V)>,
 ) -> io::Result<()> {
     const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
     const CHUNK: usize = 4096;
-    let mut keys = vec![K::default(); CHUNK];
-    let mut values = vec![V::default(); CHUNK];
+    // SAFETY: all-zero is a valid K and V (caller).
+    let (zero_key, zero_value) = unsafe { (std::mem::zeroed::<K>(), std::mem::zeroed::<V>()) };
+    let mut keys = vec![zero_key; CHUNK];
+    let mut values = vec![zero_value; CHUNK];
     // A hash map's cursor is a bucket index.
     let mut cursor: u32 = 0;
     let mut first = true;
@@ -71,9 +77,13 @@ pub fn lookup<K: Copy + Default, V: Copy + Default>(
 
 /// Stores `count` keys and values, packed (the map's key and value sizes), into map `fd`.
 ///
+/// # Safety
+/// `keys` and `values` hold at least `count` keys and values of the map's key and value sizes
+/// (the kernel reads that many bytes from them).
+///
 /// # Errors
 /// When the kernel refuses: how many it stored, and why.
-pub fn update(
+pub unsafe fn update(
     fd: BorrowedFd<'_>,
     keys: &[u8],
     values: &[u8],

@@ -144,7 +144,7 @@ fn parse(mut buf: &[u8], out: &mut Vec<LinkEvent>) {
                     let value = value.split(|b| *b == 0).next().unwrap_or_default();
                     name = Some(String::from_utf8_lossy(value).into_owned());
                 }
-                attrs = &attrs[(alen + 3) & !3..];
+                attrs = attrs.get((alen + 3) & !3..).unwrap_or_default();
             }
             out.push(if kind == libc::RTM_NEWLINK {
                 LinkEvent::New { index, name }
@@ -176,8 +176,9 @@ enum Followed {
     Attached(Attachment),
     Absent {
         since: Instant,
-        /// Why the last attach failed, when an interface of that name exists.
-        error: Option<String>,
+        /// The index of the interface of that name whose attach failed, and why: tried again
+        /// only on a link event for it or when the name gets another index.
+        failed: Option<(u32, String)>,
     },
 }
 
@@ -204,7 +205,7 @@ impl Interfaces {
                         i.clone(),
                         Followed::Absent {
                             since: now,
-                            error: None,
+                            failed: None,
                         },
                     )
                 })
@@ -237,15 +238,23 @@ impl Interfaces {
                     tracker.detach(name);
                     *followed = Followed::Absent {
                         since: Instant::now(),
-                        error: None,
+                        failed: None,
                     };
                 }
             }
-            let Followed::Absent { since, error } = followed else {
+            let Followed::Absent { since, failed } = followed else {
                 continue;
             };
             let index = index_of(name);
             if index == 0 {
+                *failed = None;
+                continue;
+            }
+            let event = events.iter().any(|e| {
+                matches!(e, LinkEvent::New { index: i, .. } if *i == index)
+                    || matches!(e, LinkEvent::Lost)
+            });
+            if failed.as_ref().is_some_and(|(i, _)| *i == index) && !event {
                 continue;
             }
             match tracker.attach(name, self.mode, self.xdp_mode) {
@@ -259,13 +268,13 @@ impl Interfaces {
                 }
                 Err(e) => {
                     let e = error_chain(&e);
-                    if error.as_ref() != Some(&e) {
+                    if failed.as_ref().is_none_or(|(_, last)| *last != e) {
                         warn!(
-                            "{name}: attaching failed: {e} (tried again on every link event \
-                             and once a second; logged again only if it changes)"
+                            "{name}: attaching failed: {e} (tried again on a link event for \
+                             it; logged again only if it changes)"
                         );
-                        *error = Some(e);
                     }
+                    *failed = Some((index, e));
                 }
             }
         }
@@ -282,9 +291,9 @@ impl Interfaces {
         for (name, f) in &self.ifaces {
             match f {
                 Followed::Attached(_) => attached.push(name.as_str()),
-                Followed::Absent { since, error } => absent.push(match error {
+                Followed::Absent { since, failed } => absent.push(match failed {
                     None => format!("{name} absent for {:.0} s", since.elapsed().as_secs_f64()),
-                    Some(e) => format!(
+                    Some((_, e)) => format!(
                         "{name} not attached for {:.0} s: {e}",
                         since.elapsed().as_secs_f64()
                     ),
@@ -304,16 +313,6 @@ impl Interfaces {
                 }
             ))
         }
-    }
-
-    /// The interfaces attached now.
-    #[must_use]
-    pub fn names_attached(&self) -> Vec<String> {
-        self.ifaces
-            .iter()
-            .filter(|(_, f)| matches!(f, Followed::Attached(_)))
-            .map(|(n, _)| n.clone())
-            .collect()
     }
 }
 

@@ -503,9 +503,7 @@ async fn run(args: RunArgs) -> Result<()> {
     // main loop serves scrapes.
     let tracker = std::sync::Arc::new(tracker);
     let reconcile = match args.mode {
-        Mode::Host => tcp_user::reconcile::Policy::Host {
-            ifaces: ifaces.clone(),
-        },
+        Mode::Host => tcp_user::reconcile::Policy::Host,
         Mode::Mirror => tcp_user::reconcile::Policy::Mirror {
             stale_after: Duration::from_secs(args.stale_after_restart_secs),
         },

@@ -129,7 +129,7 @@ fn run(
         let mut tables = walked_tables(&visited, inserts_then.as_ref(), inserts.as_ref());
         let mut doomed = false;
         if let Some(r) = reconciler.as_mut().filter(|r| r.due()) {
-            match r.prepare() {
+            match r.prepare(tracker) {
                 Ok(pass) => {
                     failing_reconcile = None;
                     doomed = pass.doomed > 0;

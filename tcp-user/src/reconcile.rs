@@ -2,21 +2,18 @@
 //! the hooks missed) does not leave them lying.
 //!
 //! Host mode: the kernel's own socket table (sock_diag, see `sockets.rs`) is the truth for
-//! the local endpoints. At start, again a few seconds later, and then every
-//! [`HOST_PERIOD`]:
+//! the local endpoints of the attached interfaces' addresses. Once a second for the first
+//! [`HOST_START`], then every [`HOST_PERIOD`]:
 //! - an established record whose local endpoint is in a state that holds a socket (not
-//!   CLOSED, not TIME-WAIT: those end on their own timeouts) and whose socket is gone, or is
-//!   in another state, is removed (`tcpscope_reconciled_total{action="removed"}`), unless a
-//!   segment came within [`QUIET`] (the stack may not have caught up with it yet);
-//! - a socket on a tracked interface's address, past its handshake, that no record holds is
-//!   picked up at once in its real state (`{action="picked_up"}`); one whose record was
-//!   removed for being in another state is picked up by the next pass.
-//!
-//! A picked-up record knows the local endpoint's state and takes the peer's from it (the
-//! state the observer would give it: CLOSE-WAIT facing a FIN-WAIT, TIME-WAIT facing a
-//! LAST-ACK, ...); it has no sequence numbers until each side sends, and validates leniently
-//! meanwhile, as a connection picked up mid-stream does. Half-open records are left to their
-//! own timeout.
+//!   CLOSED, not TIME-WAIT: those end on their own timeouts) is removed
+//!   (`tcpscope_reconciled_total{action="removed"}`) when its socket is in another state, or
+//!   when an earlier agent left it and its socket is gone (one of this agent's with no socket
+//!   may be a NAT'd connection, whose socket lives in another namespace). The verdict must be
+//!   the same at two passes in a row (a dump is no snapshot: a socket may slip between two of
+//!   its reads), for a record that saw no segment within [`QUIET`];
+//! - at the first pass, a socket past its handshake that no record holds is picked up in its
+//!   real state (`{action="picked_up"}`); later, only those whose record was removed for being
+//!   in another state (what the tracker's own timeouts ended stays ended).
 //!
 //! Mirror mode has no socket table to ask: records that no segment has touched since the
 //! agent started are removed once, `--stale-after-restart-secs` after the start.
@@ -38,7 +35,7 @@ use aya::maps::{HashMap, IterableMap as _, Map, MapData, PerCpuArray, PerCpuValu
 use log::{debug, info};
 use tcp_common::{
     counters::event_slots,
-    flow::{EstablishedEntry, Flow, FlowKey, FlowKey4, flow_flags, view_marks},
+    flow::{EstablishedEntry, Flow, FlowKey, FlowKey4, LAST_SHIFT, flow_flags, view_marks},
     metrics::{Metrics, NO_SLOT, established_slot, table},
     parse::Segment,
     state::{Side, TcpState},
@@ -58,7 +55,7 @@ use crate::{
 pub const HOST_PERIOD: Duration = Duration::from_secs(30);
 /// Host mode: reconciliation runs at every walk for this long after the start (a record
 /// removed for being in another state is picked up one walk after its deletion).
-pub const HOST_START: Duration = Duration::from_secs(4);
+pub const HOST_START: Duration = Duration::from_secs(6);
 /// A record that saw a segment this recently is left alone.
 pub const QUIET: Duration = Duration::from_secs(1);
 
@@ -73,8 +70,8 @@ const REAPER_WRITER: u32 = 1;
 /// What reconciliation does in this agent.
 #[derive(Clone, Debug)]
 pub enum Policy {
-    /// Host mode: against sock_diag, for sockets on the addresses of these interfaces.
-    Host { ifaces: Vec<String> },
+    /// Host mode: against sock_diag, for sockets on the addresses of the interfaces attached.
+    Host,
     /// Mirror mode: remove the records untouched since the start, this long after it.
     Mirror { stale_after: Duration },
 }
@@ -99,6 +96,14 @@ pub struct Reconciler {
     metrics: PerCpuArray<MapData, Metrics>,
     /// Keys put in the DOOMED maps for the coming walk.
     pending: (Vec<FlowKey4>, Vec<FlowKey>),
+    /// Host mode: the verdicts of the last pass on records it found wrong (`None`: no socket,
+    /// `Some(state)`: a socket in that state).
+    suspects: StdHashMap<(SocketAddr, SocketAddr), Option<TcpState>>,
+    /// Host mode: connections whose record was removed for being in another state than their
+    /// socket, to pick up once the record is gone.
+    replace: HashSet<(SocketAddr, SocketAddr)>,
+    /// Host mode: the connections that existed at start were picked up.
+    picked_initial: bool,
 }
 
 /// What one pass did.
@@ -152,6 +157,9 @@ impl Reconciler {
             metrics: PerCpuArray::try_from(Map::PerCpuArray(owned(METRICS_MAP)?))
                 .map_err(err(METRICS_MAP))?,
             pending: (Vec::new(), Vec::new()),
+            suspects: StdHashMap::new(),
+            replace: HashSet::new(),
+            picked_initial: false,
         })
     }
 
@@ -159,7 +167,7 @@ impl Reconciler {
     #[must_use]
     pub fn due(&self) -> bool {
         match &self.policy {
-            Policy::Host { .. } => {
+            Policy::Host => {
                 self.started.elapsed() < HOST_START
                     || self.last.is_none_or(|l| l.elapsed() >= HOST_PERIOD)
             }
@@ -176,7 +184,7 @@ impl Reconciler {
     ///
     /// # Errors
     /// When the socket table or a map cannot be read or written; nothing is left doomed.
-    pub fn prepare(&mut self) -> Result<Pass, Error> {
+    pub fn prepare(&mut self, tracker: &Tracker) -> Result<Pass, Error> {
         self.last = Some(Instant::now());
         let now = monotonic_ns();
         let records = self.records(now)?;
@@ -196,10 +204,9 @@ impl Reconciler {
                     }
                 }
             }
-            Policy::Host { ifaces } => {
-                // At start, only what an earlier agent left is judged; records of this
-                // agent wait for the periodic passes.
-                let starting = self.started.elapsed() < HOST_START;
+            Policy::Host => {
+                let ifaces: Vec<String> =
+                    tracker.attachments().into_iter().map(|a| a.iface).collect();
                 let sockets = sockets::dump().map_err(|source| Error::SocketTable { source })?;
                 let (mine, local) = sockets::addresses(&ifaces);
                 let listening: HashSet<(IpAddr, u16)> = sockets
@@ -217,6 +224,7 @@ impl Reconciler {
                     .map(|s| ((s.local, s.remote), s))
                     .collect();
                 let mut held: HashSet<(SocketAddr, SocketAddr)> = self.half_open_pairs()?;
+                let mut suspects = StdHashMap::new();
                 for r in &records {
                     held.insert((r.local, r.remote));
                     held.insert((r.remote, r.local));
@@ -228,41 +236,80 @@ impl Reconciler {
                         )
                         || now.saturating_sub(r.last_ns) < QUIET.as_nanos() as u64
                         || r.silent_unconfirmed
-                        || (starting && self.first_walk_ns.is_some_and(|w| r.last_ns > w))
                     {
                         continue;
                     }
-                    let agrees = open
-                        .get(&(r.local, r.remote))
-                        .is_some_and(|s| s.state == r.local_state);
-                    if !agrees {
+                    let pair = (r.local, r.remote);
+                    let verdict = match open.get(&pair) {
+                        Some(s) if s.state == r.local_state => continue,
+                        Some(s) => Some(s.state),
+                        // No socket: removed only when an earlier agent left the record. One
+                        // of this agent's may be a NAT'd connection (XDP sees it before DNAT):
+                        // its socket is in another namespace, and its record is right.
+                        None if self.first_walk_ns.is_some_and(|w| r.last_ns <= w) => None,
+                        None => continue,
+                    };
+                    // A dump is no snapshot (a socket may slip between two of its reads):
+                    // the same verdict at two passes in a row.
+                    if self.suspects.get(&pair) == Some(&verdict) {
                         debug!(
                             "reconcile: {} - {} tracked {:?}, socket {:?}: removed",
-                            r.local,
-                            r.remote,
-                            r.local_state,
-                            open.get(&(r.local, r.remote)).map(|s| s.state)
+                            r.local, r.remote, r.local_state, verdict
                         );
                         if self.doom(r)? {
                             pass.doomed += 1;
+                            if verdict.is_some() {
+                                self.replace.insert(pair);
+                            }
                         }
+                    } else {
+                        suspects.insert(pair, verdict);
                     }
                 }
+                self.suspects = suspects;
+                // At the first pass, every connection no record holds; later, only those whose
+                // record was removed for being in another state (the others have no record
+                // because the tracker's own timeouts ended it: they stay ended).
+                let first = !self.picked_initial;
                 let mut delta = Metrics::ZERO;
-                for ((l, rmt), s) in &open {
-                    if held.contains(&(*l, *rmt))
+                let mut failed = None;
+                for (pair, s) in &open {
+                    if held.contains(pair)
                         || matches!(s.state, TcpState::SynSent | TcpState::SynReceived)
+                        || !(first || self.replace.contains(pair))
                     {
                         continue;
                     }
-                    let server = listening.contains(&(l.ip(), l.port()))
-                        || listening.contains(&(unspecified(l.ip()), l.port()));
-                    if self.pick_up(s, server, now, &mut delta)? {
-                        pass.picked_up += 1;
+                    let (ip, port) = (pair.0.ip(), pair.0.port());
+                    // A dual-stack listener on [::] accepts IPv4 connections too.
+                    let server = [
+                        ip,
+                        unspecified(ip),
+                        IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+                    ]
+                    .iter()
+                    .any(|a| listening.contains(&(*a, port)));
+                    match self.pick_up(s, server, now, &mut delta) {
+                        Ok(picked) => {
+                            if picked {
+                                pass.picked_up += 1;
+                            }
+                            self.replace.remove(pair);
+                        }
+                        Err(e) => {
+                            failed = Some(e);
+                            break;
+                        }
                     }
                 }
-                if pass.picked_up > 0 {
+                self.replace.retain(|p| open.contains_key(p));
+                self.picked_initial |= failed.is_none();
+                // The gauges of what was inserted, whatever happened after.
+                if delta != Metrics::ZERO {
                     self.add_to_reaper_copy(&delta)?;
+                }
+                if let Some(e) = failed {
+                    return Err(e);
                 }
             }
         }
@@ -278,7 +325,9 @@ impl Reconciler {
 
     /// Empties the DOOMED maps after the walk that used them (called after every walk).
     pub fn after_walk(&mut self) {
-        self.first_walk_ns.get_or_insert_with(monotonic_ns);
+        // The end of the walk's tick: a record the walk dated is no later (see `last_ns`).
+        self.first_walk_ns
+            .get_or_insert_with(|| monotonic_ns() | ((1 << LAST_SHIFT) - 1));
         for k in self.pending.0.drain(..) {
             let _ = self.doomed4.remove(&k);
         }
@@ -326,9 +375,13 @@ impl Reconciler {
             }
         };
         let mut v4: Vec<(FlowKey4, EstablishedEntry)> = Vec::new();
-        batch::lookup(self.flows4.map().fd().as_fd(), &mut v4).map_err(err(FLOWS4_MAP))?;
+        // SAFETY: each table's own key and value types, plain data.
+        unsafe { batch::lookup(self.flows4.map().fd().as_fd(), &mut v4) }
+            .map_err(err(FLOWS4_MAP))?;
         let mut v6: Vec<(FlowKey, EstablishedEntry)> = Vec::new();
-        batch::lookup(self.flows6.map().fd().as_fd(), &mut v6).map_err(err(FLOWS6_MAP))?;
+        // SAFETY: as above.
+        unsafe { batch::lookup(self.flows6.map().fd().as_fd(), &mut v6) }
+            .map_err(err(FLOWS6_MAP))?;
         let mut out = Vec::with_capacity(v4.len() + v6.len());
         out.extend(
             v4.iter()
@@ -340,13 +393,17 @@ impl Reconciler {
 
     /// The endpoint pairs of the half-open table, both ways.
     fn half_open_pairs(&self) -> Result<HashSet<(SocketAddr, SocketAddr)>, Error> {
-        let mut out = HashSet::new();
-        for k in self.half_open.keys() {
-            let k = k.map_err(|source| Error::Map {
+        let mut all: Vec<(FlowKey, tcp_common::flow::HalfOpenEntry)> = Vec::new();
+        // SAFETY: the half-open table's own key and value types, plain data.
+        unsafe { batch::lookup(self.half_open.map().fd().as_fd(), &mut all) }.map_err(|e| {
+            Error::Map {
                 name: HALF_OPEN_MAP,
-                source,
-            })?;
-            let (a, b) = (endpoint(&k, 0), endpoint(&k, 1));
+                source: aya::maps::MapError::IoError(e),
+            }
+        })?;
+        let mut out = HashSet::new();
+        for (k, _) in &all {
+            let (a, b) = (endpoint(k, 0), endpoint(k, 1));
             out.insert((a, b));
             out.insert((b, a));
         }
@@ -410,6 +467,13 @@ impl Reconciler {
             Err(aya::maps::MapError::SyscallError(e))
                 if e.io_error.raw_os_error() == Some(libc::EEXIST) =>
             {
+                return Ok(false);
+            }
+            // The table is full: refused and counted, as the programs do.
+            Err(aya::maps::MapError::SyscallError(e))
+                if matches!(e.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOMEM)) =>
+            {
+                delta.events.bump(event_slots::flows_insert_failed(ipv6));
                 return Ok(false);
             }
             Err(source) => {

@@ -1018,6 +1018,14 @@ fn interfaces_that_go_and_come_back_are_attached_again() {
     let (_l1, first) = held_connections(&link, 9415, 2);
     assert_eq!(tracked_established(&agent, 9415).len(), 2);
     drop(first);
+    let egress = || {
+        common::metrics::sum(
+            &common::metrics::scrape(&link.server),
+            "tcpscope_packets_total",
+            &["hook=\"tc_egress\""],
+        )
+    };
+    let egress_before = egress();
 
     link.server.sh(&["ip", "link", "del", &link.server_if]);
     let gone = agent.wait_for("is gone");
@@ -1039,12 +1047,10 @@ fn interfaces_that_go_and_come_back_are_attached_again() {
     );
     drop(second);
     // The egress hook follows too.
-    let out = common::metrics::sum(
-        &common::metrics::scrape(&link.server),
-        "tcpscope_packets_total",
-        &["hook=\"tc_egress\""],
+    assert!(
+        egress() > egress_before,
+        "no egress packet counted after the re-attach"
     );
-    assert!(out > 0.0, "no egress packet counted after the re-attach");
 
     // An interface that does not exist yet.
     let ns = common::NetNs::new("tsw");
@@ -1346,12 +1352,11 @@ fn a_restarted_agent_shows_what_ss_shows() {
         );
         assert_eq!(gauge, n, "local {state} endpoints gauge");
     }
-    assert!(
-        reconciled("removed") >= 25.0 && reconciled("picked_up") >= 20.0,
-        "removed {}, picked up {} (25 and 20 expected: 10 TIME-WAIT records are replaced)",
-        reconciled("removed"),
-        reconciled("picked_up")
-    );
+    // Removed: the 15 gone and the 10 now in TIME-WAIT; picked up: the 5 of the first start,
+    // the 10 opened meanwhile and the 10 TIME-WAIT ones in their new state (the counters live
+    // in the pins, across the restart).
+    assert_eq!(reconciled("removed"), 25.0);
+    assert_eq!(reconciled("picked_up"), 25.0);
     drop(conns);
 }
 
@@ -1408,7 +1413,9 @@ fn mirror_mode_ages_out_records_untouched_since_a_restart() {
     );
     second.wait_for("tracking");
     assert_eq!(on_port(&second), 3, "the pins kept the records");
-    // The live one sends.
+    // The live one sends, after the agent's first walk (which dates what the first agent
+    // left: a segment before it is taken for one of those).
+    std::thread::sleep(Duration::from_millis(1500));
     conns[0].0.write_all(b"still here").expect("send");
     let deadline = Instant::now() + Duration::from_secs(10);
     while on_port(&second) != 1 {

@@ -320,7 +320,8 @@ pub fn update_batch(
     values: &[u8],
     count: usize,
 ) -> Result<()> {
-    tcp_user::batch::update(fd, keys, values, count).map_err(|(stored, e)| {
+    // SAFETY: the callers pack `count` keys and values of the map's own types.
+    unsafe { tcp_user::batch::update(fd, keys, values, count) }.map_err(|(stored, e)| {
         anyhow::anyhow!("BPF_MAP_UPDATE_BATCH stored {stored} of {count}: {e}")
     })
 }
