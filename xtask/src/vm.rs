@@ -76,12 +76,19 @@ const GUEST_TOOLS: &[&str] = &[
 ];
 
 /// Kernel modules the tests need that Debian builds as modules: veth pairs, the `clsact`
-/// qdisc and `cls_bpf` for TC attach without TCX, nf_tables for the life-cycle tests'
-/// nft rules (the `inet` family, filter chains and the payload, compare and bitwise
-/// expressions they use are all in its core), and `tcp_diag` for sock_diag (the agent's
+/// qdisc and `cls_bpf` for TC attach without TCX, nf_tables for the tests' nft rules (the
+/// `inet` family, filter chains and the payload, compare and bitwise expressions are all in
+/// its core; `limit` is a module of its own), and `tcp_diag` for sock_diag (the agent's
 /// reconciliation; `ss` falls back to /proc without it, the agent does not). Their own
 /// dependencies are added from each module's `depends=` field.
-const MODULES: &[&str] = &["veth", "sch_ingress", "cls_bpf", "nf_tables", "tcp_diag"];
+const MODULES: &[&str] = &[
+    "veth",
+    "sch_ingress",
+    "cls_bpf",
+    "nf_tables",
+    "nft_limit",
+    "tcp_diag",
+];
 
 /// The guest's init script.
 const INIT: &str = include_str!("vm-init.sh");
