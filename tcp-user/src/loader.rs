@@ -589,20 +589,12 @@ impl Tracker {
     /// # Errors
     /// When the kernel refuses the test run.
     pub fn reap(&self, timeouts: &Timeouts) -> Result<ReapRequest, Error> {
-        self.reap_tables(timeouts, ReapRequest::ALL_TABLES)
+        self.reap_with(timeouts, ReapRequest::ALL_TABLES, false)
     }
 
-    /// [`Self::reap`] over the tables of `tables` only (bits as in [`ReapRequest::tables`]);
-    /// the others are answered with nothing visited.
-    ///
-    /// # Errors
-    /// When the kernel refuses the test run.
-    pub fn reap_tables(&self, timeouts: &Timeouts, tables: u64) -> Result<ReapRequest, Error> {
-        self.reap_with(timeouts, tables, false)
-    }
-
-    /// [`Self::reap_tables`], removing the records in the DOOMED maps that are unchanged
-    /// since they were put there when `reconcile` (see `reconcile.rs`).
+    /// [`Self::reap`] over the tables of `tables` only (bits as in [`ReapRequest::tables`];
+    /// the others are answered with nothing visited), removing the records in the DOOMED maps
+    /// that are unchanged since they were put there when `reconcile` (see `reconcile.rs`).
     ///
     /// # Errors
     /// When the kernel refuses the test run.

@@ -791,28 +791,40 @@ fn held_connections(
     port: u16,
     n: usize,
 ) -> (TcpListener, Vec<(TcpStream, TcpStream)>) {
-    use std::io::{Read as _, Write as _};
     let listener = link.server.enter({
         let addr = format!("{}:{port}", link.server_v4());
         move || TcpListener::bind(addr).expect("bind")
     });
-    let to: std::net::SocketAddr = format!("{}:{port}", link.server_v4())
-        .parse()
-        .expect("addr");
+    let conns = connect(link, &listener, n, true);
+    (listener, conns)
+}
+
+/// Opens `n` IPv4 connections to `listener` on the server, one after another, and returns
+/// them held; with `exchange`, each with a request and its answer.
+fn connect(
+    link: &Link,
+    listener: &TcpListener,
+    n: usize,
+    exchange: bool,
+) -> Vec<(TcpStream, TcpStream)> {
+    use std::io::{Read as _, Write as _};
+    let to = listener.local_addr().expect("listening address");
     let mut conns = Vec::new();
     for _ in 0..n {
         let mut c = link
             .client
             .enter(move || TcpStream::connect(to).expect("connect"));
         let (mut s, _) = listener.accept().expect("accept");
-        let mut buf = [0u8; 4];
-        c.write_all(b"ping").expect("request");
-        s.read_exact(&mut buf).expect("request");
-        s.write_all(b"pong").expect("answer");
-        c.read_exact(&mut buf).expect("answer");
+        if exchange {
+            let mut buf = [0u8; 4];
+            c.write_all(b"ping").expect("request");
+            s.read_exact(&mut buf).expect("request");
+            s.write_all(b"pong").expect("answer");
+            c.read_exact(&mut buf).expect("answer");
+        }
         conns.push((c, s));
     }
-    (listener, conns)
+    conns
 }
 
 /// The sum of the agent's `/metrics` series `name` that carry every label of `having`
@@ -1264,20 +1276,7 @@ fn a_restarted_agent_shows_what_ss_shows() {
         let addr = format!("{}:{port}", link.server_v4());
         move || TcpListener::bind(addr).expect("bind")
     });
-    let to: std::net::SocketAddr = format!("{}:{port}", link.server_v4())
-        .parse()
-        .expect("addr");
-    let open = |n: usize| -> Vec<(TcpStream, TcpStream)> {
-        (0..n)
-            .map(|_| {
-                let c = link
-                    .client
-                    .enter(move || TcpStream::connect(to).expect("connect"));
-                let (s, _) = listener.accept().expect("accept");
-                (c, s)
-            })
-            .collect()
-    };
+    let open = |n: usize| connect(&link, &listener, n, false);
     // Polls (bounded) until the tracker's local ESTABLISHED and TIME-WAIT endpoints on the
     // port equal `ss`'s.
     let agrees = |agent: &common::agent::Agent, what: &str| {
