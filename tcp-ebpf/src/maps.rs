@@ -16,7 +16,7 @@ use aya_ebpf::{
 use tcp_common::{
     counters::{HOOKS, HookCounters},
     flow::{EstablishedEntry, Flow, FlowKey, FlowKey4, HalfOpenEntry},
-    metrics::{Metrics, PortStats, WalkView},
+    metrics::{LISTED_SLOTS, Metrics, PortStats, WalkView},
     parse::Parsed,
 };
 
@@ -55,6 +55,12 @@ pub static PORT_INDEX: Array<u8> = Array::with_max_entries(65_536, 0);
 /// What the reaper's walk finds (see `WalkView`), read by the agent after each walk.
 #[map(name = "WALK_VIEW")]
 pub static WALK_VIEW: Array<WalkView> = Array::with_max_entries(1, 0);
+
+/// Keys of sparse tables' records, listed by the agent before a walk so that the reaper and
+/// the view visit those records by lookup rather than by a walk of every bucket (see
+/// [`tcp_common::metrics::ReapRequest::listed`]). An IPv4 key fills a slot's first 16 bytes.
+#[map(name = "LISTED")]
+pub static LISTED: Array<FlowKey> = Array::with_max_entries(LISTED_SLOTS, 0);
 
 /// IPv4 connections past their handshake (or picked up mid-stream), compact records.
 #[btf_map]

@@ -17,18 +17,18 @@ use aya_ebpf::{
     Global,
     bindings::{BPF_NOEXIST, xdp_action},
     cty::c_void,
-    helpers::{bpf_for_each_map_elem, bpf_ktime_get_ns, bpf_map_lookup_elem},
+    helpers::{bpf_for_each_map_elem, bpf_ktime_get_ns, bpf_loop, bpf_map_lookup_elem},
     programs::XdpContext,
 };
 use tcp_common::{
     counters::event_slots,
     flow::{Established, EstablishedEntry, FlowKey, FlowKey4, HalfOpenEntry, flow_flags},
-    metrics::{NO_SLOT, ReapRequest, endpoint_slot, established_slot, table},
+    metrics::{LISTED_SLOTS, NO_SLOT, ReapRequest, endpoint_slot, established_slot, table},
     track::{Age, Timeouts, finished},
 };
 
 use crate::{
-    maps::{DOOMED4, DOOMED6, FLOWS4, FLOWS6, HALF_OPEN, SYN_PORTS},
+    maps::{DOOMED4, DOOMED6, FLOWS4, FLOWS6, HALF_OPEN, LISTED, SYN_PORTS},
     tracker::{NO_PORT_STATS, REAPER, metrics},
 };
 
@@ -101,6 +101,8 @@ struct Walk {
     reaped: u64,
     /// 1: look the records up in the DOOMED maps (see [`ReapRequest::reconcile`]).
     reconcile: u64,
+    /// The first LISTED slot of the table visited by key.
+    listed_from: u64,
 }
 
 /// The record a callback is handed, locked-through-able on every kernel (see
@@ -369,6 +371,80 @@ fn walk_table(map: *mut c_void, visit: *mut c_void, walk: &mut Walk, t: usize) {
     }
 }
 
+/// Visits the record of the `i`-th listed key of table `T` (from [`Walk::listed_from`]), if
+/// it is still there: what a walk's callback would do with it. A `bpf_loop` callback; its own
+/// function per table, because a BPF program cannot call through a pointer.
+#[inline(always)]
+fn visit_listed<const T: usize>(i: u64, ctx: *mut c_void) -> i64 {
+    let walk = ctx.cast::<Walk>();
+    // SAFETY: `ctx` is the reaper's `Walk`, as `visit_listed_keys` passes it.
+    let slot = unsafe { (*walk).listed_from }.wrapping_add(i);
+    let Ok(slot) = u32::try_from(slot) else {
+        return 1;
+    };
+    let Some(key) = LISTED.get_ptr_mut(slot) else {
+        return 1;
+    };
+    let (map, visit): (*mut c_void, extern "C" fn(_, _, _, _) -> i64) = match T {
+        table::ESTABLISHED_V4 => (
+            core::ptr::from_ref(&FLOWS4).cast_mut().cast(),
+            visit_established4,
+        ),
+        table::ESTABLISHED_V6 => (
+            core::ptr::from_ref(&FLOWS6).cast_mut().cast(),
+            visit_established6,
+        ),
+        _ => (
+            core::ptr::from_ref(&HALF_OPEN).cast_mut().cast(),
+            visit_half_open,
+        ),
+    };
+    // SAFETY: `map` is that table and `key` a slot of the LISTED array, at least the table's
+    // key size (an IPv4 key fills the first 16 bytes).
+    let value = unsafe { bpf_map_lookup_elem(map, key.cast()) };
+    if value.is_null() {
+        // Removed since the agent listed it.
+        return 0;
+    }
+    visit(map, key.cast(), value, ctx);
+    0
+}
+
+#[inline(never)]
+extern "C" fn listed_established4(i: u64, ctx: *mut c_void) -> i64 {
+    visit_listed::<{ table::ESTABLISHED_V4 }>(i, ctx)
+}
+
+#[inline(never)]
+extern "C" fn listed_established6(i: u64, ctx: *mut c_void) -> i64 {
+    visit_listed::<{ table::ESTABLISHED_V6 }>(i, ctx)
+}
+
+#[inline(never)]
+extern "C" fn listed_half_open(i: u64, ctx: *mut c_void) -> i64 {
+    visit_listed::<{ table::HALF_OPEN }>(i, ctx)
+}
+
+/// Visits table `t`'s records by their keys in LISTED slots `from..from + len`.
+#[inline(always)]
+fn visit_listed_keys(walk: &mut Walk, t: usize, from: u64, len: u64) {
+    walk.table = t as u64;
+    walk.visited = 0;
+    walk.reaped = 0;
+    walk.listed_from = from;
+    let callback = match t {
+        table::ESTABLISHED_V4 => listed_established4 as *mut c_void,
+        table::ESTABLISHED_V6 => listed_established6 as *mut c_void,
+        _ => listed_half_open as *mut c_void,
+    };
+    // At most the array's slots (a longer loop would only find none past its end).
+    let n = len.min(u64::from(LISTED_SLOTS)) as u32;
+    // SAFETY: `callback` has the signature `bpf_loop` expects and `walk` outlives the call.
+    unsafe {
+        bpf_loop(n, callback, core::ptr::from_mut(walk).cast(), 0);
+    }
+}
+
 /// The reaper program's body. Answers in place of the request (visited and reaped counts).
 #[inline(always)]
 pub fn reap(ctx: &XdpContext) -> u32 {
@@ -389,6 +465,7 @@ pub fn reap(ctx: &XdpContext) -> u32 {
         reaped: 0,
         // SAFETY: bounds checked above.
         reconcile: unsafe { (*req).reconcile },
+        listed_from: 0,
     };
     let tables: [(*mut c_void, *mut c_void, usize); 3] = [
         (
@@ -408,11 +485,20 @@ pub fn reap(ctx: &XdpContext) -> u32 {
         ),
     ];
     // SAFETY: bounds checked above.
-    let wanted = unsafe { (*req).tables };
+    let (wanted, listed) = unsafe { ((*req).tables, (*req).listed) };
     for (map, visit, t) in tables {
         if wanted & (1 << t) == 0 {
             walk.visited = 0;
             walk.reaped = 0;
+        } else if listed & (1 << t) != 0 {
+            // SAFETY: bounds checked above.
+            let (from, len) = unsafe {
+                (
+                    (*req).listed_from.get(t).copied().unwrap_or(0),
+                    (*req).listed_len.get(t).copied().unwrap_or(0),
+                )
+            };
+            visit_listed_keys(&mut walk, t, from, len);
         } else {
             walk_table(map, visit, &mut walk, t);
         }

@@ -15,18 +15,20 @@
 use aya_ebpf::{
     bindings::xdp_action,
     cty::c_void,
-    helpers::{bpf_for_each_map_elem, bpf_ktime_get_ns},
+    helpers::{bpf_for_each_map_elem, bpf_ktime_get_ns, bpf_loop, bpf_map_lookup_elem},
     programs::XdpContext,
 };
 use tcp_common::{
     counters::event_slots,
     flow::{Established, EstablishedEntry, Flow, HalfOpenEntry, flow_flags, view_marks},
-    metrics::{NO_SLOT, WalkView, endpoint_slot, established_slot, table},
+    metrics::{
+        LISTED_SLOTS, NO_SLOT, ReapRequest, WalkView, endpoint_slot, established_slot, table,
+    },
     state::TcpState,
 };
 
 use crate::{
-    maps::{FLOWS4, FLOWS6, HALF_OPEN, PORT_INDEX, WALK_VIEW},
+    maps::{FLOWS4, FLOWS6, HALF_OPEN, LISTED, PORT_INDEX, WALK_VIEW},
     reaper::key_ports,
     tracker::{REAPER, metrics},
 };
@@ -36,6 +38,8 @@ use crate::{
 struct Walk {
     now: u64,
     table: u64,
+    /// The first LISTED slot of the table visited by key.
+    listed_from: u64,
 }
 
 /// The walk's view (see [`WalkView`]).
@@ -192,48 +196,122 @@ extern "C" fn visit_half_open(
     0
 }
 
-/// The view program's body: walks the tables the "packet" names into the view (its first
-/// eight bytes: the tables as in [`tcp_common::metrics::ReapRequest::tables`]).
+/// Views the record of the `i`-th listed key of table `T` (from [`Walk::listed_from`]), if
+/// it is still there (as in the reaper; a `bpf_loop` callback per table).
+#[inline(always)]
+fn view_listed<const T: usize>(i: u64, ctx: *mut c_void) -> i64 {
+    let walk = ctx.cast::<Walk>();
+    // SAFETY: `ctx` is the view's `Walk`, as `walk` passes it.
+    let slot = unsafe { (*walk).listed_from }.wrapping_add(i);
+    let Ok(slot) = u32::try_from(slot) else {
+        return 1;
+    };
+    let Some(key) = LISTED.get_ptr_mut(slot) else {
+        return 1;
+    };
+    let (map, visit): (*mut c_void, extern "C" fn(_, _, _, _) -> i64) = match T {
+        table::ESTABLISHED_V4 => (
+            core::ptr::from_ref(&FLOWS4).cast_mut().cast(),
+            visit_established,
+        ),
+        table::ESTABLISHED_V6 => (
+            core::ptr::from_ref(&FLOWS6).cast_mut().cast(),
+            visit_established,
+        ),
+        _ => (
+            core::ptr::from_ref(&HALF_OPEN).cast_mut().cast(),
+            visit_half_open,
+        ),
+    };
+    // SAFETY: `map` is that table and `key` a slot of the LISTED array, at least the table's
+    // key size.
+    let value = unsafe { bpf_map_lookup_elem(map, key.cast()) };
+    if !value.is_null() {
+        visit(map, key.cast(), value, ctx);
+    }
+    0
+}
+
+#[inline(never)]
+extern "C" fn listed_established4(i: u64, ctx: *mut c_void) -> i64 {
+    view_listed::<{ table::ESTABLISHED_V4 }>(i, ctx)
+}
+
+#[inline(never)]
+extern "C" fn listed_established6(i: u64, ctx: *mut c_void) -> i64 {
+    view_listed::<{ table::ESTABLISHED_V6 }>(i, ctx)
+}
+
+#[inline(never)]
+extern "C" fn listed_half_open(i: u64, ctx: *mut c_void) -> i64 {
+    view_listed::<{ table::HALF_OPEN }>(i, ctx)
+}
+
+/// The view program's body: walks the tables the "packet" names into the view (the packet
+/// is the reaper's [`ReapRequest`]: its `tables`, and its `listed` tables visited by key).
 #[inline(always)]
 pub fn walk(ctx: &XdpContext) -> u32 {
     let start = ctx.data();
-    if start + 8 > ctx.data_end() {
+    if start + core::mem::size_of::<ReapRequest>() > ctx.data_end() {
         return xdp_action::XDP_ABORTED;
     }
+    let req = start as *const ReapRequest;
     // SAFETY: bounds checked above; the "packet" is the agent's request.
-    let wanted = unsafe { core::ptr::read_unaligned(start as *const u64) };
+    let (wanted, listed) = unsafe { ((*req).tables, (*req).listed) };
     let mut walk = Walk {
         // SAFETY: no preconditions.
         now: unsafe { bpf_ktime_get_ns() },
         table: 0,
+        listed_from: 0,
     };
     let established = visit_established as *mut c_void;
-    let tables: [(*mut c_void, *mut c_void, usize); 3] = [
+    let tables: [(*mut c_void, *mut c_void, *mut c_void, usize); 3] = [
         (
             core::ptr::from_ref(&FLOWS4).cast_mut().cast(),
             established,
+            listed_established4 as *mut c_void,
             table::ESTABLISHED_V4,
         ),
         (
             core::ptr::from_ref(&FLOWS6).cast_mut().cast(),
             established,
+            listed_established6 as *mut c_void,
             table::ESTABLISHED_V6,
         ),
         (
             core::ptr::from_ref(&HALF_OPEN).cast_mut().cast(),
             visit_half_open as *mut c_void,
+            listed_half_open as *mut c_void,
             table::HALF_OPEN,
         ),
     ];
-    for (map, visit, t) in tables {
+    for (map, visit, by_key, t) in tables {
         if wanted & (1 << t) == 0 {
             continue;
         }
         walk.table = t as u64;
-        // SAFETY: `map` is one of this object's hash maps, `visit` has the callback signature
-        // the helper expects for its values, and `walk` outlives the call.
-        unsafe {
-            bpf_for_each_map_elem(map, visit, core::ptr::from_mut(&mut walk).cast(), 0);
+        if listed & (1 << t) != 0 {
+            // SAFETY: bounds checked above.
+            let (from, len) = unsafe {
+                (
+                    (*req).listed_from.get(t).copied().unwrap_or(0),
+                    (*req).listed_len.get(t).copied().unwrap_or(0),
+                )
+            };
+            walk.listed_from = from;
+            let walk_ptr = core::ptr::from_mut(&mut walk).cast();
+            let n = len.min(u64::from(LISTED_SLOTS)) as u32;
+            // SAFETY: `by_key` has the signature `bpf_loop` expects, and `walk` outlives the
+            // call.
+            unsafe {
+                bpf_loop(n, by_key, walk_ptr, 0);
+            }
+        } else {
+            // SAFETY: `map` is one of this object's hash maps, `visit` has the callback
+            // signature the helper expects for its values, and `walk` outlives the call.
+            unsafe {
+                bpf_for_each_map_elem(map, visit, core::ptr::from_mut(&mut walk).cast(), 0);
+            }
         }
     }
     xdp_action::XDP_PASS

@@ -10,6 +10,7 @@
 use std::{
     ffi::CString,
     fmt,
+    os::fd::AsFd as _,
     path::{Path, PathBuf},
     sync::{Mutex, PoisonError, RwLock, RwLockReadGuard},
 };
@@ -27,11 +28,12 @@ use aya::{
 use log::{debug, info, warn};
 use tcp_common::{
     counters::event_slots,
-    metrics::{Metrics, PortStats, ReapRequest, table},
+    flow::{EstablishedEntry, FlowKey, FlowKey4, HalfOpenEntry},
+    metrics::{LISTED_SLOTS, Metrics, PortStats, ReapRequest, table},
     track::Timeouts,
 };
 
-use crate::{EBPF_OBJECT, counters, error::Error, report::TableStats};
+use crate::{EBPF_OBJECT, batch, counters, error::Error, report::TableStats};
 
 /// Name of the XDP program in the object.
 pub const XDP_PROGRAM: &str = "tcpscope_xdp";
@@ -55,6 +57,15 @@ pub const FLOWS4_MAP: &str = "FLOWS4";
 pub const FLOWS6_MAP: &str = "FLOWS6";
 /// Half-open flow table.
 pub const HALF_OPEN_MAP: &str = "HALF_OPEN";
+/// The flow tables, index as in [`table`].
+pub const TABLE_MAPS: [&str; table::COUNT] = [FLOWS4_MAP, FLOWS6_MAP, HALF_OPEN_MAP];
+/// Keys of sparse tables listed for a walk (see [`Tracker::list_sparse`]).
+pub const LISTED_MAP: &str = "LISTED";
+/// A table is sparse, and its records visited by their listed keys rather than by a walk of
+/// every bucket, when it holds at most one record per this many slots: a walk costs about
+/// 16 ns a bucket (twice a second: expiry and view), a listing about 2 ns a bucket and a few
+/// hundred ns a record.
+pub const SPARSE_SLOTS_PER_RECORD: u64 = 16;
 /// Maps pinned so that an agent restart keeps every tracked flow and counter.
 pub const PINNED_MAPS: [&str; 6] = [
     FLOWS4_MAP,
@@ -275,6 +286,37 @@ fn ebpf_log_level(level: log::LevelFilter) -> u8 {
     }
 }
 
+/// The sparse tables among `tables` (bits as in [`ReapRequest::tables`]), whose records are
+/// better visited by their listed keys than by a walk: their last walk visited (`held`;
+/// `u64::MAX`: unknown) at most one record per [`SPARSE_SLOTS_PER_RECORD`] of their
+/// `capacities`, and at most [`LISTED_SLOTS`] records.
+#[must_use]
+pub fn sparse_tables(
+    tables: u64,
+    held: &[u64; table::COUNT],
+    capacities: &[u32; table::COUNT],
+) -> u64 {
+    (0..table::COUNT)
+        .filter(|&t| {
+            tables & (1 << t) != 0
+                && held[t] <= u64::from(LISTED_SLOTS)
+                && held[t].saturating_mul(SPARSE_SLOTS_PER_RECORD) <= u64::from(capacities[t])
+        })
+        .fold(0, |mask, t| mask | 1 << t)
+}
+
+/// The data of hash map `name` of `ebpf`.
+fn hash_map<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a MapData, Error> {
+    match ebpf.map(name) {
+        Some(aya::maps::Map::HashMap(data)) => Ok(data),
+        Some(_) => Err(Error::Missing {
+            kind: "hash map",
+            name,
+        }),
+        None => Err(Error::Missing { kind: "map", name }),
+    }
+}
+
 impl Tracker {
     /// Loads the embedded object and both programs into the kernel (nothing is attached yet).
     ///
@@ -447,41 +489,25 @@ impl Tracker {
     /// # Errors
     /// When a table's description cannot be read.
     pub fn tables(&self, metrics: &Metrics) -> Result<Vec<TableStats>, Error> {
-        let ebpf = self.ebpf();
-        let capacity = |name: &'static str| -> Result<u32, Error> {
-            let map = ebpf.map(name).ok_or(Error::Missing { kind: "map", name })?;
-            let data = match map {
-                aya::maps::Map::HashMap(d) => d,
-                _ => {
-                    return Err(Error::Missing {
-                        kind: "hash map",
-                        name,
-                    });
-                }
-            };
-            Ok(data
-                .info()
-                .map_err(|source| Error::Map { name, source })?
-                .max_entries())
-        };
-        let established = |family, map, t: usize, ipv6| -> Result<TableStats, Error> {
+        let capacities = self.capacities()?;
+        let established = |family, t: usize, ipv6| -> Result<TableStats, Error> {
             Ok(TableStats {
                 name: "established",
                 family,
                 held: metrics.held(t),
-                capacity: capacity(map)?,
+                capacity: capacities[t],
                 insert_failures: metrics.events.slots[event_slots::flows_insert_failed(ipv6)],
                 evictions: metrics.evictions[t],
             })
         };
         Ok(vec![
-            established("ipv4", FLOWS4_MAP, table::ESTABLISHED_V4, false)?,
-            established("ipv6", FLOWS6_MAP, table::ESTABLISHED_V6, true)?,
+            established("ipv4", table::ESTABLISHED_V4, false)?,
+            established("ipv6", table::ESTABLISHED_V6, true)?,
             TableStats {
                 name: "half_open",
                 family: "all",
                 held: metrics.held(table::HALF_OPEN),
-                capacity: capacity(HALF_OPEN_MAP)?,
+                capacity: capacities[table::HALF_OPEN],
                 insert_failures: metrics.events.slots[event_slots::HALF_OPEN_INSERT_FAILED],
                 evictions: metrics.evictions[table::HALF_OPEN],
             },
@@ -552,15 +578,18 @@ impl Tracker {
     /// # Errors
     /// When the kernel refuses the test run.
     pub fn walk_into_view(&self) -> Result<(), Error> {
-        self.walk_tables_into_view(ReapRequest::ALL_TABLES)
+        self.view_as(&ReapRequest {
+            tables: ReapRequest::ALL_TABLES,
+            ..ReapRequest::default()
+        })
     }
 
-    /// [`Self::walk_into_view`] over the tables of `tables` only (bits as in
-    /// [`ReapRequest::tables`]).
+    /// [`Self::walk_into_view`] over the tables `request` walks, by the keys it lists for the
+    /// tables it lists (see [`ReapRequest::listed`]); its timeouts are not used.
     ///
     /// # Errors
     /// When the kernel refuses the test run.
-    pub fn walk_tables_into_view(&self, tables: u64) -> Result<(), Error> {
+    pub fn view_as(&self, request: &ReapRequest) -> Result<(), Error> {
         let ebpf = self.ebpf();
         let program: &Xdp = ebpf
             .program(VIEW_PROGRAM)
@@ -569,9 +598,7 @@ impl Tracker {
                 kind: "program",
                 name: VIEW_PROGRAM,
             })?;
-        // The kernel wants at least an Ethernet header's worth of packet.
-        let mut packet = [0u8; 64];
-        packet[..8].copy_from_slice(&tables.to_ne_bytes());
+        let packet = request.to_bytes();
         let opts = TestRunOptions {
             data_in: Some(&packet),
             ..TestRunOptions::default()
@@ -581,6 +608,92 @@ impl Tracker {
             source,
         })?;
         Ok(())
+    }
+
+    /// Capacity of each table (index as in [`table`]).
+    ///
+    /// # Errors
+    /// When a table's description cannot be read.
+    pub fn capacities(&self) -> Result<[u32; table::COUNT], Error> {
+        let ebpf = self.ebpf();
+        let mut out = [0; table::COUNT];
+        for (t, name) in TABLE_MAPS.iter().enumerate() {
+            out[t] = hash_map(&ebpf, name)?
+                .info()
+                .map_err(|source| Error::Map { name, source })?
+                .max_entries();
+        }
+        Ok(out)
+    }
+
+    /// Lists into the LISTED array the keys of the tables of `candidates` (bits as in
+    /// [`ReapRequest::tables`], see [`sparse_tables`]), and marks in `request` those whose keys
+    /// fit in the array as visited by key (see [`ReapRequest::listed`]); the others are walked.
+    ///
+    /// # Errors
+    /// When the kernel refuses a read or the array's update (the request then lists nothing).
+    pub fn list_keys(&self, request: &mut ReapRequest, candidates: u64) -> Result<(), Error> {
+        const SLOT: usize = size_of::<FlowKey>();
+        request.listed = 0;
+        let ebpf = self.ebpf();
+        let mut listed: Vec<u8> = Vec::new();
+        let mut keys: Vec<u8> = Vec::new();
+        for (t, name) in TABLE_MAPS.iter().enumerate() {
+            let room = LISTED_SLOTS as usize - listed.len() / SLOT;
+            if candidates & (1 << t) == 0 || room == 0 {
+                continue;
+            }
+            let (key_size, value_size) = if t == table::ESTABLISHED_V4 {
+                (size_of::<FlowKey4>(), size_of::<EstablishedEntry>())
+            } else if t == table::ESTABLISHED_V6 {
+                (size_of::<FlowKey>(), size_of::<EstablishedEntry>())
+            } else {
+                (size_of::<FlowKey>(), size_of::<HalfOpenEntry>())
+            };
+            let map = hash_map(&ebpf, name)?;
+            keys.clear();
+            // SAFETY: the sizes are this table's key and value types (the loader checked the
+            // object's maps against them through BTF at load).
+            let all =
+                unsafe { batch::keys(map.fd().as_fd(), key_size, value_size, room, &mut keys) }
+                    .map_err(|e| Error::Map {
+                        name,
+                        source: aya::maps::MapError::IoError(e),
+                    })?;
+            if !all {
+                continue;
+            }
+            request.listed |= 1 << t;
+            request.listed_from[t] = (listed.len() / SLOT) as u64;
+            request.listed_len[t] = (keys.len() / key_size) as u64;
+            for key in keys.chunks_exact(key_size) {
+                let at = listed.len();
+                listed.resize(at + SLOT, 0);
+                listed[at..at + key_size].copy_from_slice(key);
+            }
+        }
+        let n = listed.len() / SLOT;
+        if n == 0 {
+            return Ok(());
+        }
+        let name = LISTED_MAP;
+        let map = ebpf.map(name).ok_or(Error::Missing { kind: "map", name })?;
+        let aya::maps::Map::Array(array) = map else {
+            return Err(Error::Missing {
+                kind: "array map",
+                name,
+            });
+        };
+        let indices: Vec<u8> = (0..n as u32).flat_map(u32::to_ne_bytes).collect();
+        // SAFETY: `indices` holds `n` u32 keys and `listed` `n` values of the array's value
+        // size (a wide flow key).
+        unsafe { batch::update(array.fd().as_fd(), &indices, &listed, n) }.map_err(|(_, e)| {
+            request.listed = 0;
+            Error::Map {
+                name,
+                source: aya::maps::MapError::IoError(e),
+            }
+        })
     }
 
     /// Removes every record past its timeout, in the kernel (see the reaper program); returns
@@ -604,6 +717,19 @@ impl Tracker {
         tables: u64,
         reconcile: bool,
     ) -> Result<ReapRequest, Error> {
+        self.reap_as(&ReapRequest {
+            timeouts: timeouts.to_array(),
+            tables,
+            reconcile: u64::from(reconcile),
+            ..ReapRequest::default()
+        })
+    }
+
+    /// Runs the reaper program on `request` (see [`ReapRequest`]) and returns its answer.
+    ///
+    /// # Errors
+    /// When the kernel refuses the test run.
+    pub fn reap_as(&self, request: &ReapRequest) -> Result<ReapRequest, Error> {
         let ebpf = self.ebpf();
         let program: &Xdp = ebpf
             .program(REAP_PROGRAM)
@@ -612,13 +738,7 @@ impl Tracker {
                 kind: "program",
                 name: REAP_PROGRAM,
             })?;
-        let request = ReapRequest {
-            timeouts: timeouts.to_array(),
-            tables,
-            reconcile: u64::from(reconcile),
-            ..ReapRequest::default()
-        }
-        .to_bytes();
+        let request = request.to_bytes();
         let mut answer = [0u8; size_of::<ReapRequest>()];
         let opts = TestRunOptions {
             data_in: Some(&request),

@@ -2,13 +2,21 @@
 //! `tcp-ebpf/src/reaper.rs`) once a second, so that a scrape never waits behind a walk of a
 //! million records, and a slow scrape never delays expiry.
 //!
-//! A walk visits every bucket of a table, empty or not: with the SRSO mitigation, about 18 ns
-//! a bucket here, so 1M slots cost 2% of a CPU for the two walks a second. A table is left
-//! out of a walk when it cannot hold a record: its last walk visited none and nothing was
-//! inserted into it since (the programs count every insert, and the count is read before the
-//! walk, so a record inserted during a walk that missed it is walked the next second). An
-//! idle agent with empty tables costs nothing whatever their capacity; a table holding even
-//! one record is walked whole.
+//! A walk (`bpf_for_each_map_elem`) visits every bucket of a table, empty or not: with the
+//! SRSO mitigation, about 16 ns a bucket here (the helper enters and leaves an RCU section
+//! per bucket), so 1M slots cost 3.4% of a CPU for the two walks a second (expiry, then the
+//! view). Two things keep an idle agent's cost from growing with empty capacity:
+//! - A table is left out when it cannot hold a record: its last walk visited none and nothing
+//!   was inserted into it since (the programs count every insert, and the count is read
+//!   before the walk, so a record inserted during a walk that missed it is walked the next
+//!   second).
+//! - A sparse table (at most one record per `SPARSE_SLOTS_PER_RECORD` slots at its last walk,
+//!   and at most `LISTED_SLOTS` of them) is not walked: its keys are listed with
+//!   `BPF_MAP_LOOKUP_BATCH`, which skips an empty bucket in about 2 ns, and both programs
+//!   visit those records by lookup. A record inserted after the listing is visited the next
+//!   second, as one a walk missed would be. The listing is kept while nothing is inserted
+//!   into its tables (a removed record's key is simply not found), so an idle table is
+//!   listed once.
 
 use std::{
     sync::{Arc, Condvar, Mutex, PoisonError},
@@ -23,7 +31,7 @@ use tcp_common::{
 };
 
 use crate::{
-    loader::{Tracker, error_chain},
+    loader::{Tracker, error_chain, sparse_tables},
     reconcile::{Policy, Reconciler},
 };
 
@@ -117,6 +125,19 @@ fn run(
             None
         }
     });
+    let capacities = match tracker.capacities() {
+        Ok(c) => Some(c),
+        Err(e) => {
+            warn!(
+                "table capacities unknown ({}): every table is walked whole",
+                error_chain(&e)
+            );
+            None
+        }
+    };
+    let mut failing_list: Option<String> = None;
+    // The keys in the LISTED array, while no insert makes them incomplete.
+    let mut listing: Option<Listing> = None;
     let mut failing_reconcile: Option<String> = None;
     // The error last logged: a failure that persists is logged once, not every second.
     let mut failing: Option<String> = None;
@@ -147,7 +168,41 @@ fn run(
                 }
             }
         }
-        let reaped = tracker.reap_with(timeouts, tables, doomed);
+        let mut request = ReapRequest {
+            timeouts: timeouts.to_array(),
+            tables,
+            reconcile: u64::from(doomed),
+            ..ReapRequest::default()
+        };
+        let sparse = capacities.map_or(0, |c| sparse_tables(tables, &visited, &c));
+        let reused = listing
+            .as_ref()
+            .filter(|l| l.still_complete(sparse, inserts.as_ref()));
+        if let Some(l) = reused {
+            l.apply(&mut request);
+        } else if sparse != 0 {
+            listing = None;
+            match tracker.list_keys(&mut request, sparse) {
+                Ok(()) => {
+                    listing = inserts.map(|inserts| Listing::of(&request, sparse, inserts));
+                    if failing_list.take().is_some() {
+                        info!("listing sparse tables works again");
+                    }
+                }
+                Err(e) => {
+                    request.listed = 0;
+                    let error = error_chain(&e);
+                    if failing_list.as_ref() != Some(&error) {
+                        warn!(
+                            "listing sparse tables: {error}; walking them whole (logged again \
+                             only if it changes)"
+                        );
+                        failing_list = Some(error);
+                    }
+                }
+            }
+        }
+        let reaped = tracker.reap_as(&request);
         if let Some(r) = reconciler.as_mut() {
             r.after_walk();
         }
@@ -165,7 +220,7 @@ fn run(
         // one is worse than none).
         let walked = handle.as_mut().map(|h| {
             h.clear()?;
-            tracker.walk_tables_into_view(tables)?;
+            tracker.view_as(&request)?;
             h.read()
         });
         let walked = match walked {
@@ -225,6 +280,50 @@ fn run(
     }
 }
 
+/// The keys last listed into the LISTED array (see [`Tracker::list_keys`]). They remain every
+/// key of their tables for as long as nothing is inserted into those: a record removed since
+/// is not found by its key, and is skipped. So an idle table is listed once, not every second.
+struct Listing {
+    /// The tables that were candidates for the listing ([`sparse_tables`]).
+    candidates: u64,
+    /// The tables listed, and where their keys are.
+    listed: u64,
+    from: [u64; table::COUNT],
+    len: [u64; table::COUNT],
+    /// The inserts counted before the listing.
+    inserts: [u64; table::COUNT],
+}
+
+impl Listing {
+    fn of(request: &ReapRequest, candidates: u64, inserts: [u64; table::COUNT]) -> Self {
+        Self {
+            candidates,
+            listed: request.listed,
+            from: request.listed_from,
+            len: request.listed_len,
+            inserts,
+        }
+    }
+
+    /// Whether the listing still holds every key of the same candidates: no insert into any of
+    /// them since (`inserts_now`: unknown counts nothing).
+    fn still_complete(&self, candidates: u64, inserts_now: Option<&[u64; table::COUNT]>) -> bool {
+        let Some(now) = inserts_now else {
+            return false;
+        };
+        candidates == self.candidates
+            && (0..table::COUNT)
+                .filter(|t| candidates & (1 << t) != 0)
+                .all(|t| now[t] == self.inserts[t])
+    }
+
+    fn apply(&self, request: &mut ReapRequest) {
+        request.listed = self.listed;
+        request.listed_from = self.from;
+        request.listed_len = self.len;
+    }
+}
+
 /// The tables a walk must visit ([`ReapRequest::tables`]): those whose last walk visited a
 /// record, or that had a record inserted since the inserts counted before that walk; all of
 /// them when either count is unknown.
@@ -264,6 +363,46 @@ mod tests {
         assert_eq!(
             walked_tables(&none, None, Some(&[5; 3])),
             ReapRequest::ALL_TABLES
+        );
+    }
+
+    #[test]
+    fn sparse_tables_are_those_with_a_record_per_16_slots_at_most() {
+        let million = [1 << 20; table::COUNT];
+        let all = ReapRequest::ALL_TABLES;
+        assert_eq!(sparse_tables(all, &[64, 0, 8192], &million), all);
+        // Unknown (before the first walk), over the array, or denser than 1 in 16.
+        assert_eq!(sparse_tables(all, &[u64::MAX, 8193, 64], &million), 1 << 2);
+        assert_eq!(
+            sparse_tables(all, &[4096, 4097, 0], &[65_536; table::COUNT]),
+            1 | 1 << 2
+        );
+        // Only among the walked tables.
+        assert_eq!(sparse_tables(1 << 1, &[0; table::COUNT], &million), 1 << 1);
+    }
+
+    #[test]
+    fn a_listing_is_reused_until_an_insert_into_one_of_its_tables() {
+        let request = ReapRequest {
+            listed: 0b001,
+            listed_from: [0, 0, 0],
+            listed_len: [3, 0, 0],
+            ..ReapRequest::default()
+        };
+        // Candidates: both established tables; the IPv6 one did not fit.
+        let l = Listing::of(&request, 0b011, [10, 20, 30]);
+        assert!(l.still_complete(0b011, Some(&[10, 20, 30])));
+        // Inserts into the half-open table, not a candidate, change nothing.
+        assert!(l.still_complete(0b011, Some(&[10, 20, 99])));
+        assert!(!l.still_complete(0b011, Some(&[11, 20, 30])));
+        assert!(!l.still_complete(0b011, Some(&[10, 21, 30])));
+        assert!(!l.still_complete(0b001, Some(&[10, 20, 30])));
+        assert!(!l.still_complete(0b011, None));
+        let mut next = ReapRequest::default();
+        l.apply(&mut next);
+        assert_eq!(
+            (next.listed, next.listed_len),
+            (request.listed, request.listed_len)
         );
     }
 }

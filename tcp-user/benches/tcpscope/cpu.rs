@@ -48,8 +48,9 @@ const HALF_OPEN_SECS: &str = "2";
 const MIN_BURST: u64 = 64;
 /// Slots per table of the large idle agent.
 const LARGE: u32 = 1 << 20;
-/// Records (half-open, from as many SYNs) of its sparse case.
-const SPARSE: u32 = 64;
+/// Records (half-open, from as many SYNs) of its sparse case: below the agent's sparse
+/// threshold (one record per 16 slots, at most 8192 listed keys), so its keys are listed.
+const SPARSE: u32 = 4096;
 /// Target for an idle agent with 1M slots per table, % of one CPU.
 const IDLE_LARGE_LIMIT: f64 = 0.5;
 
@@ -226,10 +227,10 @@ pub fn run(cfg: &Config, bed: &Testbed, agent_bin: &Path) -> Result<Section> {
         (
             format!("idle, {large} slots per table, {SPARSE} half-open records"),
             &large_sparse,
-            "none set".to_owned(),
+            format!("≤ {IDLE_LARGE_LIMIT}%"),
         ),
     ] {
-        let ok = (target != "none set").then(|| cpu[0].median() <= IDLE_LARGE_LIMIT);
+        let ok = Some(cpu[0].median() <= IDLE_LARGE_LIMIT);
         t.row(vec![
             case,
             cpu[0].cell(2),
@@ -263,9 +264,11 @@ pub fn run(cfg: &Config, bed: &Testbed, agent_bin: &Path) -> Result<Section> {
                 "Idle with {large} slots per table (`--flows-capacity`, `--flows6-capacity`, \
              `--half-open-capacity` {LARGE}): a walk visits every bucket of a table, so the \
              agent leaves out a table that held nothing at its last walk and had nothing \
-             inserted since; a table holding any record is walked whole once a second (the \
-             sparse case: {SPARSE} SYNs leave as many half-open records, kept by \
-             `--half-open-secs 3600`). **Target:** ≤ {IDLE_LARGE_LIMIT}% of a CPU, empty."
+             inserted since, and lists the keys of a sparse one (`BPF_MAP_LOOKUP_BATCH`) for \
+             both programs to visit by lookup (the sparse case: {SPARSE} SYNs leave as many \
+             half-open records, kept by `--half-open-secs 3600`). **Target:** ≤ \
+             {IDLE_LARGE_LIMIT}% of a CPU, empty and sparse (`idle_cpu_1m_slots`: the larger \
+             of the two medians)."
             ),
         ],
         tables: vec![t],
@@ -291,7 +294,7 @@ pub fn run(cfg: &Config, bed: &Testbed, agent_bin: &Path) -> Result<Section> {
         }),
         targets: vec![Target::at_most(
             "idle_cpu_1m_slots",
-            large_empty[0].median(),
+            large_empty[0].median().max(large_sparse[0].median()),
             IDLE_LARGE_LIMIT,
             "% of a CPU",
         )],
