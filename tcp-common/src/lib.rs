@@ -13,6 +13,7 @@ pub mod flow;
 #[cfg(any(test, feature = "user"))]
 pub mod frames;
 pub mod metrics;
+pub mod object;
 pub mod parse;
 pub mod state;
 pub mod track;

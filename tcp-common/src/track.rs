@@ -647,6 +647,8 @@ impl Timeouts {
 const NS: u64 = 1_000_000_000;
 
 impl Timeouts {
+    /// Nanoseconds per second: the fields are nanoseconds, the command line's values seconds.
+    pub const NS_PER_SEC: u64 = NS;
     /// Longest TIME-WAIT and closed timeouts the established tables can measure, seconds
     /// (~9.8 hours: half the wrap of their close time; see [`crate::flow::Established`]).
     pub const MAX_SINCE_CLOSE_SECS: u64 = crate::flow::MAX_CLOSED_AGE_NS / NS;

@@ -1,4 +1,5 @@
-//! The maps shared with the agent. Names are at most 15 bytes (the kernel truncates).
+//! The maps shared with the agent. Names are at most 15 bytes (the kernel truncates), and the
+//! agent knows them from `tcp_common::object`.
 //!
 //! Table choice: plain hashes, not LRU. A record's `bpf_spin_lock` is only allowed in
 //! (non-LRU) hash and array maps, and an LRU would let a flood evict live connections; here
@@ -17,15 +18,14 @@ use tcp_common::{
     counters::{HOOKS, HookCounters},
     flow::{EstablishedEntry, Flow, FlowKey, FlowKey4, HalfOpenEntry},
     metrics::{LISTED_SLOTS, Metrics, PortStats, WalkView},
+    object,
     parse::Parsed,
 };
 
-/// Default capacity of the IPv4 established table (the agent may change it at load time).
-pub const FLOWS4_CAPACITY: usize = 262_144;
-/// Default capacity of the IPv6 established table.
-pub const FLOWS6_CAPACITY: usize = 131_072;
-/// Default capacity of the half-open table.
-pub const HALF_OPEN_CAPACITY: usize = 65_536;
+// The tables' default capacities (the agent may set others at load time).
+const FLOWS4_CAPACITY: usize = object::DEFAULT_FLOWS_CAPACITY as usize;
+const FLOWS6_CAPACITY: usize = object::DEFAULT_FLOWS6_CAPACITY as usize;
+const HALF_OPEN_CAPACITY: usize = object::DEFAULT_HALF_OPEN_CAPACITY as usize;
 
 /// Packet counters per hook (key: `Hook` discriminant), one copy per CPU.
 #[map(name = "COUNTERS")]
@@ -35,7 +35,7 @@ pub static COUNTERS: PerCpuArray<HookCounters> = PerCpuArray::with_max_entries(H
 /// per CPU: one lookup per segment reaches all of it. Key 0: the packet programs; key 1: the
 /// reaper (see `tracker::metrics`).
 #[map(name = "METRICS")]
-pub static METRICS: PerCpuArray<Metrics> = PerCpuArray::with_max_entries(2, 0);
+pub static METRICS: PerCpuArray<Metrics> = PerCpuArray::with_max_entries(object::writer::COUNT, 0);
 
 /// Listening ports the SYN-flood rule watches.
 pub const SYN_PORTS_CAPACITY: u32 = 1024;
@@ -75,7 +75,7 @@ pub static FLOWS6: HashMap<FlowKey, EstablishedEntry, FLOWS6_CAPACITY> = HashMap
 pub static HALF_OPEN: HashMap<FlowKey, HalfOpenEntry, HALF_OPEN_CAPACITY> = HashMap::new();
 
 /// Room for the records one reconciliation may remove (more wait for the next one).
-pub const DOOMED_CAPACITY: usize = 8192;
+const DOOMED_CAPACITY: usize = object::DOOMED_CAPACITY as usize;
 
 /// IPv4 established records the agent found stale (host mode: their local socket is gone or
 /// in another state, per sock_diag; mirror mode: not seen since a restart), with the record's

@@ -75,10 +75,7 @@ pub fn metrics(writer: u32) -> Option<&'static mut Metrics> {
     METRICS.get_ptr_mut(writer).map(|c| unsafe { &mut *c })
 }
 
-/// [`metrics`] copy of the packet programs.
-pub const PACKETS: u32 = 0;
-/// [`metrics`] copy of the reaper.
-pub const REAPER: u32 = 1;
+pub use tcp_common::object::writer::{PACKETS, REAPER};
 
 /// A port's first tallies (in read-only data: a zero value built on the stack costs a
 /// `memset` call, and a frame of its own on the call chain).

@@ -11,8 +11,7 @@ use tcp_common::{
 
 use crate::error::Error;
 
-/// Name of the counters map in the eBPF object.
-pub const COUNTERS_MAP: &str = "COUNTERS";
+pub use tcp_common::object::{COUNTERS_MAP, METRICS_MAP};
 
 /// Counters of both hooks, summed over CPUs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,9 +57,6 @@ pub fn read(ebpf: &Ebpf) -> Result<Totals, Error> {
     Ok(totals)
 }
 
-/// Name of the metrics map in the eBPF object.
-pub const METRICS_MAP: &str = "METRICS";
-
 /// Sums the per-CPU metrics of a loaded object.
 ///
 /// # Errors
@@ -73,10 +69,12 @@ pub fn read_metrics(ebpf: &Ebpf) -> Result<Metrics, Error> {
     sum_metrics(map)
 }
 
-/// Sums both writers' copies (packet programs, reaper) over every CPU.
+/// Sums every writer's copy (packet programs, reaper) over every CPU.
 fn sum_metrics(map: &Map) -> Result<Metrics, Error> {
-    let mut total = sum_per_cpu(map, METRICS_MAP, 0, Metrics::accumulate)?;
-    total.accumulate(&sum_per_cpu(map, METRICS_MAP, 1, Metrics::accumulate)?);
+    let mut total = Metrics::default();
+    for writer in 0..tcp_common::object::writer::COUNT {
+        total.accumulate(&sum_per_cpu(map, METRICS_MAP, writer, Metrics::accumulate)?);
+    }
     Ok(total)
 }
 

@@ -35,46 +35,17 @@ use tcp_common::{
 
 use crate::{EBPF_OBJECT, batch, counters, error::Error, report::TableStats};
 
-/// Name of the XDP program in the object.
-pub const XDP_PROGRAM: &str = "tcpscope_xdp";
-/// Name of the TC classifier in the object.
-pub const TC_PROGRAM: &str = "tcpscope_tc";
-/// Name of the expiry program (never attached; run through `BPF_PROG_TEST_RUN`).
-pub const REAP_PROGRAM: &str = "tcpscope_reap";
-/// The walk's view (never attached: run through `BPF_PROG_TEST_RUN` after each expiry walk).
-pub const VIEW_PROGRAM: &str = "tcpscope_view";
-/// The slow path of each hook (never attached: reached by tail call through the program
-/// array named next to it).
-pub const SLOW_PROGRAMS: [(&str, &str); 2] = [
-    ("tcpscope_xdp_slow", "SLOW_XDP"),
-    ("tcpscope_tc_slow", "SLOW_TC"),
-];
-/// Per-port SYN tallies for the SYN-flood rule.
-pub const SYN_PORTS_MAP: &str = "SYN_PORTS";
-/// IPv4 established-flow table.
-pub const FLOWS4_MAP: &str = "FLOWS4";
-/// IPv6 established-flow table.
-pub const FLOWS6_MAP: &str = "FLOWS6";
-/// Half-open flow table.
-pub const HALF_OPEN_MAP: &str = "HALF_OPEN";
-/// The flow tables, index as in [`table`].
-pub const TABLE_MAPS: [&str; table::COUNT] = [FLOWS4_MAP, FLOWS6_MAP, HALF_OPEN_MAP];
-/// Keys of sparse tables listed for a walk (see [`Tracker::list_sparse`]).
-pub const LISTED_MAP: &str = "LISTED";
+pub use tcp_common::object::{
+    DEFAULT_FLOWS_CAPACITY, DEFAULT_FLOWS6_CAPACITY, DEFAULT_HALF_OPEN_CAPACITY, FLOWS4_MAP,
+    FLOWS6_MAP, HALF_OPEN_MAP, LISTED_MAP, PINNED_MAPS, PORT_INDEX_MAP, REAP_PROGRAM,
+    SLOW_PROGRAMS, SYN_PORTS_MAP, TABLE_MAPS, TC_PROGRAM, VIEW_PROGRAM, WALK_VIEW_MAP, XDP_PROGRAM,
+};
+
 /// A table is sparse, and its records visited by their listed keys rather than by a walk of
 /// every bucket, when it holds at most one record per this many slots: a walk costs about
 /// 16 ns a bucket (twice a second: expiry and view), a listing about 2 ns a bucket and a few
 /// hundred ns a record.
 pub const SPARSE_SLOTS_PER_RECORD: u64 = 16;
-/// Maps pinned so that an agent restart keeps every tracked flow and counter.
-pub const PINNED_MAPS: [&str; 6] = [
-    FLOWS4_MAP,
-    FLOWS6_MAP,
-    HALF_OPEN_MAP,
-    "COUNTERS",
-    "METRICS",
-    "SYN_PORTS",
-];
 /// Where the maps of this build's layout are pinned under `base`: a directory per layout
 /// version, so that an agent never opens maps written by an incompatible build.
 #[must_use]
@@ -118,11 +89,6 @@ pub struct LoadOptions {
     pub ports: Vec<u16>,
 }
 
-/// Map of the per-port view's ports.
-pub const PORT_INDEX_MAP: &str = "PORT_INDEX";
-/// Map of the reaper walk's view.
-pub const WALK_VIEW_MAP: &str = "WALK_VIEW";
-
 /// The reaper walk's view, through a descriptor of its own.
 pub struct WalkViewHandle(Array<MapData, tcp_common::metrics::WalkView>);
 
@@ -153,12 +119,6 @@ impl WalkViewHandle {
 }
 pub use tcp_common::metrics::MAX_WATCHED_PORTS;
 
-/// Default capacity of the IPv4 established table.
-pub const DEFAULT_FLOWS_CAPACITY: u32 = 262_144;
-/// Default capacity of the IPv6 established table.
-pub const DEFAULT_FLOWS6_CAPACITY: u32 = 131_072;
-/// Default capacity of the half-open table.
-pub const DEFAULT_HALF_OPEN_CAPACITY: u32 = 65_536;
 /// The largest capacity a table may be given: 2^26 slots (8 GiB of IPv4 table, 12 GiB of
 /// half-open table). The kernel allocates a table in full at start.
 pub const MAX_CAPACITY: u32 = 1 << 26;

@@ -217,32 +217,32 @@ fn parse_ratio(s: &str) -> Result<f64, String> {
 #[derive(Debug, Args)]
 struct TimeoutArgs {
     /// Seconds an endpoint stays in TIME-WAIT (Linux: 60; at most 35183, ~9.8 h).
-    #[arg(long, default_value_t = 60, value_name = "SECS", value_parser = clap::value_parser!(u64).range(..=Timeouts::MAX_SINCE_CLOSE_SECS))]
+    #[arg(long, default_value_t = Timeouts::DEFAULT.time_wait / Timeouts::NS_PER_SEC, value_name = "SECS", value_parser = clap::value_parser!(u64).range(..=Timeouts::MAX_SINCE_CLOSE_SECS))]
     time_wait_secs: u64,
     /// Seconds a record with both endpoints CLOSED is kept (late segments of a reset
     /// connection must not start a new one; at most 35183).
-    #[arg(long, default_value_t = 10, value_name = "SECS", value_parser = clap::value_parser!(u64).range(..=Timeouts::MAX_SINCE_CLOSE_SECS))]
+    #[arg(long, default_value_t = Timeouts::DEFAULT.closed / Timeouts::NS_PER_SEC, value_name = "SECS", value_parser = clap::value_parser!(u64).range(..=Timeouts::MAX_SINCE_CLOSE_SECS))]
     closed_secs: u64,
     /// Seconds without traffic after which a handshake in progress is dropped.
-    #[arg(long, default_value_t = 75, value_name = "SECS")]
+    #[arg(long, default_value_t = Timeouts::DEFAULT.half_open / Timeouts::NS_PER_SEC, value_name = "SECS")]
     half_open_secs: u64,
     /// Seconds without traffic after which an established connection, or one whose
     /// remaining endpoint is in CLOSE-WAIT, is dropped (at most 2251799, ~26 days).
-    #[arg(long, default_value_t = 432_000, value_name = "SECS", value_parser = clap::value_parser!(u64).range(..=Timeouts::MAX_IDLE_SECS))]
+    #[arg(long, default_value_t = Timeouts::DEFAULT.established / Timeouts::NS_PER_SEC, value_name = "SECS", value_parser = clap::value_parser!(u64).range(..=Timeouts::MAX_IDLE_SECS))]
     established_secs: u64,
     /// Seconds without traffic after which a connection with a FIN awaiting its ACK
     /// (FIN-WAIT-1, CLOSING, LAST-ACK) is dropped (at most 2251799).
-    #[arg(long, default_value_t = 120, value_name = "SECS", value_parser = clap::value_parser!(u64).range(..=Timeouts::MAX_IDLE_SECS))]
+    #[arg(long, default_value_t = Timeouts::DEFAULT.closing / Timeouts::NS_PER_SEC, value_name = "SECS", value_parser = clap::value_parser!(u64).range(..=Timeouts::MAX_IDLE_SECS))]
     closing_secs: u64,
     /// Seconds a FIN-WAIT-2 endpoint whose peer is silent is kept before it is closed alone
     /// (Linux's `tcp_fin_timeout` for an orphaned socket: 60; at most 2251799).
-    #[arg(long = "fin-wait2-secs", default_value_t = 60, value_name = "SECS", value_parser = clap::value_parser!(u64).range(..=Timeouts::MAX_IDLE_SECS))]
+    #[arg(long = "fin-wait2-secs", default_value_t = Timeouts::DEFAULT.fin_wait2 / Timeouts::NS_PER_SEC, value_name = "SECS", value_parser = clap::value_parser!(u64).range(..=Timeouts::MAX_IDLE_SECS))]
     fin_wait2_secs: u64,
 }
 
 impl TimeoutArgs {
     fn timeouts(&self) -> Timeouts {
-        let ns = |s: u64| s.saturating_mul(1_000_000_000);
+        let ns = |s: u64| s.saturating_mul(Timeouts::NS_PER_SEC);
         Timeouts {
             time_wait: ns(self.time_wait_secs),
             closed: ns(self.closed_secs),

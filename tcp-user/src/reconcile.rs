@@ -61,11 +61,11 @@ pub const QUIET: Duration = Duration::from_secs(1);
 
 /// `BPF_NOEXIST` (linux/bpf.h).
 const BPF_NOEXIST: u64 = 1;
-/// The DOOMED maps' capacity (`tcp-ebpf/src/maps.rs`).
-const DOOMED_CAPACITY: usize = 8192;
+/// The DOOMED maps' capacity.
+const DOOMED_CAPACITY: usize = tcp_common::object::DOOMED_CAPACITY as usize;
 
-/// The index of the reaper's copy in the metrics map (`tcp-ebpf/src/tracker.rs`).
-const REAPER_WRITER: u32 = 1;
+/// The index of the reaper's copy in the metrics map.
+const REAPER_WRITER: u32 = tcp_common::object::writer::REAPER;
 
 /// What reconciliation does in this agent.
 #[derive(Clone, Debug)]
@@ -509,10 +509,7 @@ impl Reconciler {
     }
 }
 
-/// Name of the IPv4 DOOMED map.
-pub const DOOMED4_MAP: &str = "DOOMED4";
-/// Name of the IPv6 DOOMED map.
-pub const DOOMED6_MAP: &str = "DOOMED6";
+pub use tcp_common::object::{DOOMED4_MAP, DOOMED6_MAP};
 
 /// A record's key in its own table.
 #[derive(Clone, Copy, Debug)]

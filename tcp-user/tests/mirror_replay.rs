@@ -53,7 +53,7 @@ fn reset(pin_dir: &Path) {
     clear::<FlowKey, EstablishedEntry>(&dir.join(FLOWS6_MAP));
     clear::<FlowKey, HalfOpenEntry>(&dir.join(HALF_OPEN_MAP));
     let cpus = aya::util::nr_cpus().expect("cpus").get() as usize;
-    let data = MapData::from_pin(dir.join("COUNTERS")).expect("counters");
+    let data = MapData::from_pin(dir.join(tcp_common::object::COUNTERS_MAP)).expect("counters");
     let mut counters: PerCpuArray<_, HookCounters> =
         PerCpuArray::try_from(Map::PerCpuArray(data)).expect("array");
     for hook in 0..2 {
@@ -66,7 +66,7 @@ fn reset(pin_dir: &Path) {
             .expect("zero");
     }
     // The gauges and table counts go with the records: all zero together.
-    let data = MapData::from_pin(dir.join("METRICS")).expect("metrics");
+    let data = MapData::from_pin(dir.join(tcp_common::object::METRICS_MAP)).expect("metrics");
     let mut metrics: PerCpuArray<_, Metrics> =
         PerCpuArray::try_from(Map::PerCpuArray(data)).expect("array");
     for writer in 0..2 {
