@@ -103,7 +103,7 @@ fn sum_per_cpu<V: aya::Pod + Default + Copy>(
 /// When they are not pinned under `base` or cannot be read.
 pub fn read_pinned(base: &std::path::Path) -> Result<(Totals, Metrics), Error> {
     let open = |name: &'static str| -> Result<Map, Error> {
-        let path = crate::loader::layout_dir(base).join(name);
+        let path = crate::pins::layout_dir(base).join(name);
         if !path.exists() {
             return Err(Error::NotPinned {
                 path,

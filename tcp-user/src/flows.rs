@@ -10,11 +10,9 @@ use tcp_common::{
     state::TcpState,
 };
 
-use crate::{
-    error::Error,
-    loader::{FLOWS4_MAP, FLOWS6_MAP, HALF_OPEN_MAP, layout_dir},
-    report::endpoint_string,
-};
+use tcp_common::object::{FLOWS4_MAP, FLOWS6_MAP, HALF_OPEN_MAP};
+
+use crate::{error::Error, pins::layout_dir, report::endpoint_string};
 
 /// Nanoseconds of CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`.
 #[must_use]

@@ -9,6 +9,7 @@
 
 pub mod batch;
 pub mod capture;
+pub mod collector;
 pub mod counters;
 pub mod error;
 pub mod flood;

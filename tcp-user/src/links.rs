@@ -16,7 +16,10 @@ use std::{
 
 use log::{info, warn};
 
-use crate::loader::{Attachment, Mode, Tracker, XdpModeChoice, error_chain};
+use crate::{
+    error::error_chain,
+    loader::{Attachment, Mode, Tracker, XdpModeChoice},
+};
 
 /// A netlink socket subscribed to link events, non-blocking.
 #[derive(Debug)]

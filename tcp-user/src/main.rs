@@ -12,10 +12,11 @@ use tcp_common::{
 };
 use tcp_user::{
     counters::Totals,
+    error::error_chain,
     flood::{FloodDetector, FloodRule},
     flows::{self, FlowView},
     http, iface, links,
-    loader::{self, LoadOptions, Mode, Tracker, XdpModeChoice, error_chain},
+    loader::{self, LoadOptions, Mode, Tracker, XdpModeChoice},
     pins::{self, PinDir},
     report::{Exposition, Report, WalkExport},
 };
@@ -104,14 +105,14 @@ struct RunArgs {
     #[command(flatten)]
     timeouts: TimeoutArgs,
     /// Capacity of the IPv4 established-flow table (128 bytes of kernel memory per slot).
-    #[arg(long, default_value_t = loader::DEFAULT_FLOWS_CAPACITY, value_name = "N", value_parser = capacity)]
+    #[arg(long, default_value_t = tcp_common::object::DEFAULT_FLOWS_CAPACITY, value_name = "N", value_parser = capacity)]
     flows_capacity: u32,
     /// Capacity of the IPv6 established-flow table (152 bytes per slot).
-    #[arg(long, default_value_t = loader::DEFAULT_FLOWS6_CAPACITY, value_name = "N", value_parser = capacity)]
+    #[arg(long, default_value_t = tcp_common::object::DEFAULT_FLOWS6_CAPACITY, value_name = "N", value_parser = capacity)]
     flows6_capacity: u32,
     /// Capacity of the half-open (handshake in progress) table, both families (192 bytes per
     /// slot).
-    #[arg(long, default_value_t = loader::DEFAULT_HALF_OPEN_CAPACITY, value_name = "N", value_parser = capacity)]
+    #[arg(long, default_value_t = tcp_common::object::DEFAULT_HALF_OPEN_CAPACITY, value_name = "N", value_parser = capacity)]
     half_open_capacity: u32,
     /// Serve GET /metrics (Prometheus) and GET /healthz on this address; `off`: no server.
     #[arg(long, default_value = "0.0.0.0:9977", value_name = "ADDR:PORT|off", value_parser = parse_listen)]

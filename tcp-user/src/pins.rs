@@ -27,7 +27,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::{error::Error, loader::layout_dir};
+use crate::error::Error;
 
 /// Where the per-namespace default directories live.
 pub const PIN_ROOT: &str = "/sys/fs/bpf/tcpscope";
@@ -227,4 +227,30 @@ fn holder_pid(dir: &Path) -> Option<u32> {
 #[must_use]
 pub fn held_by_an_agent(dir: &Path) -> Option<bool> {
     dir.exists().then(|| holder_pid(dir).is_some())
+}
+
+/// Where the maps of this build's layout are pinned under `base`: a directory per layout
+/// version, so that an agent never opens maps written by an incompatible build.
+#[must_use]
+pub fn layout_dir(base: &Path) -> PathBuf {
+    base.join(format!("v{}", tcp_common::LAYOUT_VERSION))
+}
+
+/// The layout directories under `base` other than this build's (`v2`, ...).
+pub(crate) fn other_layouts(base: &Path) -> Vec<String> {
+    let ours = layout_dir(base);
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return Vec::new();
+    };
+    let mut found: Vec<String> = entries
+        .filter_map(Result::ok)
+        .filter(|e| e.path() != ours)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| {
+            n.strip_prefix('v')
+                .is_some_and(|v| v.parse::<u32>().is_ok())
+        })
+        .collect();
+    found.sort();
+    found
 }

@@ -31,7 +31,9 @@ use tcp_common::{
 };
 
 use crate::{
-    loader::{Tracker, error_chain, sparse_tables},
+    collector::sparse_tables,
+    error::error_chain,
+    loader::Tracker,
     reconcile::{Policy, Reconciler},
 };
 

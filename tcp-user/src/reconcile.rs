@@ -42,12 +42,14 @@ use tcp_common::{
     track::Timeouts,
 };
 
+use tcp_common::object::{FLOWS4_MAP, FLOWS6_MAP, HALF_OPEN_MAP};
+
 use crate::{
     batch,
     counters::METRICS_MAP,
     error::Error,
     flows::monotonic_ns,
-    loader::{FLOWS4_MAP, FLOWS6_MAP, HALF_OPEN_MAP, Tracker},
+    loader::Tracker,
     sockets::{self, Socket},
 };
 

@@ -19,7 +19,6 @@ use common::{
     metrics::{AGENT, http_get, parse, sample, scrape_text, sum},
     prometheus::Prometheus,
 };
-use tcp_user::loader;
 
 const PORT: u16 = 9200;
 
@@ -227,9 +226,21 @@ fn time_wait_gauges_equal_ss_per_side_through_prometheus_and_expire() {
     );
     // The agent runs with the default capacities.
     for (family, table, capacity) in [
-        ("ipv4", "established", loader::DEFAULT_FLOWS_CAPACITY),
-        ("ipv6", "established", loader::DEFAULT_FLOWS6_CAPACITY),
-        ("all", "half_open", loader::DEFAULT_HALF_OPEN_CAPACITY),
+        (
+            "ipv4",
+            "established",
+            tcp_common::object::DEFAULT_FLOWS_CAPACITY,
+        ),
+        (
+            "ipv6",
+            "established",
+            tcp_common::object::DEFAULT_FLOWS6_CAPACITY,
+        ),
+        (
+            "all",
+            "half_open",
+            tcp_common::object::DEFAULT_HALF_OPEN_CAPACITY,
+        ),
     ] {
         assert_eq!(
             sample(

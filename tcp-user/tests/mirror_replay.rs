@@ -16,12 +16,12 @@ use std::{
 use aya::maps::{HashMap, Map, MapData, PerCpuArray, PerCpuValues};
 use common::{Link, agent::Agent};
 use serde_json::Value;
+use tcp_common::object::{FLOWS4_MAP, FLOWS6_MAP, HALF_OPEN_MAP};
 use tcp_common::{
     counters::HookCounters,
     flow::{EstablishedEntry, FlowKey, FlowKey4, HalfOpenEntry},
     metrics::Metrics,
 };
-use tcp_user::loader::{FLOWS4_MAP, FLOWS6_MAP, HALF_OPEN_MAP};
 
 /// Timeouts far beyond any capture's span (the longest the agent takes), for both the agent
 /// and replay: nothing expires in either path.

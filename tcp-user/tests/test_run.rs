@@ -8,12 +8,13 @@ use aya::{
     TestRun as _,
     programs::{SchedClassifier, TestRunOptions, Xdp},
 };
+use tcp_common::object::{TC_PROGRAM, XDP_PROGRAM};
 use tcp_common::{
     counters::{Counter, Hook},
     frames::catalogue,
     parse::{PacketClass, notes, tcp_flags},
 };
-use tcp_user::loader::{LoadOptions, TC_PROGRAM, Tracker, XDP_PROGRAM};
+use tcp_user::loader::{LoadOptions, Tracker};
 
 const XDP_PASS: u32 = 2;
 const TC_ACT_OK: u32 = 0;

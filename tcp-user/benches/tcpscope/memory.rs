@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, fs};
 use anyhow::{Context as _, Result, ensure};
 use aya::maps::MapInfo;
 use serde_json::json;
-use tcp_user::loader::{FLOWS4_MAP, FLOWS6_MAP, HALF_OPEN_MAP};
+use tcp_common::object::{FLOWS4_MAP, FLOWS6_MAP, HALF_OPEN_MAP};
 
 use crate::{
     agent::Agent,

@@ -28,6 +28,7 @@ use aya::{
     programs::{SchedClassifier, TestRunOptions, TestRunResult, Xdp},
 };
 use serde_json::json;
+use tcp_common::object::{TC_PROGRAM, XDP_PROGRAM};
 use tcp_common::{
     counters::{Counter, Hook as CounterHook, HookCounters, event_slots},
     frames::{FrameSpec, Upper},
@@ -35,7 +36,7 @@ use tcp_common::{
     parse::tcp_flags::{ACK, FIN, PSH, RST, SYN},
     state::{TcpState, events},
 };
-use tcp_user::loader::{LoadOptions, TC_PROGRAM, Tracker, XDP_PROGRAM};
+use tcp_user::loader::{LoadOptions, Tracker};
 
 use crate::{
     Config,

@@ -16,14 +16,12 @@ use std::{
 use anyhow::{Context as _, Result, ensure};
 use aya::maps::{HashMap, IterableMap as _, Map, MapData};
 use serde_json::json;
+use tcp_common::object::FLOWS4_MAP;
 use tcp_common::{
     flow::{Established, EstablishedEntry, Flow, FlowKey4, endpoint_flags, flow_flags},
     state::{Side, TcpState},
 };
-use tcp_user::{
-    flows::monotonic_ns,
-    loader::{FLOWS4_MAP, layout_dir},
-};
+use tcp_user::{flows::monotonic_ns, pins::layout_dir};
 
 use crate::{
     Config,
