@@ -1,5 +1,5 @@
 //! The tcpscope agent as a library: loading and attaching the eBPF programs and reading their
-//! maps. The `tcpscope` binary (src/main.rs) is a thin CLI over it; integration tests use it
+//! maps. The `tcpscope` binary (src/bin/tcpscope/) is a thin CLI over it; integration tests use it
 //! directly.
 
 #![allow(
