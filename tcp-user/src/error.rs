@@ -88,6 +88,8 @@ pub enum Error {
         iface: String,
         /// Which hook, e.g. "XDP (native)".
         hook: String,
+        /// Whether that hook was native XDP (which the driver may lack).
+        native_xdp: bool,
         /// The kernel's answer.
         #[source]
         source: aya::programs::ProgramError,
@@ -103,6 +105,48 @@ pub enum Error {
     },
 }
 
+impl Error {
+    /// The OS error (errno) at the root of this error's causes, if any.
+    #[must_use]
+    pub fn os_error(&self) -> Option<i32> {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(c) = cause {
+            let errno = if let Some(io) = c.downcast_ref::<std::io::Error>() {
+                io.raw_os_error()
+            } else if let Some(netlink) = c.downcast_ref::<aya::sys::NetlinkError>() {
+                netlink.raw_os_error()
+            } else {
+                None
+            };
+            if errno.is_some() {
+                return errno;
+            }
+            cause = c.source();
+        }
+        None
+    }
+
+    /// What to do about this error when its usual cause is known, to follow its message
+    /// (empty otherwise).
+    #[must_use]
+    pub fn hint(&self) -> &'static str {
+        let errno = self.os_error();
+        match self {
+            _ if errno == Some(libc::EPERM) => {
+                " (run as root, or grant CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON)"
+            }
+            Self::Attach { .. } if matches!(errno, Some(libc::EBUSY | libc::EEXIST)) => {
+                " (another XDP program, perhaps another tcpscope agent's, is attached to this \
+                 interface: `ip link show` names it)"
+            }
+            Self::Attach {
+                native_xdp: true, ..
+            } => " (the driver may lack native XDP: try --xdp-mode skb)",
+            _ => "",
+        }
+    }
+}
+
 /// An error and its causes on one line.
 #[must_use]
 pub fn error_chain(e: &dyn std::error::Error) -> String {
@@ -114,4 +158,45 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         cause = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use aya::{programs::ProgramError, sys::SyscallError};
+
+    use super::*;
+
+    fn attach(native_xdp: bool, errno: i32) -> Error {
+        Error::Attach {
+            iface: "eth0".to_owned(),
+            hook: "XDP".to_owned(),
+            native_xdp,
+            source: ProgramError::SyscallError(SyscallError {
+                call: "bpf_link_create",
+                io_error: std::io::Error::from_raw_os_error(errno),
+            }),
+        }
+    }
+
+    #[test]
+    fn hints_follow_the_variant_and_the_errno_not_the_message() {
+        assert_eq!(attach(false, libc::EBUSY).os_error(), Some(libc::EBUSY));
+        assert!(
+            attach(false, libc::EBUSY)
+                .hint()
+                .contains("another XDP program")
+        );
+        assert!(
+            attach(true, libc::EEXIST)
+                .hint()
+                .contains("another XDP program")
+        );
+        assert!(attach(true, libc::EPERM).hint().contains("run as root"));
+        assert!(attach(true, libc::EINVAL).hint().contains("--xdp-mode skb"));
+        assert_eq!(attach(false, libc::EINVAL).hint(), "");
+        // A refusal by the verifier (EACCES) is not a privilege problem.
+        assert_eq!(attach(false, libc::EACCES).hint(), "");
+        let missing = Error::UnknownInterface("eth9".to_owned());
+        assert_eq!((missing.os_error(), missing.hint()), (None, ""));
+    }
 }

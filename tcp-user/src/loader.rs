@@ -432,6 +432,7 @@ fn attach_xdp(
     let attach_err = |mode: XdpAttachMode, source| Error::Attach {
         iface: iface.to_owned(),
         hook: format!("XDP ({mode})"),
+        native_xdp: mode == XdpAttachMode::Native,
         source,
     };
     let choice = match choice {
@@ -532,6 +533,7 @@ fn attach_tc(
         .map_err(|source| Error::Attach {
             iface: iface.to_owned(),
             hook: "TC egress (netlink)".to_owned(),
+            native_xdp: false,
             source,
         })
 }

@@ -37,23 +37,6 @@ impl Drop for StartGuard {
     }
 }
 
-/// A hint for errors whose usual cause is known.
-pub(crate) fn hint(e: &tcp_user::error::Error) -> &'static str {
-    let chain = error_chain(e);
-    if chain.contains("Operation not permitted") || chain.contains("EPERM") {
-        " (run as root, or grant CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON)"
-    } else if matches!(e, tcp_user::error::Error::Attach { .. })
-        && (chain.contains("Device or resource busy") || chain.contains("File exists"))
-    {
-        " (another XDP program, perhaps another tcpscope agent's, is attached to this \
-         interface: `ip link show` names it)"
-    } else if chain.contains("XDP (native)") {
-        " (the driver may lack native XDP: try --xdp-mode skb)"
-    } else {
-        ""
-    }
-}
-
 pub(crate) async fn run(args: RunArgs) -> Result<()> {
     // Handlers first: a SIGTERM that arrives while loading or attaching must still end in a
     // clean detach, not in the default action (death with programs possibly left behind).
@@ -101,7 +84,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<()> {
     let timeouts = args.timeouts.timeouts();
     let mut tracker = match Tracker::load(&options) {
         Ok(t) => t,
-        Err(e) => bail!("{}{}", error_chain(&e), hint(&e)),
+        Err(e) => bail!("{}{}", error_chain(&e), e.hint()),
     };
     let mut ebpf_log = match aya_log::EbpfLogger::init(tracker.ebpf_mut()) {
         Ok(logger) => {
@@ -145,7 +128,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<()> {
                 info!("attached {attachment}");
                 followed.attached(attachment);
             }
-            Err(e) => bail!("{}{}", error_chain(&e), hint(&e)),
+            Err(e) => bail!("{}{}", error_chain(&e), e.hint()),
         }
     }
     // Link events wake the interface check at once; without them it runs once a second.
