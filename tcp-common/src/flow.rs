@@ -11,6 +11,7 @@
 //!   connection whose endpoints are both ESTABLISHED) updates its few fields in place without
 //!   the lock. See the README's "Per-packet path" for why both are race-free.
 
+pub use crate::parse::NO_WSCALE;
 use crate::{
     parse::Segment,
     state::{Role, Side, TcpState},
@@ -129,7 +130,7 @@ impl FlowKey {
     }
 
     /// A 32-bit digest of the key (FNV-1a over its address and port words), stored in each
-    /// [`FlowEntry`] so that a CPU holding a pointer to a table element can tell, under the
+    /// [`HalfOpenEntry`] so that a CPU holding a pointer to a table element can tell, under the
     /// lock, whether the element still holds its flow: a deleted element's memory may be reused
     /// for another flow at once.
     #[must_use]
@@ -165,9 +166,6 @@ fn halves(a: &[u8; 16]) -> (u64, u64) {
     lo.copy_from_slice(&a[8..]);
     (u64::from_be_bytes(hi), u64::from_be_bytes(lo))
 }
-
-/// No window scale option seen.
-pub const NO_WSCALE: u8 = 0xff;
 
 /// Bits of [`Endpoint::flags`].
 pub mod endpoint_flags {

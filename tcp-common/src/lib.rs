@@ -9,12 +9,16 @@
 extern crate std;
 
 pub mod counters;
+pub mod event_counters;
 pub mod flow;
 #[cfg(any(test, feature = "user"))]
 pub mod frames;
+pub mod gauges;
+pub mod histogram;
 pub mod metrics;
 pub mod object;
 pub mod parse;
+pub mod reap;
 pub mod state;
 pub mod track;
 

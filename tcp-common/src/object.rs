@@ -37,7 +37,7 @@ pub const FLOWS6_MAP: &str = "FLOWS6";
 pub const HALF_OPEN_MAP: &str = "HALF_OPEN";
 /// The flow tables, index as in [`table`].
 pub const TABLE_MAPS: [&str; table::COUNT] = [FLOWS4_MAP, FLOWS6_MAP, HALF_OPEN_MAP];
-/// Keys of sparse tables listed for a walk (see [`crate::metrics::ReapRequest::listed`]).
+/// Keys of sparse tables listed for a walk (see [`crate::reap::ReapRequest::listed`]).
 pub const LISTED_MAP: &str = "LISTED";
 /// Map of the per-port view's ports.
 pub const PORT_INDEX_MAP: &str = "PORT_INDEX";

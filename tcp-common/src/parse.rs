@@ -17,13 +17,15 @@
 //! The same function runs in the kernel (through a bounds-checked packet accessor) and in
 //! userspace (over a byte slice), so kernel and offline results agree by construction.
 
-use crate::flow::NO_WSCALE;
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
     tcp::TcpHdr,
     vlan::VlanHdr,
 };
+
+/// No window scale option seen.
+pub const NO_WSCALE: u8 = 0xff;
 
 /// Most VLAN tags walked before the EtherType must be IP.
 pub const MAX_VLAN_TAGS: usize = 2;
@@ -162,7 +164,7 @@ pub struct Segment {
     pub flags: u8,
     /// Whether the segment came over IPv6.
     pub ipv6: bool,
-    /// Window scale shift from the TCP options of a SYN, else [`crate::flow::NO_WSCALE`].
+    /// Window scale shift from the TCP options of a SYN, else [`NO_WSCALE`].
     pub wscale: u8,
     /// Outermost VLAN id (0: untagged).
     pub vlan: u16,

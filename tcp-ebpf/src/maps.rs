@@ -17,9 +17,10 @@ use aya_ebpf::{
 use tcp_common::{
     counters::{HOOKS, HookCounters},
     flow::{EstablishedEntry, Flow, FlowKey, FlowKey4, HalfOpenEntry},
-    metrics::{LISTED_SLOTS, Metrics, PortStats, WalkView},
+    metrics::{Metrics, PortStats, WalkView},
     object,
     parse::Parsed,
+    reap::LISTED_SLOTS,
 };
 
 // The tables' default capacities (the agent may set others at load time).
@@ -58,7 +59,7 @@ pub static WALK_VIEW: Array<WalkView> = Array::with_max_entries(1, 0);
 
 /// Keys of sparse tables' records, listed by the agent before a walk so that the reaper and
 /// the view visit those records by lookup rather than by a walk of every bucket (see
-/// [`tcp_common::metrics::ReapRequest::listed`]). An IPv4 key fills a slot's first 16 bytes.
+/// [`tcp_common::reap::ReapRequest::listed`]). An IPv4 key fills a slot's first 16 bytes.
 #[map(name = "LISTED")]
 pub static LISTED: Array<FlowKey> = Array::with_max_entries(LISTED_SLOTS, 0);
 

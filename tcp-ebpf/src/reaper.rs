@@ -21,9 +21,11 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use tcp_common::{
-    counters::event_slots,
+    event_counters::event_slots,
     flow::{Established, EstablishedEntry, FlowKey, FlowKey4, HalfOpenEntry, flow_flags},
-    metrics::{LISTED_SLOTS, NO_SLOT, ReapRequest, endpoint_slot, established_slot, table},
+    gauges::{NO_SLOT, endpoint_slot, established_slot},
+    metrics::table,
+    reap::{LISTED_SLOTS, ReapRequest},
     track::{Age, Timeouts, finished},
 };
 

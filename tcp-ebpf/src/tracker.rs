@@ -39,11 +39,11 @@ use aya_ebpf::{
     helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
 };
 use tcp_common::{
-    counters::event_slots,
+    event_counters::event_slots,
     flow::{Established, EstablishedEntry, Flow, FlowKey, FlowKey4, HalfOpenEntry, flow_flags},
-    metrics::{
-        Metrics, NO_SLOT, PortStats, endpoint_slot, established_slot, handshake_phases, table,
-    },
+    gauges::{NO_SLOT, endpoint_slot, established_slot},
+    histogram::handshake_phases,
+    metrics::{Metrics, PortStats, table},
     parse::{Segment, tcp_flags},
     state::{Side, events as ev},
     track::track,

@@ -19,11 +19,11 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use tcp_common::{
-    counters::event_slots,
+    event_counters::event_slots,
     flow::{Established, EstablishedEntry, Flow, HalfOpenEntry, flow_flags, view_marks},
-    metrics::{
-        LISTED_SLOTS, NO_SLOT, ReapRequest, WalkView, endpoint_slot, established_slot, table,
-    },
+    gauges::{NO_SLOT, endpoint_slot, established_slot},
+    metrics::{WalkView, table},
+    reap::{LISTED_SLOTS, ReapRequest},
     state::TcpState,
 };
 

@@ -11,10 +11,11 @@ use aya::{
     programs::{TestRunOptions, Xdp},
 };
 use tcp_common::{
-    counters::event_slots,
+    event_counters::event_slots,
     flow::{EstablishedEntry, FlowKey, FlowKey4, HalfOpenEntry},
-    metrics::{LISTED_SLOTS, Metrics, PortStats, ReapRequest, WalkView, table},
+    metrics::{Metrics, PortStats, WalkView, table},
     object::{LISTED_MAP, REAP_PROGRAM, SYN_PORTS_MAP, TABLE_MAPS, VIEW_PROGRAM, WALK_VIEW_MAP},
+    reap::{LISTED_SLOTS, ReapRequest},
     track::Timeouts,
 };
 

@@ -26,7 +26,8 @@ use std::{
 
 use log::{debug, info, warn};
 use tcp_common::{
-    metrics::{ReapRequest, WalkView, table},
+    metrics::{WalkView, table},
+    reap::ReapRequest,
     track::Timeouts,
 };
 

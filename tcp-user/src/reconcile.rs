@@ -34,9 +34,10 @@ use std::{
 use aya::maps::{HashMap, IterableMap as _, Map, MapData, PerCpuArray, PerCpuValues};
 use log::{debug, info};
 use tcp_common::{
-    counters::event_slots,
+    event_counters::event_slots,
     flow::{EstablishedEntry, Flow, FlowKey, FlowKey4, LAST_SHIFT, flow_flags, view_marks},
-    metrics::{Metrics, NO_SLOT, established_slot, table},
+    gauges::{NO_SLOT, established_slot},
+    metrics::{Metrics, table},
     parse::Segment,
     state::{Side, TcpState},
     track::Timeouts,

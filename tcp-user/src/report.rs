@@ -12,12 +12,12 @@ use prometheus::{
 };
 use serde::Serialize;
 use tcp_common::{
-    counters::{Counter, EventCounters, HookCounters, event_slots},
+    counters::{Counter, HookCounters},
+    event_counters::{EventCounters, event_slots},
     flow::{Flow, FlowKey, flow_flags},
-    metrics::{
-        BUCKETS, GAUGE_SLOTS, Histogram, Metrics, Phase, PortStats, WalkView, bucket_bound_ns,
-        port_view_slot, slot_labels,
-    },
+    gauges::{GAUGE_SLOTS, slot_labels},
+    histogram::{BUCKETS, Histogram, Phase, bucket_bound_ns},
+    metrics::{Metrics, PortStats, WalkView, port_view_slot},
     state::{Role, Side, TcpState, events as ev},
 };
 
@@ -188,7 +188,7 @@ impl Report {
     /// Adds a handshake of `flow` that its segment at `now` completed (userspace replay).
     pub fn observe_handshake(&mut self, flow: &Flow, now: u64) {
         if let Some(phases) =
-            tcp_common::metrics::handshake_phases(flow.syn_ns, flow.synack_ns, now)
+            tcp_common::histogram::handshake_phases(flow.syn_ns, flow.synack_ns, now)
         {
             for (h, ns) in self.handshake.iter_mut().zip(phases) {
                 h.observe(ns);

@@ -119,8 +119,8 @@ fn window_scale_option_of_syns() {
     // Shifts above 14 are clamped (RFC 7323 §2.3).
     assert_eq!(syn(&[1, 3, 3, 20]), 14);
     // No window scale option; or one behind an option of unknown length.
-    assert_eq!(syn(&[2, 4, 5, 0xb4]), crate::flow::NO_WSCALE);
-    assert_eq!(syn(&[30, 4, 0, 0, 1, 3, 3, 7]), crate::flow::NO_WSCALE);
+    assert_eq!(syn(&[2, 4, 5, 0xb4]), crate::parse::NO_WSCALE);
+    assert_eq!(syn(&[30, 4, 0, 0, 1, 3, 3, 7]), crate::parse::NO_WSCALE);
     // Only SYNs are read.
     let mut spec = v4(ACK);
     spec.tcp_options = 4;
@@ -128,7 +128,7 @@ fn window_scale_option_of_syns() {
     f[54..58].copy_from_slice(&[1, 3, 3, 7]);
     assert_eq!(
         parse_full(f.as_slice()).segment.wscale,
-        crate::flow::NO_WSCALE
+        crate::parse::NO_WSCALE
     );
 }
 

@@ -30,9 +30,10 @@ use aya::{
 use serde_json::json;
 use tcp_common::object::{TC_PROGRAM, XDP_PROGRAM};
 use tcp_common::{
-    counters::{Counter, Hook as CounterHook, HookCounters, event_slots},
+    counters::{Counter, Hook as CounterHook, HookCounters},
+    event_counters::event_slots,
     frames::{FrameSpec, Upper},
-    metrics::{GAUGE_SLOTS, slot_labels},
+    gauges::{GAUGE_SLOTS, slot_labels},
     parse::tcp_flags::{ACK, FIN, PSH, RST, SYN},
     state::{TcpState, events},
 };

@@ -6,7 +6,8 @@ use std::{io::Write as _, time::Duration};
 use anyhow::{Context as _, Result, bail};
 use log::{debug, info, warn};
 use tcp_common::{
-    counters::{Counter, Hook, event_slots},
+    counters::{Counter, Hook},
+    event_counters::event_slots,
     state::Side,
 };
 use tcp_user::{
