@@ -2,9 +2,12 @@
 //! "cooked" headers (`LINUX_SLL`, `LINUX_SLL2`) that `tcpdump -i any` writes, rewritten as
 //! Ethernet frames for the parser.
 
-use std::{fs::File, io::BufReader, path::Path};
+use std::{
+    fs::File,
+    io::BufReader,
+    path::{Path, PathBuf},
+};
 
-use anyhow::{Context as _, Result, bail};
 use pcap_file::{
     DataLink, PcapError,
     pcap::PcapReader,
@@ -13,6 +16,65 @@ use pcap_file::{
         blocks::interface_description::{InterfaceDescriptionBlock, InterfaceDescriptionOption},
     },
 };
+
+/// What can fail while reading a capture: the file, and what was wrong with it.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    /// The file cannot be opened.
+    #[error("opening {}", path.display())]
+    Open {
+        /// The capture.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is shorter than any capture header.
+    #[error("{}: too short for a capture file", path.display())]
+    TooShort {
+        /// The capture.
+        path: PathBuf,
+        /// The read that came short.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A link layer other than those read.
+    #[error(
+        "{}: link type {link:?} is not supported (Ethernet, LINUX_SLL and LINUX_SLL2 are)",
+        path.display()
+    )]
+    LinkType {
+        /// The capture.
+        path: PathBuf,
+        /// Its link type.
+        link: DataLink,
+    },
+    /// A header, record or block that cannot be parsed (other than cut short at the end).
+    #[error("{}: {what}", path.display())]
+    Corrupt {
+        /// The capture.
+        path: PathBuf,
+        /// What could not be read, e.g. "corrupt packet record".
+        what: &'static str,
+        /// The parser's complaint.
+        #[source]
+        source: PcapError,
+    },
+    /// A pcapng packet that names an interface no block declared.
+    #[error("{}: packet for an undeclared interface", path.display())]
+    UndeclaredInterface {
+        /// The capture.
+        path: PathBuf,
+    },
+}
+
+/// Results of reading a capture.
+pub type Result<T, E = CaptureError> = std::result::Result<T, E>;
+
+fn corrupt(path: &Path, what: &'static str) -> impl FnOnce(PcapError) -> CaptureError {
+    let path = path.to_owned();
+    move |source| CaptureError::Corrupt { path, what, source }
+}
 
 /// How a capture file ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,12 +104,20 @@ pub fn for_each_frame(path: &Path, mut each: impl FnMut(u64, &[u8])) -> Result<E
     {
         use std::io::Read as _;
         File::open(path)
-            .with_context(|| format!("opening {}", path.display()))?
+            .map_err(|source| CaptureError::Open {
+                path: path.to_owned(),
+                source,
+            })?
             .read_exact(&mut magic)
-            .with_context(|| format!("{}: too short for a capture file", path.display()))?;
+            .map_err(|source| CaptureError::TooShort {
+                path: path.to_owned(),
+                source,
+            })?;
     }
-    let file =
-        BufReader::new(File::open(path).with_context(|| format!("opening {}", path.display()))?);
+    let file = BufReader::new(File::open(path).map_err(|source| CaptureError::Open {
+        path: path.to_owned(),
+        source,
+    })?);
     if magic == [0x0a, 0x0d, 0x0d, 0x0a] {
         read_pcapng(path, file, &mut each)
     } else {
@@ -71,11 +141,12 @@ impl Link {
             DataLink::ETHERNET => Self::Ethernet,
             DataLink::LINUX_SLL => Self::Sll,
             DataLink::LINUX_SLL2 => Self::Sll2,
-            other => bail!(
-                "{}: link type {other:?} is not supported (Ethernet, LINUX_SLL and LINUX_SLL2 \
-                 are)",
-                path.display()
-            ),
+            other => {
+                return Err(CaptureError::LinkType {
+                    path: path.to_owned(),
+                    link: other,
+                });
+            }
         })
     }
 
@@ -109,8 +180,7 @@ fn read_pcap(
     file: BufReader<File>,
     each: &mut impl FnMut(u64, &[u8]),
 ) -> Result<Ending> {
-    let mut reader = PcapReader::new(file)
-        .with_context(|| format!("{}: not a pcap or pcapng file", path.display()))?;
+    let mut reader = PcapReader::new(file).map_err(corrupt(path, "not a pcap or pcapng file"))?;
     let header = reader.header();
     let link = Link::of(path, header.datalink)?;
     let (mut buf, mut frames) = (Vec::new(), 0u64);
@@ -123,8 +193,7 @@ fn read_pcap(
                 return Ok(Ending::CutShort { frames });
             }
             Err(e) => {
-                return Err(e)
-                    .with_context(|| format!("{}: corrupt packet record", path.display()));
+                return Err(corrupt(path, "corrupt packet record")(e));
             }
         };
         offset += 16 + packet.data.len() as u64;
@@ -169,15 +238,14 @@ fn read_pcapng(
     file: BufReader<File>,
     each: &mut impl FnMut(u64, &[u8]),
 ) -> Result<Ending> {
-    let mut reader = PcapNgReader::new(file)
-        .with_context(|| format!("{}: corrupt pcapng header", path.display()))?;
+    let mut reader = PcapNgReader::new(file).map_err(corrupt(path, "corrupt pcapng header"))?;
     let (mut buf, mut frames) = (Vec::new(), 0u64);
     while let Some(block) = reader.next_block() {
         let block = match block {
             Ok(b) => b,
             Err(e) if cut_short(&e) => return Ok(Ending::CutShort { frames }),
             Err(e) => {
-                return Err(e).with_context(|| format!("{}: corrupt pcapng block", path.display()));
+                return Err(corrupt(path, "corrupt pcapng block")(e));
             }
         };
         let Block::EnhancedPacket(packet) = block else {
@@ -185,7 +253,9 @@ fn read_pcapng(
         };
         let packet = packet.into_owned();
         let Some(iface) = reader.packet_interface(&packet) else {
-            bail!("{}: packet for an undeclared interface", path.display());
+            return Err(CaptureError::UndeclaredInterface {
+                path: path.to_owned(),
+            });
         };
         let link = Link::of(path, iface.linktype)?;
         // pcap-file hands the raw timestamp units over as nanoseconds; scale them by the

@@ -3,7 +3,6 @@
 
 use std::{collections::HashMap, path::Path};
 
-use anyhow::Result;
 use serde::Serialize;
 use tcp_common::{
     flow::{Flow, FlowKey, flow_flags},
@@ -12,7 +11,10 @@ use tcp_common::{
     track::{Timeouts, expire_fin_wait2, expired, track},
 };
 
-use crate::{capture, report::Report};
+use crate::{
+    capture::{self, CaptureError},
+    report::Report,
+};
 
 /// How often (capture time) idle and TIME-WAIT records are swept.
 const SWEEP_EVERY_NS: u64 = 1_000_000_000;
@@ -126,7 +128,7 @@ impl Replay {
 ///
 /// # Errors
 /// When the file cannot be read.
-pub fn replay_file(path: &Path, timeouts: Timeouts) -> Result<Replay> {
+pub fn replay_file(path: &Path, timeouts: Timeouts) -> Result<Replay, CaptureError> {
     let mut replay = Replay::new(timeouts);
     replay.ending = capture::for_each_frame(path, |ts, frame| replay.frame(ts, frame))?;
     replay.finish();

@@ -66,14 +66,12 @@ pub(crate) async fn run(args: RunArgs) -> Result<()> {
     }
     let pin_base = match args.pin_dir {
         Some(dir) => dir,
-        None => pins::default_dir().map_err(|e| anyhow::anyhow!(error_chain(&e)))?,
+        None => pins::default_dir()?,
     };
     // Held until exit; released by the kernel however the agent exits.
     // Held until exit. Until the agent tracks, any failure removes the pins this start
     // created (the guard drops after the tracker, which detaches first).
-    let mut pins = StartGuard(Some(
-        PinDir::acquire(&pin_base).map_err(|e| anyhow::anyhow!(error_chain(&e)))?,
-    ));
+    let mut pins = StartGuard(Some(PinDir::acquire(&pin_base)?));
     let options = LoadOptions {
         mode: args.mode,
         pin_dir: Some(pin_base.clone()),
@@ -92,7 +90,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<()> {
             // SAFETY: the logger owns its ring buffer map fd and keeps it open, unchanged,
             // for as long as it lives, and the AsyncFd owns the logger.
             let fd = unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) };
-            Some(fd.map_err(|e| anyhow::anyhow!("watching the eBPF log ring buffer: {e}"))?)
+            Some(fd.context("watching the eBPF log ring buffer")?)
         }
         Err(e) => {
             warn!("eBPF-side logging unavailable: {e}");
@@ -237,9 +235,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<()> {
     if let Some(log) = ebpf_log.as_mut() {
         log.get_mut().flush();
     }
-    let totals = tracker
-        .counters()
-        .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+    let totals = tracker.counters()?;
     let attached: Vec<String> = tracker
         .attachments()
         .iter()
@@ -305,9 +301,8 @@ pub(crate) fn exposition(
     flood: &FloodDetector,
     walk: Option<WalkExport<'_>>,
 ) -> Result<String> {
-    let err = |e: tcp_user::error::Error| anyhow::anyhow!(error_chain(&e));
-    let totals = tracker.counters().map_err(err)?;
-    let metrics = tracker.metrics().map_err(err)?;
+    let totals = tracker.counters()?;
+    let metrics = tracker.metrics()?;
     let report = Report::from_kernel(&metrics, *totals.hook(Hook::XdpIngress));
     Ok(Exposition {
         report: &report,
@@ -315,7 +310,7 @@ pub(crate) fn exposition(
             .iter()
             .map(|h| (h.name(), *totals.hook(*h)))
             .collect(),
-        tables: tracker.tables(&metrics).map_err(err)?,
+        tables: tracker.tables(&metrics)?,
         flood_ports: flood.exposition(flows::monotonic_ns()),
         port_tallies: flood.port_tallies(flows::monotonic_ns()),
         walk,

@@ -7,7 +7,6 @@ use anyhow::{Context as _, Result};
 use log::warn;
 use tcp_common::{counters::Hook, state::Side};
 use tcp_user::{
-    error::error_chain,
     flows::{self, FlowView},
     pins,
     report::Report,
@@ -20,7 +19,7 @@ use crate::cli::*;
 pub(crate) fn pinned_dir(dir: Option<&std::path::Path>) -> Result<PathBuf> {
     let dir = match dir {
         Some(d) => d.to_path_buf(),
-        None => pins::default_dir().map_err(|e| anyhow::anyhow!(error_chain(&e)))?,
+        None => pins::default_dir()?,
     };
     if pins::held_by_an_agent(&dir) == Some(false) {
         warn!(
@@ -32,9 +31,8 @@ pub(crate) fn pinned_dir(dir: Option<&std::path::Path>) -> Result<PathBuf> {
 }
 
 pub(crate) fn stats(args: &StatsArgs) -> Result<()> {
-    let err = |e: tcp_user::error::Error| anyhow::anyhow!(error_chain(&e));
     let pin_dir = pinned_dir(args.pin_dir.as_deref())?;
-    let (totals, metrics) = tcp_user::counters::read_pinned(&pin_dir).map_err(err)?;
+    let (totals, metrics) = tcp_user::counters::read_pinned(&pin_dir)?;
     let report = Report::from_kernel(&metrics, *totals.hook(Hook::XdpIngress));
     let text = match args.format {
         Format::Prometheus => report.prometheus_text(Hook::XdpIngress.name()),
@@ -71,7 +69,7 @@ pub(crate) fn render_json(
 pub(crate) fn list_flows(args: &FlowsArgs) -> Result<()> {
     let now = flows::monotonic_ns();
     let pin_dir = pinned_dir(args.pin_dir.as_deref())?;
-    let records = flows::read_pinned(&pin_dir).map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+    let records = flows::read_pinned(&pin_dir)?;
     let filter = flows::Filter {
         state: args.state,
         port: args.port,
