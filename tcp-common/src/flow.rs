@@ -392,6 +392,14 @@ impl Flow {
         self.ep[0].state().is_opening() || self.ep[1].state().is_opening()
     }
 
+    /// Whether a record that ends now is a failed handshake: an attempt (its first SYN seen)
+    /// still in progress, never completed (`tcpscope_handshakes_failed_total{reason="timeout"}`).
+    #[must_use]
+    #[inline(always)]
+    pub const fn handshake_failed(&self) -> bool {
+        self.is_half_open() && self.syn_ns != 0 && self.flags & flow_flags::HANDSHAKE_DONE == 0
+    }
+
     /// Whether neither endpoint holds any state any more (both CLOSED).
     #[must_use]
     #[inline(always)]

@@ -309,8 +309,7 @@ extern "C" fn visit_half_open(
             return 0;
         }
         let slots = [endpoint_slot(flow, 0), endpoint_slot(flow, 1)];
-        let failed_handshake =
-            flow.is_half_open() && flow.syn_ns != 0 && flow.flags & flow_flags::HANDSHAKE_DONE == 0;
+        let failed_handshake = flow.handshake_failed();
         let evicted = !finished([flow.ep[0].state(), flow.ep[1].state()]);
         // An attempt that never got a SYN-ACK: its SYNs, towards the server's port (a port of
         // this host, or in mirror mode any port: not an attempt this host made).

@@ -199,7 +199,7 @@ impl Report {
     /// Accounts for a record that ends (expired, or replaced by a new connection; replay).
     pub fn finish(&mut self, flow: &Flow) {
         self.finish_open(flow);
-        if flow.is_half_open() && flow.syn_ns != 0 && !flow.has(flow_flags::HANDSHAKE_DONE) {
+        if flow.handshake_failed() {
             self.handshakes_failed_timeout += 1;
         }
     }
