@@ -3,9 +3,8 @@
 
 use std::{collections::HashMap, path::Path};
 
-use serde::Serialize;
 use tcp_common::{
-    flow::{Flow, FlowKey, flow_flags},
+    flow::{Flow, FlowKey},
     parse::{PacketClass, parse_full},
     state::{Role, Side, TcpState, events as ev},
     track::{Timeouts, expire_fin_wait2, expired, track},
@@ -13,6 +12,7 @@ use tcp_common::{
 
 use crate::{
     capture::{self, CaptureError},
+    flows::{Record, Table},
     report::Report,
 };
 
@@ -119,6 +119,31 @@ impl Replay {
         v.sort_by_key(|r| r.0);
         v
     }
+
+    /// The records held, in key order, as `tcpscope flows` reads them from the kernel's
+    /// tables (the table a record would be in; no view walk marks a silent server).
+    #[must_use]
+    pub fn records(&self) -> Vec<Record> {
+        self.flows()
+            .into_iter()
+            .map(|(key, flow)| Record {
+                table: if flow.is_half_open() {
+                    Table::HalfOpen
+                } else {
+                    Table::Established
+                },
+                key,
+                flow,
+                server_silent: false,
+            })
+            .collect()
+    }
+
+    /// The time of the latest frame (capture clock, ns).
+    #[must_use]
+    pub const fn now_ns(&self) -> u64 {
+        self.now_ns
+    }
 }
 
 /// Replays a capture file with these timeouts.
@@ -133,36 +158,6 @@ pub fn replay_file(path: &Path, timeouts: Timeouts) -> Result<Replay, CaptureErr
     replay.ending = capture::for_each_frame(path, |ts, frame| replay.frame(ts, frame))?;
     replay.finish();
     Ok(replay)
-}
-
-/// One flow in JSON output.
-#[derive(Debug, Serialize)]
-pub struct FlowJson {
-    /// `address:port` of each endpoint, in key order.
-    pub endpoints: [String; 2],
-    /// RFC 793 state of each endpoint.
-    pub states: [&'static str; 2],
-    /// Role of each endpoint.
-    pub roles: [&'static str; 2],
-    /// Outer VLAN id (0: none).
-    pub vlan: u16,
-    /// Created mid-stream.
-    pub picked_up: bool,
-}
-
-impl FlowJson {
-    /// The JSON view of one record.
-    #[must_use]
-    pub fn new(key: &FlowKey, flow: &Flow) -> Self {
-        let ep = |i: usize| crate::report::endpoint_string(key, i);
-        Self {
-            endpoints: [ep(0), ep(1)],
-            states: [flow.ep[0].state().name(), flow.ep[1].state().name()],
-            roles: [flow.role(0).name(), flow.role(1).name()],
-            vlan: key.vlan,
-            picked_up: flow.has(flow_flags::PICKED_UP),
-        }
-    }
 }
 
 /// Keeps the compiler honest about every state/role/side combination being reportable.

@@ -46,10 +46,7 @@ pub(crate) fn stats(args: &StatsArgs) -> Result<()> {
 }
 
 /// The JSON document of `replay --format json` and `stats --format json`.
-pub(crate) fn render_json(
-    report: &Report,
-    flows: &[tcp_user::replay::FlowJson],
-) -> serde_json::Result<String> {
+pub(crate) fn render_json(report: &Report, flows: &[FlowView]) -> serde_json::Result<String> {
     let endpoints: Vec<_> = report
         .endpoints
         .iter()
@@ -155,10 +152,11 @@ pub(crate) fn replay(args: &ReplayArgs) -> Result<()> {
     let text = match args.format {
         Format::Prometheus => replay.report.prometheus_text("replay"),
         Format::Json => {
+            let now = replay.now_ns();
             let flows: Vec<_> = replay
-                .flows()
+                .records()
                 .iter()
-                .map(|(k, f)| tcp_user::replay::FlowJson::new(k, f))
+                .map(|r| FlowView::new(r, now))
                 .collect();
             render_json(&replay.report, &flows).context("rendering JSON")?
         }
