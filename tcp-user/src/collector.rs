@@ -19,7 +19,7 @@ use tcp_common::{
     track::Timeouts,
 };
 
-use crate::{batch, counters, error::Error, loader::Tracker, report::TableStats};
+use crate::{batch, counters, error::Error, exposition::TableStats, loader::Tracker};
 
 /// A table is sparse, and its records visited by their listed keys rather than by a walk of
 /// every bucket, when it holds at most one record per this many slots: a walk costs about

@@ -13,11 +13,12 @@ use tcp_common::{
 use tcp_user::{
     counters::Totals,
     error::error_chain,
+    exposition::{Exposition, WalkExport},
     flood::FloodDetector,
     flows, http, iface, links,
     loader::{LoadOptions, Mode, Tracker},
     pins::{self, PinDir},
-    report::{Exposition, Report, WalkExport},
+    report::Report,
 };
 use tokio::{
     io::{Interest, unix::AsyncFd},
