@@ -12,7 +12,6 @@ use crate::{build, cmd, test};
 /// Debian packages the benchmarks use, each with a binary that proves it is installed.
 const PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "/usr/sbin/ip"),
-    ("util-linux", "/usr/bin/nsenter"),
     ("ethtool", "/usr/sbin/ethtool"),
     // The conntrack comparison: an iptables rule, a native nft rule, flushing the table.
     ("iptables", "/usr/sbin/iptables"),
