@@ -54,7 +54,7 @@ pub fn bench(opts: &Options) -> Result<()> {
     c.args(["bench", "--package", "tcp-user", "--bench", "tcpscope"])
         .env("TCPSCOPE_EBPF_OBJ", &object)
         .env("TCPSCOPE_BENCH_OBJ", &bench_object)
-        .env("TCPSCOPE_AGENT", &agent)
+        .env(test::AGENT, &agent)
         .env("TCPSCOPE_BENCH_OUT", &out)
         .env("TCPSCOPE_BENCH_RUNS", opts.runs.to_string())
         .env("TCPSCOPE_BENCH_ONLY", opts.only.join(","));
