@@ -14,8 +14,6 @@
 //! packet, veth, scrape, memory, cpu), `TCPSCOPE_BENCH_OUT` (report directory),
 //! `TCPSCOPE_AGENT` (agent binary), `TCPSCOPE_BENCH_OBJ` (benchmark eBPF object).
 
-#[path = "tcpscope/agent.rs"]
-mod agent;
 #[path = "tcpscope/cpu.rs"]
 mod cpu;
 #[path = "tcpscope/memory.rs"]
@@ -28,8 +26,6 @@ mod progs;
 mod report;
 #[path = "tcpscope/scrape.rs"]
 mod scrape;
-#[path = "tcpscope/sys.rs"]
-mod sys;
 #[path = "tcpscope/veth.rs"]
 mod veth;
 
@@ -41,11 +37,9 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
+use tcp_testbed::Testbed;
 
-use crate::{
-    report::{Machine, Section},
-    sys::Testbed,
-};
+use crate::report::{Machine, Section};
 
 /// Items, in the order they run.
 const ITEMS: [&str; 5] = ["packet", "veth", "scrape", "memory", "cpu"];
@@ -151,14 +145,12 @@ fn main() -> ExitCode {
 
 /// Runs the items; `Ok(false)` when some failed (their sections say why).
 fn run() -> Result<bool> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !tcp_testbed::is_root() {
         bail!("the benchmarks need root: run them through `cargo xtask bench`");
     }
     let cfg = Config::from_env()?;
-    sys::remove_stale();
+    tcp_testbed::remove_stale();
     let machine = Machine::now();
-    let agent = agent::binary();
     let mut sections = Vec::new();
     let mut all_ok = true;
     let mut record = |key: &'static str, title: &str, result: Result<Section>| match result {
@@ -183,16 +175,16 @@ fn run() -> Result<bool> {
         match Testbed::new() {
             Ok(bed) => {
                 if cfg.wants("veth") {
-                    record(veth::KEY, veth::TITLE, veth::run(&cfg, &bed, &agent));
+                    record(veth::KEY, veth::TITLE, veth::run(&cfg, &bed));
                 }
                 if cfg.wants("scrape") {
-                    record(scrape::KEY, scrape::TITLE, scrape::run(&cfg, &bed, &agent));
+                    record(scrape::KEY, scrape::TITLE, scrape::run(&cfg, &bed));
                 }
                 if cfg.wants("memory") {
-                    record(memory::KEY, memory::TITLE, memory::run(&bed, &agent));
+                    record(memory::KEY, memory::TITLE, memory::run(&bed));
                 }
                 if cfg.wants("cpu") {
-                    record(cpu::KEY, cpu::TITLE, cpu::run(&cfg, &bed, &agent));
+                    record(cpu::KEY, cpu::TITLE, cpu::run(&cfg, &bed));
                 }
             }
             Err(e) => {

@@ -12,7 +12,6 @@ use crate::{build, cmd, test};
 /// Debian packages the benchmarks use, each with a binary that proves it is installed.
 const PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "/usr/sbin/ip"),
-    ("util-linux", "/usr/bin/nsenter"),
     ("ethtool", "/usr/sbin/ethtool"),
     // The conntrack comparison: an iptables rule, a native nft rule, flushing the table.
     ("iptables", "/usr/sbin/iptables"),
@@ -55,7 +54,7 @@ pub fn bench(opts: &Options) -> Result<()> {
     c.args(["bench", "--package", "tcp-user", "--bench", "tcpscope"])
         .env("TCPSCOPE_EBPF_OBJ", &object)
         .env("TCPSCOPE_BENCH_OBJ", &bench_object)
-        .env("TCPSCOPE_AGENT", &agent)
+        .env(test::AGENT, &agent)
         .env("TCPSCOPE_BENCH_OUT", &out)
         .env("TCPSCOPE_BENCH_RUNS", opts.runs.to_string())
         .env("TCPSCOPE_BENCH_ONLY", opts.only.join(","));

@@ -8,7 +8,7 @@
 //! goes to its own target directory so the two toolchains never share build artifacts.
 //! `tcp-user/build.rs` only embeds the result, and says how to build it when it is missing.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use clap::Args;
@@ -62,14 +62,20 @@ pub fn build_ebpf() -> Result<PathBuf> {
 /// Builds the eBPF object, then the agent embedding it; returns the agent binary's path.
 pub fn build(opts: &Options) -> Result<PathBuf> {
     let object = build_ebpf()?;
+    build_agent(&object, opts.release)
+}
+
+/// Builds the agent embedding `object` (the release profile when `release`); returns the
+/// binary's path.
+pub fn build_agent(object: &Path, release: bool) -> Result<PathBuf> {
     let mut c = cmd::cargo_stable()?;
     c.args(["build", "--package", "tcp-user", "--bin", "tcpscope"])
-        .env("TCPSCOPE_EBPF_OBJ", &object);
-    if opts.release {
+        .env("TCPSCOPE_EBPF_OBJ", object);
+    if release {
         c.arg("--release");
     }
     cmd::run(&mut c)?;
-    let profile = if opts.release { "release" } else { "debug" };
+    let profile = if release { "release" } else { "debug" };
     Ok(cmd::workspace_root()
         .join("target")
         .join(profile)

@@ -1,10 +1,16 @@
 //! `cargo xtask test`: every test tier.
 //!
-//! 1. pure unit and property tests (tcp-common, the agent's helpers);
+//! 1. pure unit and property tests (tcp-common, the agent's helpers): what plain `cargo test`
+//!    runs, without root;
 //! 2. the loaded programs fed crafted frames through `BPF_PROG_TEST_RUN`;
 //! 3. root integration tests: real attach, real TCP between network namespaces;
 //! 4. the kernel-facing tests of tier 2 and 3 again, in QEMU guests running each pinned Debian
 //!    kernel (`cargo xtask vm`): 6.1, the oldest the tracker supports, and 6.12.
+//!
+//! Tiers 2 and 3 are the `tcp-tests` package, outside the workspace's default members; this
+//! task tests the whole workspace (the eBPF crate excepted), the agent those tests run built
+//! first and named to them in `TCPSCOPE_AGENT` (the tests of one package cannot name another
+//! package's binary at compile time).
 //!
 //! Tiers 2 and 3 need root. As root, missing Debian packages are installed and bpffs is
 //! mounted; otherwise the test binaries run through `sudo -n`, and a missing package list is
@@ -40,6 +46,9 @@ const PACKAGES: &[(&str, &str)] = &[
 /// Lists the prerequisites a run may skip (comma-separated names of [`PREREQUISITES`]); the
 /// tests read it too.
 pub const ALLOW_SKIP: &str = "TCPSCOPE_ALLOW_SKIP";
+
+/// Names the agent binary to the tests (and to the benchmark): tcp-testbed reads it.
+pub const AGENT: &str = "TCPSCOPE_AGENT";
 
 /// A prerequisite of the tests that xtask cannot provide.
 struct Prerequisite {
@@ -176,9 +185,17 @@ pub fn test(opts: &Options) -> Result<()> {
     ensure_packages(PACKAGES)?;
     ensure_bpffs()?;
     let object = build::build_ebpf()?;
+    let agent = build::build_agent(&object, false)?;
     let mut c = cmd::cargo_stable()?;
-    c.args(["test", "--no-fail-fast"])
-        .env("TCPSCOPE_EBPF_OBJ", &object);
+    c.args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "tcp-ebpf",
+        "--no-fail-fast",
+    ])
+    .env("TCPSCOPE_EBPF_OBJ", &object)
+    .env(AGENT, &agent);
     if !cmd::is_root() {
         eprintln!("xtask: not root: test binaries run through `sudo -n -E`");
         c.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER", "sudo -n -E");

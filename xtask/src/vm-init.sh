@@ -25,6 +25,8 @@ filter=$(cat /tests/filter)
 # Prerequisites the host run was allowed to skip (TCPSCOPE_ALLOW_SKIP) may be skipped here too.
 allow_skip=$(cat /tests/allow_skip)
 [ -n "$allow_skip" ] && export TCPSCOPE_ALLOW_SKIP="$allow_skip"
+# The agent, at its host path (the test binaries run from /tests, away from the target directory).
+export TCPSCOPE_AGENT="$(cat /tests/agent)"
 failed=""
 # Per binary: the slowest (reliability) takes ~10 min under TCG on 6.12; the guest as a whole
 # is bounded by `cargo xtask vm --timeout`.

@@ -9,8 +9,9 @@
 //!   unpacked there; nothing is installed on the host.
 //! - QEMU runs with TCG (software emulation): hardware virtualization is not available
 //!   everywhere (nested guests), TCG is. A hard timeout bounds every boot.
-//! - Binaries keep their absolute host paths inside the guest (`env!("CARGO_BIN_EXE_…")` in
-//!   the tests names the agent by its host path), with the shared libraries `ldd` lists.
+//! - Binaries keep their absolute host paths inside the guest, with the shared libraries `ldd`
+//!   lists; the test binaries, run from `/tests`, find the agent by its host path in
+//!   `TCPSCOPE_AGENT`, which the init script sets.
 //! - The guest's PID 1 is `vm-init.sh`; it prints one `tcpscope-vm:` line per test binary and
 //!   a final verdict line, which is what this task reads back.
 
@@ -31,7 +32,7 @@ use crate::{
     test,
 };
 
-/// Test targets of `tcp-user` run in the guest: every one that loads the programs into the
+/// Test targets of `tcp-tests` run in the guest: every one that loads the programs into the
 /// kernel, except the latency tests (their oracle, tshark, brings 160 MB of libraries, and
 /// their timing tolerances are for real CPUs, not an emulated one).
 pub const VM_TESTS: &[&str] = &[
@@ -151,13 +152,14 @@ pub fn vm(opts: &Options) -> Result<()> {
     eprintln!("xtask: guest kernel {}", choice.describe());
     let kernel = kernels::fetch(&choice)?;
     let object = build::build_ebpf()?;
+    let agent = build::build_agent(&object, false)?;
     let tests = build_tests(&object)?;
     let work = cmd::workspace_root().join("target/vm");
-    let initramfs = build_initramfs(&work, &kernel, &tests, opts.filter.as_deref())?;
+    let initramfs = build_initramfs(&work, &kernel, &agent, &tests, opts.filter.as_deref())?;
     boot(&work, &kernel, &initramfs, opts)
 }
 
-/// Builds the agent and the [`VM_TESTS`] binaries; returns `(target name, executable)`.
+/// Builds the [`VM_TESTS`] binaries; returns `(target name, executable)`.
 fn build_tests(object: &Path) -> Result<Vec<(String, PathBuf)>> {
     let mut c = cmd::cargo_stable()?;
     c.args([
@@ -165,7 +167,7 @@ fn build_tests(object: &Path) -> Result<Vec<(String, PathBuf)>> {
         "--no-run",
         "--message-format=json",
         "-p",
-        "tcp-user",
+        "tcp-tests",
     ])
     .env("TCPSCOPE_EBPF_OBJ", object)
     .stdout(Stdio::piped());
@@ -208,6 +210,7 @@ fn build_tests(object: &Path) -> Result<Vec<(String, PathBuf)>> {
 fn build_initramfs(
     work: &Path,
     kernel: &Kernel,
+    agent: &Path,
     tests: &[(String, PathBuf)],
     filter: Option<&str>,
 ) -> Result<PathBuf> {
@@ -232,9 +235,8 @@ fn build_initramfs(
     fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n")?;
     fs::write(root.join("etc/group"), "root:x:0:\n")?;
 
-    let agent = cmd::workspace_root().join("target/debug/tcpscope");
     let mut binaries: Vec<PathBuf> = GUEST_TOOLS.iter().map(PathBuf::from).collect();
-    binaries.push(agent);
+    binaries.push(agent.to_path_buf());
     for bin in &binaries {
         copy(bin, &under(&root, bin))?;
     }
@@ -246,10 +248,13 @@ fn build_initramfs(
         run_list.push('\n');
     }
     fs::write(root.join("tests/list"), run_list)?;
-    // The capture tests find `../shared/pcaps` from the crate's directory, by the path
-    // compiled into them: both exist under the same names in the guest.
-    let crate_dir = cmd::workspace_root().join("tcp-user");
-    fs::create_dir_all(under(&root, &crate_dir))?;
+    fs::write(
+        root.join("tests/agent"),
+        agent.as_os_str().as_encoded_bytes(),
+    )?;
+    // The capture tests find `../shared/pcaps` from the workspace root, by the path compiled
+    // into them (tcp-testbed's): both exist under the same names in the guest.
+    fs::create_dir_all(under(&root, &cmd::workspace_root()))?;
     let pcaps = test::pcaps_dir();
     if pcaps.is_dir() {
         let normal = lexically_normal(&pcaps);

@@ -22,13 +22,12 @@ use tcp_common::{
     metrics::table,
     parse::tcp_flags::SYN,
 };
+use tcp_testbed::{Testbed, clock_ticks_per_sec, cpu_ns, cpu_ticks};
 
 use crate::{
     Config,
-    agent::Agent,
     progs::BenchPrograms,
     report::{Runs, Section, Table, Target, met},
-    sys::{Testbed, clock_ticks_per_sec, cpu_ns, cpu_ticks},
     veth::{FIRST_PORT, template},
 };
 
@@ -106,19 +105,14 @@ impl Interval {
 }
 
 /// Measures item 5.
-pub fn run(cfg: &Config, bed: &Testbed, agent_bin: &Path) -> Result<Section> {
+pub fn run(cfg: &Config, bed: &Testbed) -> Result<Section> {
     let interval = Duration::from_secs_f64(cfg.pick(5.0, 1.0));
     // One full cycle of the ports: every flow created once, expiry in its steady state.
     let warmup = Duration::from_secs_f64(cfg.pick(f64::from(FLOWS) / RATE, 1.0));
     // Until the last records have expired.
     let cooldown = Duration::from_secs_f64(cfg.pick(4.0, 1.0));
-    let mut agent = Agent::start(
-        agent_bin,
-        &bed.rx,
-        &bed.rx_if,
-        &["--listen", "off", "--half-open-secs", HALF_OPEN_SECS],
-    )?;
-    let (pid, pin_dir) = (agent.pid(), agent.pin_dir().to_owned());
+    let mut agent = bed.start_agent(&["--listen", "off", "--half-open-secs", HALF_OPEN_SECS])?;
+    let (pid, pin_dir) = (agent.pid(), agent.pin_dir.clone());
     let mut traffic = BenchPrograms::load()?;
     traffic.configure_generator(FLOWS, FIRST_PORT)?;
     let syn = template(SYN);
@@ -188,8 +182,8 @@ pub fn run(cfg: &Config, bed: &Testbed, agent_bin: &Path) -> Result<Section> {
         rates[2].median(),
         agent.log().join("\n")
     );
-    agent.stop()?;
-    let (large_empty, large_sparse) = idle_large(cfg, bed, agent_bin, interval)?;
+    agent.try_stop()?;
+    let (large_empty, large_sparse) = idle_large(cfg, bed, interval)?;
     let mut t = Table::new(&[
         "case",
         "CPU % of one CPU (utime+stime)",
@@ -303,31 +297,21 @@ pub fn run(cfg: &Config, bed: &Testbed, agent_bin: &Path) -> Result<Section> {
 
 /// An idle agent with [`LARGE`] slots per table: its CPU with the tables empty, then with
 /// [`SPARSE`] half-open records (utime+stime and schedstat, % of one CPU, per run).
-fn idle_large(
-    cfg: &Config,
-    bed: &Testbed,
-    agent_bin: &Path,
-    interval: Duration,
-) -> Result<([Runs; 2], [Runs; 2])> {
+fn idle_large(cfg: &Config, bed: &Testbed, interval: Duration) -> Result<([Runs; 2], [Runs; 2])> {
     let slots = LARGE.to_string();
-    let mut agent = Agent::start(
-        agent_bin,
-        &bed.rx,
-        &bed.rx_if,
-        &[
-            "--listen",
-            "off",
-            "--flows-capacity",
-            &slots,
-            "--flows6-capacity",
-            &slots,
-            "--half-open-capacity",
-            &slots,
-            "--half-open-secs",
-            "3600",
-        ],
-    )?;
-    let (pid, pin_dir) = (agent.pid(), agent.pin_dir().to_owned());
+    let mut agent = bed.start_agent(&[
+        "--listen",
+        "off",
+        "--flows-capacity",
+        &slots,
+        "--flows6-capacity",
+        &slots,
+        "--half-open-capacity",
+        &slots,
+        "--half-open-secs",
+        "3600",
+    ])?;
+    let (pid, pin_dir) = (agent.pid(), agent.pin_dir.clone());
     // The first walks visit every table whatever it holds.
     std::thread::sleep(Duration::from_secs(3));
     let measure = |runs: &mut [Runs; 2]| -> Result<()> {
@@ -357,6 +341,6 @@ fn idle_large(
     );
     let mut sparse = [Runs::default(), Runs::default()];
     measure(&mut sparse)?;
-    agent.stop()?;
+    agent.try_stop()?;
     Ok((empty, sparse))
 }

@@ -8,12 +8,9 @@ use anyhow::{Context as _, Result, ensure};
 use aya::maps::MapInfo;
 use serde_json::json;
 use tcp_common::object::{FLOWS4_MAP, FLOWS6_MAP, HALF_OPEN_MAP};
+use tcp_testbed::Testbed;
 
-use crate::{
-    agent::Agent,
-    report::{Section, Table, Target, met, num},
-    sys::Testbed,
-};
+use crate::report::{Section, Table, Target, met, num};
 
 /// Key in report.json.
 pub const KEY: &str = "memory";
@@ -73,7 +70,7 @@ fn maps_of(pid: u32) -> Result<BTreeMap<u32, MapMem>> {
 }
 
 /// Measures item 4 (exact figures: one reading per configuration).
-pub fn run(bed: &Testbed, agent_bin: &std::path::Path) -> Result<Section> {
+pub fn run(bed: &Testbed) -> Result<Section> {
     let configs: [(&str, &[&str]); 2] = [
         ("default capacities", &[]),
         (
@@ -103,9 +100,9 @@ pub fn run(bed: &Testbed, agent_bin: &std::path::Path) -> Result<Section> {
         eprintln!("bench: memory, {label}");
         let mut all = vec!["--listen", "off"];
         all.extend_from_slice(args);
-        let agent = Agent::start(agent_bin, &bed.rx, &bed.rx_if, &all)?;
+        let agent = bed.start_agent(&all)?;
         let maps = maps_of(agent.pid())?;
-        agent.stop()?;
+        agent.try_stop()?;
         let table = |name: &str| {
             maps.values()
                 .find(|m| m.name == name)

@@ -9,8 +9,7 @@ use aya::{
     maps::{Array, HashMap, PerCpuArray, PerCpuValues},
     programs::{SchedClassifier, TestRunAttrs, TestRunOptions, Xdp, XdpMode},
 };
-
-use crate::sys::{Testbed, set_netns};
+use tcp_testbed::{Testbed, try_enter_netns};
 
 /// XDP floor program.
 const XDP_PASS_PROGRAM: &str = "bench_xdp_pass";
@@ -162,7 +161,7 @@ impl BenchPrograms {
     ) -> Result<T> {
         std::thread::scope(|s| {
             s.spawn(|| {
-                set_netns(&bed.tx.path())?;
+                try_enter_netns(&bed.tx.path())?;
                 pin_to_last_cpu()?;
                 f(&self.generator(&bed.tx_if, template)?)
             })

@@ -21,13 +21,12 @@ use tcp_common::{
     flow::{Established, EstablishedEntry, Flow, FlowKey4, endpoint_flags, flow_flags},
     state::{Side, TcpState},
 };
+use tcp_testbed::{Testbed, agent::Agent};
 use tcp_user::{flows::monotonic_ns, pins::layout_dir};
 
 use crate::{
     Config,
-    agent::Agent,
     report::{Runs, Section, Table, Target, met, num},
-    sys::{Testbed, update_batch},
 };
 
 /// Key in report.json.
@@ -80,9 +79,22 @@ fn entry(now: u64) -> EstablishedEntry {
     }
 }
 
+/// `BPF_MAP_UPDATE_BATCH` (kernel 5.6): `count` keys and values, packed, into map `fd`.
+fn update_batch(
+    fd: std::os::fd::BorrowedFd<'_>,
+    keys: &[u8],
+    values: &[u8],
+    count: usize,
+) -> Result<()> {
+    // SAFETY: the callers pack `count` keys and values of the map's own types.
+    unsafe { tcp_user::batch::update(fd, keys, values, count) }.map_err(|(stored, e)| {
+        anyhow::anyhow!("BPF_MAP_UPDATE_BATCH stored {stored} of {count}: {e}")
+    })
+}
+
 /// Writes flows `from..to` into the established table pinned under the agent's directory.
 fn populate(agent: &Agent, from: u32, to: u32) -> Result<()> {
-    let path = layout_dir(agent.pin_dir()).join(FLOWS4_MAP);
+    let path = layout_dir(&agent.pin_dir).join(FLOWS4_MAP);
     let map = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
     let mut keys = Vec::with_capacity(BATCH);
     let mut values = Vec::with_capacity(BATCH);
@@ -114,7 +126,7 @@ fn populate(agent: &Agent, from: u32, to: u32) -> Result<()> {
 /// Fails unless the first and last populated flows are still in the table (the reaper must
 /// not have expired them: otherwise the scrapes ran over fewer flows than claimed).
 fn check_present(agent: &Agent, count: u32) -> Result<()> {
-    let path = layout_dir(agent.pin_dir()).join(FLOWS4_MAP);
+    let path = layout_dir(&agent.pin_dir).join(FLOWS4_MAP);
     let map: HashMap<MapData, FlowKey4, EstablishedEntry> =
         HashMap::try_from(Map::HashMap(MapData::from_pin(&path)?))?;
     for i in [0, count - 1] {
@@ -146,7 +158,7 @@ fn scrape() -> Result<Duration> {
 }
 
 /// Measures item 3.
-pub fn run(cfg: &Config, bed: &Testbed, agent_bin: &std::path::Path) -> Result<Section> {
+pub fn run(cfg: &Config, bed: &Testbed) -> Result<Section> {
     let points: [u32; 3] = cfg.pick([0, 100_000, 1_000_000], [0, 10_000, 100_000]);
     let scrapes = cfg.pick(25, 20);
     let capacity = CAPACITY.to_string();
@@ -159,12 +171,7 @@ pub fn run(cfg: &Config, bed: &Testbed, agent_bin: &std::path::Path) -> Result<S
             break;
         }
         eprintln!("bench: scrape run {}/{}", run + 1, cfg.runs);
-        let agent = Agent::start(
-            agent_bin,
-            &bed.rx,
-            &bed.rx_if,
-            &["--listen", LISTEN, "--flows-capacity", &capacity],
-        )?;
+        let agent = bed.start_agent(&["--listen", LISTEN, "--flows-capacity", &capacity])?;
         let mut held = 0;
         for (p, &count) in points.iter().enumerate() {
             let started = Instant::now();
@@ -173,7 +180,7 @@ pub fn run(cfg: &Config, bed: &Testbed, agent_bin: &std::path::Path) -> Result<S
             held = count;
             let mut times = Vec::with_capacity(scrapes);
             {
-                let _ns = bed.rx.enter()?;
+                let _ns = bed.rx.enter_thread()?;
                 for _ in 0..scrapes {
                     times.push(scrape()?.as_secs_f64() * 1e3);
                     std::thread::sleep(SPACING);
@@ -189,7 +196,7 @@ pub fn run(cfg: &Config, bed: &Testbed, agent_bin: &std::path::Path) -> Result<S
             ms[p].push(this.median());
             slowest[p].push(times.iter().copied().fold(0.0, f64::max));
         }
-        agent.stop()?;
+        agent.try_stop()?;
         runs_done += 1;
     }
     ensure!(runs_done > 0, "no run finished within the time cap");

@@ -14,13 +14,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, ensure};
 use serde_json::{Value, json};
 use tcp_common::{frames::FrameSpec, parse::tcp_flags::ACK};
+use tcp_testbed::{NetNs, Testbed, net_counter, rx_packets};
 
 use crate::{
     Config,
-    agent::Agent,
     progs::BenchPrograms,
     report::{Runs, Section, Table, Target, met, num},
-    sys::{Netns, Testbed, net_counter, rx_packets},
 };
 
 /// Key in report.json.
@@ -85,13 +84,13 @@ pub fn template(flags: u8) -> Vec<u8> {
 /// Netfilter rules in the receiving namespace; on drop, conntrack and every rule are flushed
 /// (iptables-nft leaves an empty base chain behind that by itself costs per packet and would
 /// pollute the cases after it).
-struct Rules<'a>(&'a Netns);
+struct Rules<'a>(&'a NetNs);
 
 impl Rules<'_> {
     fn conntrack_entries(&self) -> Result<u64> {
         Ok(self
             .0
-            .sh(&["cat", "/proc/sys/net/netfilter/nf_conntrack_count"])?
+            .try_sh(&["cat", "/proc/sys/net/netfilter/nf_conntrack_count"])?
             .trim()
             .parse()?)
     }
@@ -99,8 +98,8 @@ impl Rules<'_> {
 
 impl Drop for Rules<'_> {
     fn drop(&mut self) {
-        let _ = self.0.sh(&["conntrack", "-F"]);
-        let _ = self.0.sh(&["nft", "flush", "ruleset"]);
+        let _ = self.0.try_sh(&["conntrack", "-F"]);
+        let _ = self.0.try_sh(&["nft", "flush", "ruleset"]);
     }
 }
 
@@ -114,7 +113,6 @@ struct Sample {
 /// Runs the generator for `secs` over `flows` flows with `receiver` set up; ns per packet.
 fn measure(
     bed: &Testbed,
-    agent_bin: &std::path::Path,
     traffic: &mut BenchPrograms,
     receiver: Receiver,
     flows: u32,
@@ -128,7 +126,7 @@ fn measure(
         Receiver::NoXdp => {}
         Receiver::XdpPass => {
             let mut p = BenchPrograms::load()?;
-            let _ns = bed.rx.enter()?;
+            let _ns = bed.rx.enter_thread()?;
             p.attach_xdp_pass(&bed.rx_if)?;
             pass = Some(p);
         }
@@ -139,19 +137,14 @@ fn measure(
             // segment of the local side, and the receiver answers the generator's flows only
             // with RSTs, so none would ever be tracked; mirror mode starts their records from
             // their first ACK, and the figures are those of established flows.
-            let mut a = Agent::start(
-                agent_bin,
-                &bed.rx,
-                &bed.rx_if,
-                &[
-                    "--listen",
-                    "off",
-                    "--xdp-mode",
-                    "native",
-                    "--mode",
-                    "mirror",
-                ],
-            )?;
+            let mut a = bed.start_agent(&[
+                "--listen",
+                "off",
+                "--xdp-mode",
+                "native",
+                "--mode",
+                "mirror",
+            ])?;
             let attached = a.log().iter().find(|l| l.contains("attached")).cloned();
             ensure!(
                 attached
@@ -163,7 +156,7 @@ fn measure(
         }
         Receiver::ConntrackIptables => {
             let r = Rules(&bed.rx);
-            bed.rx.sh(&[
+            bed.rx.try_sh(&[
                 "iptables",
                 "-A",
                 "INPUT",
@@ -178,7 +171,7 @@ fn measure(
         }
         Receiver::ConntrackNft => {
             let r = Rules(&bed.rx);
-            bed.rx.sh(&[
+            bed.rx.try_sh(&[
                 "nft",
                 "add table inet tsb; \
                  add chain inet tsb input { type filter hook input priority 0; policy accept; }; \
@@ -188,7 +181,7 @@ fn measure(
         }
     }
     let counters = || -> Result<(u64, u64)> {
-        let _ns = bed.rx.enter()?;
+        let _ns = bed.rx.enter_thread()?;
         Ok((rx_packets(&bed.rx_if)?, net_counter("snmp", "Tcp.InSegs")?))
     };
     // Every frame the interface receives from here on must go through the agent's XDP.
@@ -235,8 +228,12 @@ fn measure(
     }
     if let (Some(mut a), Some(rx_attached)) = (agent, rx_attached) {
         let attached = a.log().iter().find(|l| l.contains("attached")).cloned();
-        let exit = a.stop()?;
-        let xdp = exit.counter("xdp_ingress", "packets").unwrap_or(0);
+        let summary = a.try_stop()?;
+        let xdp = summary
+            .get("xdp_ingress")
+            .and_then(|c| c.get("packets"))
+            .copied()
+            .unwrap_or(0);
         let rx = counters()?.0 - rx_attached;
         // The agent saw every frame the interface received while it was attached (a few
         // stray frames, IPv6 neighbour discovery, may arrive around the reads).
@@ -254,7 +251,7 @@ fn measure(
 }
 
 /// Measures item 2.
-pub fn run(cfg: &Config, bed: &Testbed, agent_bin: &std::path::Path) -> Result<Section> {
+pub fn run(cfg: &Config, bed: &Testbed) -> Result<Section> {
     let secs = cfg.pick(2.5, 0.5);
     let mut traffic = BenchPrograms::load()?;
     // ns per packet by (flows, receiver); overheads over no XDP and ratios, per run.
@@ -272,7 +269,7 @@ pub fn run(cfg: &Config, bed: &Testbed, agent_bin: &std::path::Path) -> Result<S
             eprintln!("bench: veth run {}/{}, {flows} flows", run + 1, cfg.runs);
             let mut this = [0.0; Receiver::ALL.len()];
             for (r, receiver) in Receiver::ALL.into_iter().enumerate() {
-                let s = measure(bed, agent_bin, &mut traffic, receiver, *flows, secs)
+                let s = measure(bed, &mut traffic, receiver, *flows, secs)
                     .with_context(|| format!("{} at {flows} flows", receiver.name()))?;
                 this[r] = s.ns;
                 ns[f][r].push(s.ns);

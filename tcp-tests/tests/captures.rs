@@ -1,8 +1,6 @@
 //! Captures tcpscope did not choose: cut short in the middle of a packet, or taken on Linux's
 //! `any` device (cooked headers). `tcpscope replay` must read what tshark reads.
 
-mod common;
-
 use std::{
     io::{Read as _, Write as _},
     net::{TcpListener, TcpStream},
@@ -10,12 +8,12 @@ use std::{
     process::Command,
 };
 
-use common::{Link, Tcpdump};
 use serde_json::Value;
+use tcp_testbed::{Link, Tcpdump};
 
 /// `tcpscope replay --format json FILE`: its JSON and its stderr.
 fn replay(file: &Path) -> (Value, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_tcpscope"))
+    let out = Command::new(tcp_testbed::agent::agent_binary())
         .args(["replay", "--format", "json"])
         .arg(file)
         .output()
@@ -41,12 +39,12 @@ fn tshark_packets(file: &Path) -> u64 {
 /// (by editcap, tshark's tool).
 #[test]
 fn a_capture_cut_short_is_replayed_up_to_the_cut() {
-    let Some(dir) = common::pcaps_dir() else {
+    let Some(dir) = tcp_testbed::pcaps_dir() else {
         return;
     };
-    let dir_path = std::env::temp_dir().join(common::unique("tcpscope-cut-"));
+    let dir_path = std::env::temp_dir().join(tcp_testbed::unique("tcpscope-cut-"));
     std::fs::create_dir_all(&dir_path).expect("temp dir");
-    let _cleanup = common::RemoveOnDrop(dir_path.clone());
+    let _cleanup = tcp_testbed::RemoveOnDrop(dir_path.clone());
     let mut checked = 0;
     for name in ["sv__tls-subjectaltname.pcap", "esnet__nmap_80_vanilla.pcap"] {
         let whole = dir.join("captures").join(name);
@@ -64,7 +62,7 @@ fn a_capture_cut_short_is_replayed_up_to_the_cut() {
             "{name}: tshark's count"
         );
         let prefix = dir_path.join(format!("prefix-{name}"));
-        common::sh(&[
+        tcp_testbed::sh(&[
             "editcap",
             "-r",
             whole.to_str().expect("path"),
@@ -90,7 +88,7 @@ fn a_capture_cut_short_is_replayed_up_to_the_cut() {
 /// counts as a capture of the same traffic on the Ethernet interface.
 #[test]
 fn cooked_captures_of_the_any_device_replay_like_ethernet() {
-    common::require_root();
+    tcp_testbed::require_root();
     let link = Link::new();
     let mut caps = [
         Tcpdump::start(&link.client, &["-i", &link.client_if]),

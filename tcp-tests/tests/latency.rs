@@ -6,8 +6,6 @@
 //! the first one is lost. Then the public latency captures, replayed with their original
 //! timing in mirror mode, must agree with their truth.
 
-mod common;
-
 use std::{
     collections::BTreeMap,
     io::Write as _,
@@ -24,13 +22,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{
+use serde_json::Value;
+use tcp_testbed::{
     Link, NetNs,
     agent::Agent,
     metrics::{sample, scrape},
     sh, unique,
 };
-use serde_json::Value;
 
 const DELAY: Duration = Duration::from_millis(25);
 /// How far tcpscope's handshake times may be from tshark's on the same interface (4 µs
@@ -364,8 +362,8 @@ impl Capture {
                 frame.clone(),
             );
             thread::spawn(move || {
-                common::enter_netns(&path);
-                common::send_raw_frames(&iface, &[f]);
+                tcp_testbed::enter_netns(&path);
+                tcp_testbed::send_raw_frames(&iface, &[f]);
             })
             .join()
             .expect("sending a marker");
@@ -493,7 +491,7 @@ fn connect_n(path: &Path3, n: usize) {
 
 #[test]
 fn handshake_latency_through_a_delaying_relay_matches_tshark() {
-    common::require_root();
+    tcp_testbed::require_root();
     let path = Path3::new();
     let (m0, m1) = path.relay_ifs.clone();
     let relay = Relay::start(&path.relay_ns, &m0, &m1, DELAY);
@@ -693,8 +691,8 @@ fn replay_and_compare(dir: &Path, name: &str) {
 
 #[test]
 fn latency_captures_replayed_with_original_timing_match_their_truth() {
-    common::require_root();
-    let Some(dir) = common::pcaps_dir() else {
+    tcp_testbed::require_root();
+    let Some(dir) = tcp_testbed::pcaps_dir() else {
         return;
     };
     // One at a time: concurrent replays on two cores make tcpreplay's timing worse, and

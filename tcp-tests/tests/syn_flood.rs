@@ -3,8 +3,6 @@
 //! seconds and lowers it after the flood; connections established before the flood stay
 //! tracked in their states; a high rate of real connections never raises it.
 
-mod common;
-
 use std::{
     collections::BTreeMap,
     io::{Read as _, Write as _},
@@ -13,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{
+use tcp_testbed::{
     Link,
     agent::Agent,
     metrics::{sample, scrape, sum},
@@ -44,14 +42,14 @@ fn held_records(agent: &Agent) -> usize {
                     .expect("endpoints")
                     .iter()
                     .all(|e| e["state"] == "established")
-                && common::on_port(f, PORT)
+                && tcp_testbed::agent::on_port(f, PORT)
         })
         .count()
 }
 
 #[test]
 fn spoofed_syn_flood_raises_the_flag_and_real_load_does_not() {
-    common::require_root();
+    tcp_testbed::require_root();
     let link = Link::new();
     // SYN-ACKs to the spoofed sources go back towards the client namespace, which drops them.
     link.server.sh(&[

@@ -5,8 +5,6 @@
 //! are the oracle. Each test also records the agent's interface with tcpdump and ends by
 //! replaying the recording: `tcpscope replay` must count what the kernel counted live.
 
-mod common;
-
 use std::{
     collections::BTreeMap,
     io::{Read as _, Write as _},
@@ -16,9 +14,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Link, NetNs, Tcpdump, agent::Agent};
 use serde_json::Value;
 use tcp_common::frames::{FrameSpec, Upper};
+use tcp_testbed::{Link, NetNs, Tcpdump, agent::Agent};
 
 /// `(local, peer)` → `ss` state, for the TCP sockets of a namespace (listeners left out).
 fn ss_states(ns: &NetNs) -> BTreeMap<(String, String), String> {
@@ -124,7 +122,7 @@ impl Recording {
         ];
         args.extend(self.timeouts.iter().cloned());
         args.push(self.tcpdump.file.to_str().expect("path").to_owned());
-        let replayed = common::tcpscope_json(&args)["counters"].clone();
+        let replayed = tcp_testbed::agent::tcpscope_json(&args)["counters"].clone();
         // Per-side tallies: replay cannot tell sides (it sees no local addresses): totals.
         let total = |v: &Value| match v {
             Value::Array(a) => a.iter().map(|n| n.as_u64().expect("count")).sum(),
@@ -171,7 +169,7 @@ impl Recording {
 /// `tcpscope_{key}_total{port}` of the agent's `/metrics`, by port (zeros left out).
 fn prom_ports(link: &Link, key: &str) -> BTreeMap<String, u64> {
     let prefix = format!("tcpscope_{key}_total{{port=\"");
-    common::metrics::scrape(&link.server)
+    tcp_testbed::metrics::scrape(&link.server)
         .into_iter()
         .filter_map(|(series, n)| {
             let port = series.strip_prefix(&prefix)?.strip_suffix("\"}")?;
@@ -270,7 +268,7 @@ fn inject_rst(link: &Link, c: &TcpStream, seq: u32) {
     let frame = spec.build();
     let iface = link.client_if.clone();
     link.client
-        .enter(move || common::send_raw_frames(&iface, &[frame]));
+        .enter(move || tcp_testbed::send_raw_frames(&iface, &[frame]));
 }
 
 /// Opens `n` IPv4 connections to `listener`; returns (client, server) socket pairs.
@@ -299,7 +297,7 @@ fn exchange(a: &mut TcpStream, b: &mut TcpStream, bytes: usize) {
 /// dropped; only the exact one closes. The tracker keeps exactly the connections `ss` keeps.
 #[test]
 fn only_an_exact_rst_closes_a_connection() {
-    common::require_root();
+    tcp_testbed::require_root();
     let link = Link::new();
     let (agent, rec) = recorded_agent(&link, &[]);
     let listener = link.server.enter({
@@ -363,7 +361,7 @@ fn only_an_exact_rst_closes_a_connection() {
 /// Linux's does (within one reaper walk).
 #[test]
 fn close_wait_stays_and_an_orphaned_fin_wait_2_ends_with_linux() {
-    common::require_root();
+    tcp_testbed::require_root();
     let link = Link::new();
     link.client
         .sh(&["sysctl", "-qw", "net.ipv4.tcp_fin_timeout=3"]);
@@ -418,8 +416,10 @@ fn close_wait_stays_and_an_orphaned_fin_wait_2_ends_with_linux() {
         listed(&["--addr", &link.server_v4(), "--side", "remote"]),
         0
     );
-    let ndjson = common::run(&[
-        env!("CARGO_BIN_EXE_tcpscope"),
+    let ndjson = tcp_testbed::run(&[
+        tcp_testbed::agent::agent_binary()
+            .to_str()
+            .expect("agent path"),
         "flows",
         "-o",
         "ndjson",
@@ -444,7 +444,7 @@ fn close_wait_stays_and_an_orphaned_fin_wait_2_ends_with_linux() {
 /// sends no SYN of its own).
 #[test]
 fn synack_retransmissions_equal_the_servers() {
-    common::require_root();
+    tcp_testbed::require_root();
     let link = Link::new();
     let (agent, rec) = recorded_agent(&link, &[]);
     let listener = link.server.enter({
@@ -452,7 +452,7 @@ fn synack_retransmissions_equal_the_servers() {
         move || TcpListener::bind(addr).expect("bind")
     });
     let addr = listener.local_addr().expect("address");
-    common::nft(
+    tcp_testbed::nft(
         &link.client,
         "table inet tcpscope_test {\n chain input {\n type filter hook input priority 0;\n \
          tcp sport 9302 tcp flags & (syn | ack) == syn | ack drop\n }\n}\n",
@@ -463,7 +463,7 @@ fn synack_retransmissions_equal_the_servers() {
         TcpStream::connect_timeout(&addr, Duration::from_secs(15)).expect("connect")
     });
     thread::sleep(Duration::from_millis(2500));
-    common::nft(&link.client, "delete table inet tcpscope_test");
+    tcp_testbed::nft(&link.client, "delete table inet tcpscope_test");
     let mut c = connecting.join().expect("connect thread");
     let (mut s, _) = listener.accept().expect("accept");
     exchange(&mut c, &mut s, 100);
@@ -505,7 +505,7 @@ fn set_int(s: &TcpStream, level: i32, opt: i32, v: i32) {
 /// gives up after three probes with a RST, counted as a close by keepalive.
 #[test]
 fn keepalive_probes_answers_and_the_abort_equal_linux() {
-    common::require_root();
+    tcp_testbed::require_root();
     let link = Link::new();
     let (agent, rec) = recorded_agent(&link, &[]);
     let listener = link.server.enter({
@@ -533,7 +533,7 @@ fn keepalive_probes_answers_and_the_abort_equal_linux() {
     agree("probes answered", &link, &agent);
     // The client black-holed: Linux sends exactly TCP_KEEPCNT (3) unanswered probes, then
     // its RST.
-    common::nft(
+    tcp_testbed::nft(
         &link.client,
         "table inet tcpscope_test {\n chain input {\n type filter hook input priority 0;\n \
          tcp sport 9303 drop\n }\n}\n",
@@ -575,8 +575,10 @@ fn keepalive_probes_answers_and_the_abort_equal_linux() {
         thread::sleep(Duration::from_millis(50));
     }
     // The exporter's series.
-    let text = common::run(&[
-        env!("CARGO_BIN_EXE_tcpscope"),
+    let text = tcp_testbed::run(&[
+        tcp_testbed::agent::agent_binary()
+            .to_str()
+            .expect("agent path"),
         "stats",
         "--pin-dir",
         agent.pin_dir.to_str().expect("pin dir"),
@@ -595,8 +597,8 @@ fn keepalive_probes_answers_and_the_abort_equal_linux() {
 /// CLOSE-WAIT endpoint grows with the time it stays (a leak shows).
 #[test]
 fn per_port_view_equals_ss_by_port_and_the_oldest_close_wait_ages() {
-    use common::metrics as prom;
-    common::require_root();
+    use tcp_testbed::metrics as prom;
+    tcp_testbed::require_root();
     let link = Link::new();
     let (agent, rec) = recorded_agent(&link, &["--ports", "9305,9306"]);
     let listen = |port: u16| {
@@ -749,8 +751,8 @@ fn connect_giving_up_early(addr: SocketAddr) -> bool {
 /// an accepting server on another port has none.
 #[test]
 fn a_full_accept_queue_shows_as_unanswered_syns() {
-    use common::metrics as prom;
-    common::require_root();
+    use tcp_testbed::metrics as prom;
+    tcp_testbed::require_root();
     let link = Link::new();
     let (agent, rec) = recorded_agent(&link, &["--half-open-secs", "2"]);
     let full: SocketAddr = format!("{}:9307", link.server_v4()).parse().expect("addr");
@@ -826,8 +828,8 @@ fn a_full_accept_queue_shows_as_unanswered_syns() {
 /// the resets it sent (`TcpExtEmbryonicRsts`); and the tracker's endpoints equal `ss`'s.
 #[test]
 fn ignored_or_reset_final_acks_are_accept_queue_overflows() {
-    use common::metrics as prom;
-    common::require_root();
+    use tcp_testbed::metrics as prom;
+    tcp_testbed::require_root();
     for abort in [false, true] {
         let link = Link::new();
         if abort {
@@ -842,7 +844,7 @@ fn ignored_or_reset_final_acks_are_accept_queue_overflows() {
                 .map(|_| TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("c"))
                 .collect()
         });
-        common::nft(
+        tcp_testbed::nft(
             &link.client,
             "table inet tcpscope_test {\n chain output {\n type filter hook output priority 0;\n \
              tcp dport 9309 tcp flags & (syn | ack | fin | rst) == ack drop\n }\n}\n",
@@ -865,7 +867,7 @@ fn ignored_or_reset_final_acks_are_accept_queue_overflows() {
             assert!(Instant::now() < deadline, "the SYNs never all arrived");
             thread::sleep(Duration::from_millis(20));
         }
-        common::nft(&link.client, "delete table inet tcpscope_test");
+        tcp_testbed::nft(&link.client, "delete table inet tcpscope_test");
         let connected: Vec<TcpStream> = clients
             .into_iter()
             .filter_map(|c| c.join().expect("client"))
@@ -913,8 +915,8 @@ fn ignored_or_reset_final_acks_are_accept_queue_overflows() {
 /// and counts it once.
 #[test]
 fn a_server_silent_after_a_cookie_handshake_is_marked() {
-    use common::metrics as prom;
-    common::require_root();
+    use tcp_testbed::metrics as prom;
+    tcp_testbed::require_root();
     let link = Link::new();
     link.server
         .sh(&["sysctl", "-qw", "net.ipv4.tcp_syncookies=2"]);
@@ -924,7 +926,7 @@ fn a_server_silent_after_a_cookie_handshake_is_marked() {
     let queued = link
         .client
         .enter(move || TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("c"));
-    common::nft(
+    tcp_testbed::nft(
         &link.client,
         "table inet tcpscope_test {\n chain output {\n type filter hook output priority 0;\n \
          tcp dport 9310 tcp flags & (syn | ack | fin | rst) == ack drop\n }\n}\n",
@@ -934,7 +936,7 @@ fn a_server_silent_after_a_cookie_handshake_is_marked() {
             .map(|_| TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect"))
             .collect()
     });
-    common::nft(&link.client, "delete table inet tcpscope_test");
+    tcp_testbed::nft(&link.client, "delete table inet tcpscope_test");
     for c in &mut clients {
         c.write_all(b"hello").expect("write");
         thread::sleep(Duration::from_millis(100));
@@ -1005,7 +1007,7 @@ fn time_wait_timer(link: &Link, port: u16) -> Option<u64> {
 /// outlives 3 s from its first entry, as Linux's outlives 60.
 #[test]
 fn a_fin_retransmitted_into_time_wait_restarts_it() {
-    common::require_root();
+    tcp_testbed::require_root();
     let link = Link::new();
     let (agent, rec) = recorded_agent(&link, &["--time-wait-secs", "3"]);
     let listener = link.server.enter({
@@ -1017,7 +1019,7 @@ fn a_fin_retransmitted_into_time_wait_restarts_it() {
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).expect("EOF");
     agree("client closed", &link, &agent);
-    common::nft(
+    tcp_testbed::nft(
         &link.client,
         "table inet tcpscope_test {\n chain output {\n type filter hook output priority 0;\n \
          tcp dport 9311 tcp flags & (syn | ack | fin | rst) == ack drop\n }\n}\n",
@@ -1029,7 +1031,7 @@ fn a_fin_retransmitted_into_time_wait_restarts_it() {
     // Its copies come 0.2, 0.6, 1.4, 3.0, 6.2 s after the first (backed off from the
     // minimum RTO): the last ACK passes again after the 3.0 s one.
     thread::sleep(Duration::from_millis(4000));
-    common::nft(&link.client, "delete table inet tcpscope_test");
+    tcp_testbed::nft(&link.client, "delete table inet tcpscope_test");
     // The next copy of the FIN is answered: the server's socket is gone.
     let deadline = Instant::now() + Duration::from_secs(15);
     while !ss_states(&link.server).is_empty() {

@@ -5,8 +5,6 @@
 //! code): a differential test of the two paths, and through the replay test, a comparison
 //! with the captures' truth. Skipped, saying so, when the captures are absent.
 
-mod common;
-
 use std::{
     path::{Path, PathBuf},
     thread,
@@ -14,7 +12,6 @@ use std::{
 };
 
 use aya::maps::{HashMap, Map, MapData, PerCpuArray, PerCpuValues};
-use common::{Link, agent::Agent};
 use serde_json::Value;
 use tcp_common::object::{FLOWS4_MAP, FLOWS6_MAP, HALF_OPEN_MAP};
 use tcp_common::{
@@ -22,6 +19,7 @@ use tcp_common::{
     flow::{EstablishedEntry, FlowKey, FlowKey4, HalfOpenEntry},
     metrics::Metrics,
 };
+use tcp_testbed::{Link, agent::Agent};
 
 /// Timeouts far beyond any capture's span (the longest the agent takes), for both the agent
 /// and replay: nothing expires in either path.
@@ -87,8 +85,8 @@ fn packets_seen(stats: &Value) -> u64 {
 
 #[test]
 fn kernel_mirror_mode_equals_userspace_replay_on_every_capture() {
-    common::require_root();
-    let Some(dir) = common::pcaps_dir() else {
+    tcp_testbed::require_root();
+    let Some(dir) = tcp_testbed::pcaps_dir() else {
         return;
     };
     let link = Link::new();
@@ -164,7 +162,7 @@ fn kernel_mirror_mode_equals_userspace_replay_on_every_capture() {
         let mut args = vec!["replay", "--format", "json"];
         args.extend(NO_EXPIRY);
         args.push(capture.to_str().expect("path"));
-        let user = common::tcpscope_json(&args);
+        let user = tcp_testbed::agent::tcpscope_json(&args);
         for key in [
             "syn",
             "synack",

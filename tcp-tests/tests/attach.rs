@@ -2,16 +2,14 @@
 //! two namespaces. What the hooks count must equal what the kernel's own TCP counters report
 //! for the same traffic, per direction; on SIGTERM everything is detached.
 
-mod common;
-
 use std::{
     io::{Read as _, Write as _},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
     time::{Duration, Instant},
 };
 
-use common::{Link, NetNs, agent::Agent};
 use tcp_common::counters::{Counter, Hook};
+use tcp_testbed::{Link, NetNs, agent::Agent};
 
 const PORT: u16 = 8080;
 const CLOSED_PORT: u16 = 8081;
@@ -58,7 +56,7 @@ fn xdp_attached(ns: &NetNs, iface: &str) -> bool {
 
 #[test]
 fn hooks_count_exactly_what_the_kernel_tcp_stack_counts() {
-    common::require_root();
+    tcp_testbed::require_root();
     let link = Link::new();
     // Native XDP asked for (auto picks generic on a veth): the driver's path.
     let mut agent = Agent::start(
@@ -129,8 +127,9 @@ fn hooks_count_exactly_what_the_kernel_tcp_stack_counts() {
 
     let xdp = &summary["xdp_ingress"];
     let tc = &summary["tc_egress"];
-    let d =
-        |after: &common::TcpCounters, before: &common::TcpCounters, k: &str| after.delta(before, k);
+    let d = |after: &tcp_testbed::TcpCounters, before: &tcp_testbed::TcpCounters, k: &str| {
+        after.delta(before, k)
+    };
     // Ingress of the server = what the client sent = what the server's TCP received.
     assert_eq!(
         xdp["tcp"],
@@ -207,7 +206,7 @@ fn hooks_count_exactly_what_the_kernel_tcp_stack_counts() {
 
 #[test]
 fn mirror_mode_attaches_xdp_only_and_skb_mode_is_generic() {
-    common::require_root();
+    tcp_testbed::require_root();
     let link = Link::new();
     let mut agent = Agent::start(
         &link.server,
@@ -235,10 +234,10 @@ fn mirror_mode_attaches_xdp_only_and_skb_mode_is_generic() {
 
 #[test]
 fn unknown_interface_is_a_one_line_error() {
-    common::require_root();
+    tcp_testbed::require_root();
     let ns = NetNs::new("tsu");
     let out = ns
-        .command(env!("CARGO_BIN_EXE_tcpscope"))
+        .command(tcp_testbed::agent::agent_binary())
         .args([
             "run",
             "--pin-dir",
@@ -257,7 +256,7 @@ fn unknown_interface_is_a_one_line_error() {
 
 #[test]
 fn ebpf_log_lines_reach_the_agent_log_at_debug_level() {
-    common::require_root();
+    tcp_testbed::require_root();
     let link = Link::new();
     let mut agent = Agent::start(
         &link.server,
@@ -269,7 +268,7 @@ fn ebpf_log_lines_reach_the_agent_log_at_debug_level() {
     frame[14] = 0x44; // IHL 4: malformed
     let iface = link.client_if.clone();
     link.client
-        .enter(move || common::send_raw_frames(&iface, &[frame]));
+        .enter(move || tcp_testbed::send_raw_frames(&iface, &[frame]));
     let line = agent.wait_for("malformed frame");
     assert!(line.contains("xdp_ingress"), "{line}");
     let summary = agent.stop();

@@ -4,8 +4,6 @@
 //! `ss -tan` shows for that socket in its namespace (absent = CLOSED), and the TIME-WAIT
 //! counts agree per namespace.
 
-mod common;
-
 use std::{
     collections::BTreeMap,
     io::{Read as _, Write as _},
@@ -15,8 +13,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Link, NetNs, agent::Agent};
 use serde_json::Value;
+use tcp_testbed::{Link, NetNs, agent::Agent};
 
 const PORT: u16 = 9100;
 const CONCURRENT_PER_FAMILY: usize = 110;
@@ -179,7 +177,7 @@ fn drain(s: &mut TcpStream) {
 
 #[test]
 fn tracker_states_equal_the_kernel_sockets() {
-    common::require_root();
+    tcp_testbed::require_root();
     let link = Link::new();
     let mut agent = Agent::start(
         &link.server,
@@ -407,8 +405,8 @@ fn pin_to_cpu(cpu: usize) {
 
 #[test]
 fn both_directions_on_two_cpus_at_once_lose_no_state() {
-    common::require_root();
-    if !common::two_cpus() {
+    tcp_testbed::require_root();
+    if !tcp_testbed::two_cpus() {
         return;
     }
     const CONNECTIONS: usize = 64;
@@ -457,8 +455,8 @@ fn both_directions_on_two_cpus_at_once_lose_no_state() {
 /// window), and the closes are counted by kind.
 #[test]
 fn fins_and_rsts_race_the_fast_path_on_the_other_cpu() {
-    common::require_root();
-    if !common::two_cpus() {
+    tcp_testbed::require_root();
+    if !tcp_testbed::two_cpus() {
         return;
     }
     const CONNECTIONS: usize = 48;

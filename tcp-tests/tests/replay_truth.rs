@@ -3,8 +3,6 @@
 //! ../shared/pcaps/truth/README). No root needed. Without the captures the tests fail, unless
 //! TCPSCOPE_ALLOW_SKIP=pcaps asks them to skip.
 
-mod common;
-
 use std::collections::BTreeMap;
 
 use serde_json::Value;
@@ -200,7 +198,7 @@ fn connections(truth: &Value, dir: &std::path::Path) -> Vec<Value> {
 
 #[test]
 fn replay_agrees_with_the_truth_of_every_public_capture() {
-    let Some(dir) = common::pcaps_dir() else {
+    let Some(dir) = tcp_testbed::pcaps_dir() else {
         return;
     };
     let mut truths: Vec<_> = std::fs::read_dir(dir.join("truth"))
@@ -320,10 +318,10 @@ fn replay_agrees_with_the_truth_of_every_public_capture() {
 
 #[test]
 fn replay_command_prints_the_exporter_metrics() {
-    let Some(dir) = common::pcaps_dir() else {
+    let Some(dir) = tcp_testbed::pcaps_dir() else {
         return;
     };
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tcpscope"))
+    let out = std::process::Command::new(tcp_testbed::agent::agent_binary())
         .args(["replay", "--time-wait-secs", "35000"])
         .arg(dir.join("captures/zeek__http-methods.pcap"))
         .output()
@@ -352,7 +350,7 @@ fn replay_command_prints_the_exporter_metrics() {
 
 #[test]
 fn time_wait_expires_with_capture_time() {
-    let Some(dir) = common::pcaps_dir() else {
+    let Some(dir) = tcp_testbed::pcaps_dir() else {
         return;
     };
     // sv__dcerpc-zerologon spans 9 minutes of capture time. The truth records when each
@@ -399,7 +397,7 @@ fn time_wait_expires_with_capture_time() {
 fn bad_capture_file_is_a_clear_error() {
     let path = std::env::temp_dir().join(format!("tcpscope-not-a-pcap-{}", std::process::id()));
     std::fs::write(&path, b"this is not a capture file at all").expect("write");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tcpscope"))
+    let out = std::process::Command::new(tcp_testbed::agent::agent_binary())
         .arg("replay")
         .arg(&path)
         .output()

@@ -2,29 +2,27 @@
 //! directories, other namespaces' agents, bad flags, another program on the interface, a
 //! flood through a veth. Each test runs the real agent in namespaces.
 
-mod common;
-
 use std::{
     net::{TcpListener, TcpStream},
     process::Command,
 };
 
-use common::Link;
 use serde_json::Value;
+use tcp_testbed::Link;
 
 /// The agent on the server's side of `link` with `--iface` and `extra`, once it tracks.
-fn tracking_agent(link: &Link, extra: &[&str]) -> common::agent::Agent {
+fn tracking_agent(link: &Link, extra: &[&str]) -> tcp_testbed::agent::Agent {
     let mut args = vec!["--iface", link.server_if.as_str()];
     args.extend_from_slice(extra);
-    let mut agent = common::agent::Agent::start(&link.server, &args);
+    let mut agent = tcp_testbed::agent::Agent::start(&link.server, &args);
     agent.wait_for("tracking");
     agent
 }
 
 /// `tcpscope run ARGS` in `ns` (with the pre-exec `umask`), expected to fail: its stderr.
-fn failed_start(ns: &common::NetNs, args: &[&str]) -> String {
+fn failed_start(ns: &tcp_testbed::NetNs, args: &[&str]) -> String {
     let out = ns
-        .command(env!("CARGO_BIN_EXE_tcpscope"))
+        .command(tcp_testbed::agent::agent_binary())
         .arg("run")
         .args(args)
         .output()
@@ -42,13 +40,16 @@ fn failed_start(ns: &common::NetNs, args: &[&str]) -> String {
 #[test]
 fn pin_directories_are_private_and_unsafe_ones_refused() {
     use std::os::unix::{fs::PermissionsExt as _, process::CommandExt as _};
-    common::require_root();
+    tcp_testbed::require_root();
     let link = Link::new();
-    let base = std::path::PathBuf::from(format!("/sys/fs/bpf/{}", common::unique("tcpscope-pin-")));
-    let _cleanup = common::RemoveOnDrop(base.clone());
+    let base = std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/{}",
+        tcp_testbed::unique("tcpscope-pin-")
+    ));
+    let _cleanup = tcp_testbed::RemoveOnDrop(base.clone());
     let pins = base.join("agent");
     // umask 000: what a careless service manager may hand over.
-    let mut child = link.server.command(env!("CARGO_BIN_EXE_tcpscope"));
+    let mut child = link.server.command(tcp_testbed::agent::agent_binary());
     child
         .args([
             "run",
@@ -123,7 +124,7 @@ fn pin_directories_are_private_and_unsafe_ones_refused() {
 /// and `stats` say when no agent holds the directory (the first was killed).
 #[test]
 fn a_pin_directory_is_held_by_one_agent() {
-    common::require_root();
+    tcp_testbed::require_root();
     let link = Link::new();
     let mut first = tracking_agent(&link, &["--listen", "off"]);
     let pin_dir = first.pin_dir.to_str().expect("path").to_owned();
@@ -144,7 +145,7 @@ fn a_pin_directory_is_held_by_one_agent() {
         .unwrap_or_default();
     assert!(line.contains("tcpscope agent (pid "), "{err}");
     let stats = |dir: &str| {
-        Command::new(env!("CARGO_BIN_EXE_tcpscope"))
+        Command::new(tcp_testbed::agent::agent_binary())
             .args(["stats", "--pin-dir", dir])
             .output()
             .expect("stats")
@@ -163,8 +164,8 @@ fn a_pin_directory_is_held_by_one_agent() {
 /// its own connections only, and the same 4-tuple in both stays two records.
 #[test]
 fn default_pin_directories_are_per_network_namespace() {
-    use common::agent::Agent;
-    common::require_root();
+    use tcp_testbed::agent::Agent;
+    tcp_testbed::require_root();
     let (a, b) = (Link::new(), Link::new());
     let mut agents = Vec::new();
     for link in [&a, &b] {
@@ -225,11 +226,13 @@ fn default_pin_directories_are_per_network_namespace() {
 /// including one that fails after loading (the interface already has an XDP program).
 #[test]
 fn failed_starts_say_why_and_leave_no_pins() {
-    common::require_root();
+    tcp_testbed::require_root();
     let link = Link::new();
-    let pins =
-        std::path::PathBuf::from(format!("/sys/fs/bpf/{}", common::unique("tcpscope-fail-")));
-    let _cleanup = common::RemoveOnDrop(pins.clone());
+    let pins = std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/{}",
+        tcp_testbed::unique("tcpscope-fail-")
+    ));
+    let _cleanup = tcp_testbed::RemoveOnDrop(pins.clone());
     let pin_arg = pins.to_str().expect("path").to_owned();
     let base = ["--listen", "off", "--pin-dir", &pin_arg];
     for (flag, value, want) in [
@@ -291,7 +294,7 @@ fn failed_starts_say_why_and_leave_no_pins() {
 }
 
 /// `(tx_dropped, rx_dropped, rx_packets)` of `iface` in `ns`.
-fn link_stats(ns: &common::NetNs, iface: &str) -> (u64, u64, u64) {
+fn link_stats(ns: &tcp_testbed::NetNs, iface: &str) -> (u64, u64, u64) {
     let json: Value =
         serde_json::from_str(&ns.sh(&["ip", "-j", "-s", "link", "show", "dev", iface]))
             .expect("ip -j");
@@ -309,9 +312,9 @@ fn link_stats(ns: &common::NetNs, iface: &str) -> (u64, u64, u64) {
 /// loses no frame on either end.
 #[test]
 fn auto_mode_on_a_veth_adds_no_drops_under_a_flood() {
-    common::require_root();
+    tcp_testbed::require_root();
     let link = Link::new();
-    let mut agent = common::agent::Agent::start(
+    let mut agent = tcp_testbed::agent::Agent::start(
         &link.server,
         &["--iface", &link.server_if, "--listen", "off"],
     );
@@ -374,7 +377,10 @@ fn auto_mode_on_a_veth_adds_no_drops_under_a_flood() {
 
 /// `(local, peer)` addresses of the server namespace's ESTABLISHED sockets on `port`, as `ss`
 /// shows them.
-fn ss_established(ns: &common::NetNs, port: u16) -> std::collections::BTreeSet<(String, String)> {
+fn ss_established(
+    ns: &tcp_testbed::NetNs,
+    port: u16,
+) -> std::collections::BTreeSet<(String, String)> {
     ns.sh(&[
         "ss",
         "-Htn",
@@ -393,7 +399,7 @@ fn ss_established(ns: &common::NetNs, port: u16) -> std::collections::BTreeSet<(
 
 /// The tracker's local ESTABLISHED endpoints on `port`, as `ss_established` has them.
 fn tracked_established(
-    agent: &common::agent::Agent,
+    agent: &tcp_testbed::agent::Agent,
     port: u16,
 ) -> std::collections::BTreeSet<(String, String)> {
     let port_arg = port.to_string();
@@ -425,7 +431,7 @@ fn tracked_established(
 /// server are tracked ESTABLISHED; returns (tracked, ss) at that point.
 fn tracked_share(
     link: &Link,
-    agent: &common::agent::Agent,
+    agent: &tcp_testbed::agent::Agent,
     port: u16,
     what: &str,
 ) -> (usize, usize) {
@@ -484,11 +490,11 @@ fn a_syn_flood_does_not_blind_the_tracker() {
         thread,
         time::Duration,
     };
-    common::require_root();
+    tcp_testbed::require_root();
     for capacity in ["4096", "65536"] {
         const PORT: u16 = 9402;
         let link = Link::new();
-        let mut agent = common::agent::Agent::start(
+        let mut agent = tcp_testbed::agent::Agent::start(
             &link.server,
             &["--iface", &link.server_if, "--half-open-capacity", capacity],
         );
@@ -576,13 +582,13 @@ fn a_syn_flood_does_not_blind_the_tracker() {
             PORT,
             &format!("capacity {capacity}, during the flood"),
         );
-        let samples = common::metrics::scrape(&link.server);
-        let flagged = common::metrics::sample(
+        let samples = tcp_testbed::metrics::scrape(&link.server);
+        let flagged = tcp_testbed::metrics::sample(
             &samples,
             &format!("tcpscope_syn_flood_active{{port=\"{PORT}\"}}"),
         );
         // The flood did fill the half-open table: real handshakes found no slot either.
-        let refused = common::metrics::sum(
+        let refused = tcp_testbed::metrics::sum(
             &samples,
             "tcpscope_flow_table_insert_failures_total",
             &["table=\"half_open\""],
@@ -714,7 +720,7 @@ fn scrapes_survive_idle_and_reconnecting_clients() {
         thread,
         time::Duration,
     };
-    common::require_root();
+    tcp_testbed::require_root();
     let link = Link::new();
     let other: IpAddr = format!("10.{}.0.3", link.net).parse().expect("addr");
     link.client.sh(&[
@@ -830,7 +836,7 @@ fn connect(
 /// The sum of the agent's `/metrics` series `name` that carry every label of `having`
 /// (`label="value"`, any order).
 fn metric(link: &Link, name: &str, having: &[&str]) -> f64 {
-    common::metrics::sum(&common::metrics::scrape(&link.server), name, having)
+    tcp_testbed::metrics::sum(&tcp_testbed::metrics::scrape(&link.server), name, having)
 }
 
 /// A full established table refuses new records, counts them, and never evicts a live flow:
@@ -838,7 +844,7 @@ fn metric(link: &Link, name: &str, having: &[&str]) -> f64 {
 /// refusals are counted.
 #[test]
 fn a_full_table_refuses_counts_and_never_evicts() {
-    common::require_root();
+    tcp_testbed::require_root();
     let link = Link::new();
     let agent = tracking_agent(&link, &["--flows-capacity", "8"]);
     let (_first_listener, first) = held_connections(&link, 9410, 8);
@@ -903,7 +909,7 @@ fn a_full_table_refuses_counts_and_never_evicts() {
 /// SYN is never answered, failed after `--half-open-secs`; the gauges go back to zero.
 #[test]
 fn idle_records_expire_with_their_counters_and_gauges() {
-    common::require_root();
+    tcp_testbed::require_root();
     let link = Link::new();
     let agent = tracking_agent(&link, &["--established-secs", "2", "--half-open-secs", "2"]);
     let (_listener, conns) = held_connections(&link, 9412, 1);
@@ -941,7 +947,7 @@ fn idle_records_expire_with_their_counters_and_gauges() {
         agent.json(&["stats", "--format", "json"])["counters"]["handshakes_failed_timeout"]
             .as_u64()
             .expect("counter");
-    common::nft(
+    tcp_testbed::nft(
         &link.server,
         "table inet tcpscope_rel {\n chain input {\n type filter hook input priority 0;\n \
          tcp dport 9413 drop\n }\n}\n",
@@ -982,8 +988,8 @@ fn idle_records_expire_with_their_counters_and_gauges() {
 /// reported and left alone.
 #[test]
 fn pins_survive_a_restart_and_other_layouts_are_left_alone() {
-    use common::agent::Agent;
-    common::require_root();
+    use tcp_testbed::agent::Agent;
+    tcp_testbed::require_root();
     let link = Link::new();
     let mut first = tracking_agent(&link, &["--listen", "off"]);
     let (_listener, conns) = held_connections(&link, 9414, 3);
@@ -1012,8 +1018,8 @@ fn pins_survive_a_restart_and_other_layouts_are_left_alone() {
 }
 
 /// `/healthz` of the agent in `ns`: status and body.
-fn health(ns: &common::NetNs) -> (u16, String) {
-    ns.enter(|| common::metrics::http_get(common::metrics::AGENT, "/healthz"))
+fn health(ns: &tcp_testbed::NetNs) -> (u16, String) {
+    ns.enter(|| tcp_testbed::metrics::http_get(tcp_testbed::metrics::AGENT, "/healthz"))
 }
 
 /// Interfaces come and go: when the tracked interface is deleted the agent says so and
@@ -1022,7 +1028,7 @@ fn health(ns: &common::NetNs) -> (u16, String) {
 /// it starts before the interface exists and attaches when it appears; without, it refuses.
 #[test]
 fn interfaces_that_go_and_come_back_are_attached_again() {
-    common::require_root();
+    tcp_testbed::require_root();
     let link = Link::new();
     let mut agent = tracking_agent(&link, &[]);
     let (code, body) = health(&link.server);
@@ -1031,8 +1037,8 @@ fn interfaces_that_go_and_come_back_are_attached_again() {
     assert_eq!(tracked_established(&agent, 9415).len(), 2);
     drop(first);
     let egress = || {
-        common::metrics::sum(
-            &common::metrics::scrape(&link.server),
+        tcp_testbed::metrics::sum(
+            &tcp_testbed::metrics::scrape(&link.server),
             "tcpscope_packets_total",
             &["hook=\"tc_egress\""],
         )
@@ -1065,12 +1071,12 @@ fn interfaces_that_go_and_come_back_are_attached_again() {
     );
 
     // An interface that does not exist yet.
-    let ns = common::NetNs::new("tsw");
-    let name = common::unique("dw");
+    let ns = tcp_testbed::NetNs::new("tsw");
+    let name = tcp_testbed::unique("dw");
     let err = failed_start(&ns, &["--iface", &name, "--listen", "off"]);
     assert!(err.contains("--allow-missing-iface"), "{err}");
     let mut waiting =
-        common::agent::Agent::start(&ns, &["--iface", &name, "--allow-missing-iface"]);
+        tcp_testbed::agent::Agent::start(&ns, &["--iface", &name, "--allow-missing-iface"]);
     waiting.wait_for("tracking");
     let (code, body) = health(&ns);
     assert_eq!(code, 503, "{body}");
@@ -1090,7 +1096,7 @@ fn interfaces_that_go_and_come_back_are_attached_again() {
 /// one filter of ours, and each segment the server sends is counted once.
 #[test]
 fn a_killed_agent_leaves_no_second_egress_hook() {
-    common::require_root();
+    tcp_testbed::require_root();
     let link = Link::new();
     let mut first = tracking_agent(&link, &[]);
     let pins = first.pin_dir.clone();
@@ -1104,8 +1110,11 @@ fn a_killed_agent_leaves_no_second_egress_hook() {
             .count()
     };
     let left = filters();
-    let mut second =
-        common::agent::Agent::start_on_pins(&link.server, &pins, &["--iface", &link.server_if]);
+    let mut second = tcp_testbed::agent::Agent::start_on_pins(
+        &link.server,
+        &pins,
+        &["--iface", &link.server_if],
+    );
     let attached = second.wait_for("attached");
     second.wait_for("tracking");
     if left > 0 {
@@ -1131,8 +1140,8 @@ fn a_killed_agent_leaves_no_second_egress_hook() {
             .expect("tx_packets")
     };
     let egress = || -> u64 {
-        common::metrics::sum(
-            &common::metrics::scrape(&link.server),
+        tcp_testbed::metrics::sum(
+            &tcp_testbed::metrics::scrape(&link.server),
             "tcpscope_packets_total",
             &["hook=\"tc_egress\""],
         ) as u64
@@ -1163,7 +1172,7 @@ fn connections_awaiting_a_fins_ack_expire_after_closing_secs() {
         net::Shutdown,
         time::{Duration, Instant},
     };
-    common::require_root();
+    tcp_testbed::require_root();
     let link = Link::new();
     let agent = tracking_agent(&link, &["--closing-secs", "2", "--time-wait-secs", "2"]);
     let (_listener, mut conns) = held_connections(&link, 9419, 2);
@@ -1171,12 +1180,12 @@ fn connections_awaiting_a_fins_ack_expire_after_closing_secs() {
     conns[1].0.shutdown(Shutdown::Write).expect("client FIN");
     let mut eof = [0u8; 1];
     assert_eq!(conns[1].1.read(&mut eof).expect("server reads the FIN"), 0);
-    common::nft(
+    tcp_testbed::nft(
         &link.client,
         "table inet tcpscope_fin {\n chain input {\n type filter hook input priority 0;\n \
          tcp sport 9419 drop\n }\n}\n",
     );
-    common::nft(
+    tcp_testbed::nft(
         &link.server,
         "table inet tcpscope_fin {\n chain output {\n type filter hook output priority 0;\n \
          tcp sport 9419 tcp flags & fin == fin limit rate over 1/hour burst 2 packets drop\n }\n}\n",
@@ -1243,7 +1252,7 @@ fn connections_awaiting_a_fins_ack_expire_after_closing_secs() {
 }
 
 /// The tracker's local endpoints on `port` in `state` (`flows --state` spelling), counted.
-fn tracked_local(agent: &common::agent::Agent, port: u16, state: &str) -> usize {
+fn tracked_local(agent: &tcp_testbed::agent::Agent, port: u16, state: &str) -> usize {
     let port_arg = port.to_string();
     agent
         .json(&[
@@ -1269,7 +1278,7 @@ fn ss_count(link: &Link, port: u16, state: &str) -> usize {
 #[test]
 fn a_restarted_agent_shows_what_ss_shows() {
     use std::time::{Duration, Instant};
-    common::require_root();
+    tcp_testbed::require_root();
     let link = Link::new();
     let port = 9420;
     let listener = link.server.enter({
@@ -1279,7 +1288,7 @@ fn a_restarted_agent_shows_what_ss_shows() {
     let open = |n: usize| connect(&link, &listener, n, false);
     // Polls (bounded) until the tracker's local ESTABLISHED and TIME-WAIT endpoints on the
     // port equal `ss`'s.
-    let agrees = |agent: &common::agent::Agent, what: &str| {
+    let agrees = |agent: &tcp_testbed::agent::Agent, what: &str| {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let (est, ss_est) = (
@@ -1337,8 +1346,11 @@ fn a_restarted_agent_shows_what_ss_shows() {
         drop(c);
     }
     conns.extend(open(10));
-    let mut second =
-        common::agent::Agent::start_on_pins(&link.server, &pins, &["--iface", &link.server_if]);
+    let mut second = tcp_testbed::agent::Agent::start_on_pins(
+        &link.server,
+        &pins,
+        &["--iface", &link.server_if],
+    );
     second.wait_for("tracking");
     assert_eq!(agrees(&second, "after the restart"), 35);
     assert_eq!(ss_count(&link, port, "time-wait"), 10);
@@ -1368,14 +1380,14 @@ fn mirror_mode_ages_out_records_untouched_since_a_restart() {
         io::Write as _,
         time::{Duration, Instant},
     };
-    common::require_root();
+    tcp_testbed::require_root();
     let link = Link::new();
     let port = 9421;
-    let on_port = |agent: &common::agent::Agent| {
+    let on_port = |agent: &tcp_testbed::agent::Agent| {
         agent
             .flows()
             .iter()
-            .filter(|f| common::on_port(f, port))
+            .filter(|f| tcp_testbed::agent::on_port(f, port))
             .count()
     };
     // Opened before the agent, so that it picks them up from their data (this veth brings it
@@ -1398,7 +1410,7 @@ fn mirror_mode_ages_out_records_untouched_since_a_restart() {
     first.stop();
     // Two connections end while no agent runs.
     conns.truncate(1);
-    let mut second = common::agent::Agent::start_on_pins(
+    let mut second = tcp_testbed::agent::Agent::start_on_pins(
         &link.server,
         &pins,
         &[

@@ -2,8 +2,6 @@
 //! `BPF_PROG_TEST_RUN`. Each frame must come back unchanged with XDP_PASS / TC_ACT_OK, and
 //! be counted exactly once under the class and notes the catalogue expects.
 
-mod common;
-
 use aya::{
     TestRun as _,
     programs::{SchedClassifier, TestRunOptions, Xdp},
@@ -73,7 +71,7 @@ fn harness_may_refuse(frame: &[u8], hook: Hook) -> bool {
 
 #[test]
 fn every_crafted_frame_passes_unchanged_and_is_counted_once() {
-    common::require_root();
+    tcp_testbed::require_root();
     let tracker = Tracker::load(&LoadOptions::default()).expect("the programs pass the verifier");
     let ebpf = tracker.ebpf();
     let xdp: &Xdp = ebpf

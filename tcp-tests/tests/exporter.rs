@@ -4,8 +4,6 @@
 //! `promtool check metrics` must accept the text; the HTTP endpoint must hold up against bad
 //! clients.
 
-mod common;
-
 use std::{
     io::{Read as _, Write as _},
     net::{Shutdown, TcpListener, TcpStream},
@@ -13,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{
+use tcp_testbed::{
     Link, NetNs,
     agent::Agent,
     metrics::{AGENT, http_get, parse, sample, scrape_text, sum},
@@ -134,7 +132,7 @@ fn promtool_check(text: &str) {
 
 #[test]
 fn time_wait_gauges_equal_ss_per_side_through_prometheus_and_expire() {
-    common::require_root();
+    tcp_testbed::require_root();
     let link = Link::new();
     const TIME_WAIT_SECS: u64 = 10;
     let mut agent = Agent::start(
@@ -263,7 +261,7 @@ fn time_wait_gauges_equal_ss_per_side_through_prometheus_and_expire() {
 
 #[test]
 fn http_endpoint_survives_bad_clients() {
-    common::require_root();
+    tcp_testbed::require_root();
     let ns = NetNs::new("tsh");
     ns.sh(&[
         "ip", "link", "add", "th0", "type", "veth", "peer", "name", "th1",
@@ -327,7 +325,7 @@ fn http_endpoint_survives_bad_clients() {
     });
     // A port already in use is a one-line error before anything is attached.
     let out = ns
-        .command(env!("CARGO_BIN_EXE_tcpscope"))
+        .command(tcp_testbed::agent::agent_binary())
         .args([
             "run",
             "--iface",

@@ -1,0 +1,141 @@
+//! Two namespaces joined by a veth pair: the tests' [`Link`], and the pair itself, which the
+//! benchmark's [`crate::Testbed`] creates too.
+
+use std::net::SocketAddr;
+
+use anyhow::Result;
+
+use crate::{
+    cmd::{try_sh, unique},
+    netns::NetNs,
+};
+
+/// One end of a veth pair: its namespace, its name, and its MAC address when it is chosen.
+pub(crate) struct End<'a> {
+    pub ns: &'a NetNs,
+    pub iface: &'a str,
+    pub mac: Option<[u8; 6]>,
+}
+
+/// Creates a veth pair with one end in each namespace (down, without addresses).
+pub(crate) fn add_veth(a: &End<'_>, b: &End<'_>) -> Result<()> {
+    let mac = |m: [u8; 6]| {
+        m.iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":")
+    };
+    let end = |e: &End<'_>| -> Vec<String> {
+        let mut args = vec![e.iface.to_owned()];
+        if let Some(m) = e.mac {
+            args.extend(["address".to_owned(), mac(m)]);
+        }
+        args.extend(["netns".to_owned(), e.ns.name.clone()]);
+        args
+    };
+    let mut argv: Vec<String> = ["ip", "link", "add"].map(str::to_owned).to_vec();
+    argv.extend(end(a));
+    argv.extend(["type", "veth", "peer", "name"].map(str::to_owned));
+    argv.extend(end(b));
+    try_sh(&argv.iter().map(String::as_str).collect::<Vec<_>>())?;
+    Ok(())
+}
+
+/// Two namespaces joined by a veth pair, with IPv4 and IPv6 addresses, offloads off (so
+/// that one packet on the wire is one segment for the kernel's counters too).
+pub struct Link {
+    pub client: NetNs,
+    pub server: NetNs,
+    pub client_if: String,
+    pub server_if: String,
+    /// Last octet / group, so several links can coexist: 10.<net>.0.1 and fd00:<net>::1.
+    pub net: u8,
+}
+
+impl Link {
+    pub const CLIENT_V4: &'static str = "1";
+
+    /// Creates both namespaces and the wired pair.
+    #[allow(
+        clippy::new_without_default,
+        reason = "creating namespaces and interfaces is no default value"
+    )]
+    pub fn new() -> Self {
+        let client = NetNs::new("tsc");
+        let server = NetNs::new("tss");
+        let client_if = unique("vc");
+        let server_if = unique("vs");
+        let net = (std::process::id() % 200 + 20) as u8;
+        let link = Self {
+            client,
+            server,
+            client_if,
+            server_if,
+            net,
+        };
+        link.wire();
+        link
+    }
+
+    /// Creates the veth pair with its addresses, up (again, after a test deleted it).
+    pub fn wire(&self) {
+        let Self {
+            client,
+            server,
+            client_if,
+            server_if,
+            net,
+        } = self;
+        let end = |ns, iface| End {
+            ns,
+            iface,
+            mac: None,
+        };
+        add_veth(&end(client, client_if), &end(server, server_if))
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        for (ns, iface, host) in [(&client, client_if, 1), (&server, server_if, 2)] {
+            ns.sh(&[
+                "ip",
+                "addr",
+                "add",
+                &format!("10.{net}.0.{host}/24"),
+                "dev",
+                iface,
+            ]);
+            ns.sh(&[
+                "ip",
+                "addr",
+                "add",
+                &format!("fd00:{net}::{host}/64"),
+                "dev",
+                iface,
+                "nodad",
+            ]);
+            ns.sh(&[
+                "ethtool", "-K", iface, "tso", "off", "gso", "off", "gro", "off",
+            ]);
+            ns.sh(&["ip", "link", "set", iface, "up"]);
+        }
+    }
+
+    pub fn client_v4(&self) -> String {
+        format!("10.{}.0.1", self.net)
+    }
+    pub fn server_v4(&self) -> String {
+        format!("10.{}.0.2", self.net)
+    }
+    pub fn server_v6(&self) -> String {
+        format!("fd00:{}::2", self.net)
+    }
+
+    /// The server's IPv4 and IPv6 socket addresses on `port`.
+    pub fn server_addrs(&self, port: u16) -> (SocketAddr, SocketAddr) {
+        let v4 = format!("{}:{port}", self.server_v4())
+            .parse()
+            .expect("IPv4 address");
+        let v6 = format!("[{}]:{port}", self.server_v6())
+            .parse()
+            .expect("IPv6 address");
+        (v4, v6)
+    }
+}
