@@ -7,17 +7,7 @@
 use anyhow::{Result, bail};
 use clap::Args;
 
-use crate::{build, cmd, test};
-
-/// Debian packages the benchmarks use, each with a binary that proves it is installed.
-const PACKAGES: &[(&str, &str)] = &[
-    ("iproute2", "/usr/sbin/ip"),
-    ("ethtool", "/usr/sbin/ethtool"),
-    // The conntrack comparison: an iptables rule, a native nft rule, flushing the table.
-    ("iptables", "/usr/sbin/iptables"),
-    ("nftables", "/usr/sbin/nft"),
-    ("conntrack", "/usr/sbin/conntrack"),
-];
+use crate::{build, cmd, host, toolchain};
 
 /// Benchmark items, in the order they run.
 const ITEMS: [&str; 5] = ["packet", "veth", "scrape", "memory", "cpu"];
@@ -38,23 +28,23 @@ pub struct Options {
 
 /// Builds everything and runs the benchmarks.
 pub fn bench(opts: &Options) -> Result<()> {
-    if !cmd::is_root() {
+    if !host::is_root() {
         bail!(
             "the benchmarks attach programs, create network namespaces and change netfilter \
              rules: run `cargo xtask bench` as root"
         );
     }
-    test::ensure_packages(PACKAGES)?;
-    test::ensure_bpffs()?;
+    host::ensure_packages(host::Task::Bench)?;
+    host::ensure_bpffs()?;
     let object = build::build_ebpf()?;
     let bench_object = object.with_file_name("tcpscope-bench");
     let agent = build::build(&build::Options { release: true })?;
     let out = cmd::workspace_root().join("target/bench");
-    let mut c = cmd::cargo_stable()?;
+    let mut c = toolchain::cargo_stable()?;
     c.args(["bench", "--package", "tcp-user", "--bench", "tcpscope"])
         .env("TCPSCOPE_EBPF_OBJ", &object)
         .env("TCPSCOPE_BENCH_OBJ", &bench_object)
-        .env(test::AGENT, &agent)
+        .env(host::AGENT, &agent)
         .env("TCPSCOPE_BENCH_OUT", &out)
         .env("TCPSCOPE_BENCH_RUNS", opts.runs.to_string())
         .env("TCPSCOPE_BENCH_ONLY", opts.only.join(","));

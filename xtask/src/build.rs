@@ -68,7 +68,7 @@ pub fn build(opts: &Options) -> Result<PathBuf> {
 /// Builds the agent embedding `object` (the release profile when `release`); returns the
 /// binary's path.
 pub fn build_agent(object: &Path, release: bool) -> Result<PathBuf> {
-    let mut c = cmd::cargo_stable()?;
+    let mut c = toolchain::cargo_stable()?;
     c.args(["build", "--package", "tcp-user", "--bin", "tcpscope"])
         .env("TCPSCOPE_EBPF_OBJ", object);
     if release {

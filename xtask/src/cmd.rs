@@ -7,8 +7,6 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::toolchain;
-
 /// The workspace root (xtask lives one level below it).
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -50,19 +48,6 @@ fn describe(cmd: &Command) -> String {
         s.push_str(&a.to_string_lossy());
     }
     s
-}
-
-/// Whether this process runs as root.
-pub fn is_root() -> bool {
-    stdout_of(Command::new("id").arg("-u")).as_deref() == Some("0")
-}
-
-/// A `cargo` command of the pinned stable toolchain (see [`toolchain::STABLE`]).
-pub fn cargo_stable() -> Result<Command> {
-    toolchain::ensure_stable()?;
-    let mut c = cargo();
-    c.arg(format!("+{}", toolchain::STABLE));
-    Ok(c)
 }
 
 /// A `cargo` command that ignores the toolchain variables of the cargo that started xtask,

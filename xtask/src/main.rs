@@ -6,6 +6,7 @@
 mod bench;
 mod build;
 mod cmd;
+mod host;
 mod kernels;
 mod run;
 mod test;

@@ -5,7 +5,7 @@ use std::process::Command;
 use anyhow::Result;
 use clap::Args;
 
-use crate::{build, cmd};
+use crate::{build, cmd, host};
 
 /// Options of `cargo xtask run`.
 #[derive(Debug, Args)]
@@ -32,7 +32,7 @@ pub fn run(opts: &Options) -> Result<()> {
             "xtask: no --iface given: tcpscope attaches to the interface of the default route"
         );
     }
-    let mut c = if cmd::is_root() {
+    let mut c = if host::is_root() {
         Command::new(&bin)
     } else {
         eprintln!("xtask: not root: running tcpscope through sudo");

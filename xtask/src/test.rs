@@ -20,35 +20,14 @@
 //! front, and a missing one fails the run unless `TCPSCOPE_ALLOW_SKIP` names it; the tests that
 //! depend on it then skip, and the summary says so.
 
-use std::{fs, process::Command};
-
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Result, bail};
 use clap::Args;
 
-use crate::{build, cmd, kernels, vm};
-
-/// Debian packages the tests use, each with a binary that proves it is installed.
-const PACKAGES: &[(&str, &str)] = &[
-    ("iproute2", "/usr/sbin/ip"),
-    ("ethtool", "/usr/sbin/ethtool"),
-    ("tcpreplay", "/usr/bin/tcpreplay"),
-    // prometheus (with promtool): the real scraper of the exporter tests.
-    ("prometheus", "/usr/bin/promtool"),
-    ("hping3", "/usr/sbin/hping3"),
-    // tshark: handshake-latency oracle (tcp.analysis.initial_rtt).
-    ("tshark", "/usr/bin/tshark"),
-    // nft: the life-cycle tests drop chosen segments (there is no netem here).
-    ("nftables", "/usr/sbin/nft"),
-    // tcpdump: the life-cycle tests record what the agent saw, for replay.
-    ("tcpdump", "/usr/bin/tcpdump"),
-];
-
-/// Lists the prerequisites a run may skip (comma-separated names of [`PREREQUISITES`]); the
-/// tests read it too.
-pub const ALLOW_SKIP: &str = "TCPSCOPE_ALLOW_SKIP";
-
-/// Names the agent binary to the tests (and to the benchmark): tcp-testbed reads it.
-pub const AGENT: &str = "TCPSCOPE_AGENT";
+use crate::{
+    build, cmd,
+    host::{self, AGENT, ALLOW_SKIP, pcaps_dir},
+    kernels, toolchain, vm,
+};
 
 /// A prerequisite of the tests that xtask cannot provide.
 struct Prerequisite {
@@ -80,11 +59,6 @@ const PREREQUISITES: &[Prerequisite] = &[
         },
     },
 ];
-
-/// Where the public captures live: beside the repository.
-pub fn pcaps_dir() -> std::path::PathBuf {
-    cmd::workspace_root().join("../shared/pcaps")
-}
 
 /// Checks [`PREREQUISITES`]; returns those skipped on request, as lines for the summary.
 fn check_prerequisites() -> Result<Vec<String>> {
@@ -119,74 +93,14 @@ pub struct Options {
     pub no_vm: bool,
 }
 
-fn root_prefix() -> Vec<&'static str> {
-    if cmd::is_root() {
-        vec![]
-    } else {
-        vec!["sudo", "-n"]
-    }
-}
-
-fn command(argv: &[&str]) -> Command {
-    let mut all = root_prefix();
-    all.extend_from_slice(argv);
-    let mut c = Command::new(all[0]);
-    c.args(&all[1..]);
-    c
-}
-
-/// Installs those of `packages` (name, binary that proves it) that are missing.
-pub fn ensure_packages(packages: &[(&str, &str)]) -> Result<()> {
-    let missing: Vec<&str> = packages
-        .iter()
-        .filter(|(_, probe)| !std::path::Path::new(probe).exists())
-        .map(|(pkg, _)| *pkg)
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    let can_root =
-        cmd::is_root() || cmd::stdout_of(Command::new("sudo").args(["-n", "true"])).is_some();
-    if !can_root {
-        bail!(
-            "missing Debian packages: {}; install them with \
-             `sudo apt-get install -y {}` (or run as root)",
-            missing.join(" "),
-            missing.join(" ")
-        );
-    }
-    eprintln!("xtask: installing {}", missing.join(" "));
-    let mut install = vec!["apt-get", "install", "-y", "-q", "--no-install-recommends"];
-    install.extend_from_slice(&missing);
-    let first = cmd::output(command(&install).env("DEBIAN_FRONTEND", "noninteractive"))?;
-    if !first.status.success() {
-        // Fresh machines have no package lists yet.
-        cmd::run(&mut command(&["apt-get", "update", "-q"]))?;
-        cmd::run(command(&install).env("DEBIAN_FRONTEND", "noninteractive"))?;
-    }
-    Ok(())
-}
-
-/// Mounts bpffs on /sys/fs/bpf when it is not there.
-pub fn ensure_bpffs() -> Result<()> {
-    let mounts = fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
-    if mounts.lines().any(|l| {
-        l.split_whitespace().nth(1) == Some("/sys/fs/bpf")
-            && l.split_whitespace().nth(2) == Some("bpf")
-    }) {
-        return Ok(());
-    }
-    cmd::run(&mut command(&["mount", "-t", "bpf", "bpf", "/sys/fs/bpf"]))
-}
-
 /// Runs every tier.
 pub fn test(opts: &Options) -> Result<()> {
     let skipped = check_prerequisites()?;
-    ensure_packages(PACKAGES)?;
-    ensure_bpffs()?;
+    host::ensure_packages(host::Task::Test)?;
+    host::ensure_bpffs()?;
     let object = build::build_ebpf()?;
     let agent = build::build_agent(&object, false)?;
-    let mut c = cmd::cargo_stable()?;
+    let mut c = toolchain::cargo_stable()?;
     c.args([
         "test",
         "--workspace",
@@ -196,7 +110,7 @@ pub fn test(opts: &Options) -> Result<()> {
     ])
     .env("TCPSCOPE_EBPF_OBJ", &object)
     .env(AGENT, &agent);
-    if !cmd::is_root() {
+    if !host::is_root() {
         eprintln!("xtask: not root: test binaries run through `sudo -n -E`");
         c.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER", "sudo -n -E");
     }

@@ -197,3 +197,11 @@ pub fn ensure_ebpf_toolchain() -> Result<EbpfToolchain> {
         bpf_linker_bin_dir,
     })
 }
+
+/// A `cargo` command of the pinned stable toolchain ([`STABLE`]), installed if missing.
+pub fn cargo_stable() -> Result<Command> {
+    ensure_stable()?;
+    let mut c = cmd::cargo();
+    c.arg(format!("+{STABLE}"));
+    Ok(c)
+}

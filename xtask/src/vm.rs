@@ -27,9 +27,9 @@ use anyhow::{Context as _, Result, bail};
 use clap::Args;
 
 use crate::{
-    build, cmd,
+    build, cmd, host,
     kernels::{self, Kernel},
-    test,
+    toolchain,
 };
 
 /// Test targets of `tcp-tests` run in the guest: every one that loads the programs into the
@@ -44,22 +44,6 @@ pub const VM_TESTS: &[&str] = &[
     "mirror_replay",
     "lifecycle",
     "reliability",
-];
-
-/// Host packages this task uses, each with a binary that proves it is installed.
-const PACKAGES: &[(&str, &str)] = &[
-    ("qemu-system-x86", "/usr/bin/qemu-system-x86_64"),
-    ("busybox-static", "/bin/busybox"),
-    ("cpio", "/usr/bin/cpio"),
-    ("iproute2", "/usr/sbin/ip"),
-    ("ethtool", "/usr/sbin/ethtool"),
-    ("prometheus", "/usr/bin/promtool"),
-    ("hping3", "/usr/sbin/hping3"),
-    ("tcpreplay", "/usr/bin/tcpreplay"),
-    ("nftables", "/usr/sbin/nft"),
-    ("tcpdump", "/usr/bin/tcpdump"),
-    // Debian 13 ships its modules xz-compressed.
-    ("xz-utils", "/usr/bin/xz"),
 ];
 
 /// Host programs copied into the guest (glibc builds; busybox's `ip` has no netns support).
@@ -144,7 +128,7 @@ impl Options {
 
 /// Runs the kernel-facing tests in a guest; fails when the guest does not report success.
 pub fn vm(opts: &Options) -> Result<()> {
-    test::ensure_packages(PACKAGES)?;
+    host::ensure_packages(host::Task::Vm)?;
     let choice = match &opts.kernel_package {
         Some(arg) => kernels::Choice::package(arg)?,
         None => kernels::Choice::Pinned(kernels::pin(&opts.kernel)?),
@@ -161,7 +145,7 @@ pub fn vm(opts: &Options) -> Result<()> {
 
 /// Builds the [`VM_TESTS`] binaries; returns `(target name, executable)`.
 fn build_tests(object: &Path) -> Result<Vec<(String, PathBuf)>> {
-    let mut c = cmd::cargo_stable()?;
+    let mut c = toolchain::cargo_stable()?;
     c.args([
         "test",
         "--no-run",
@@ -255,7 +239,7 @@ fn build_initramfs(
     // The capture tests find `../shared/pcaps` from the workspace root, by the path compiled
     // into them (tcp-testbed's): both exist under the same names in the guest.
     fs::create_dir_all(under(&root, &cmd::workspace_root()))?;
-    let pcaps = test::pcaps_dir();
+    let pcaps = host::pcaps_dir();
     if pcaps.is_dir() {
         let normal = lexically_normal(&pcaps);
         copy_tree(&pcaps, &under(&root, &normal))?;
@@ -263,7 +247,7 @@ fn build_initramfs(
     fs::write(root.join("tests/filter"), filter.unwrap_or(""))?;
     fs::write(
         root.join("tests/allow_skip"),
-        std::env::var(test::ALLOW_SKIP).unwrap_or_default(),
+        std::env::var(host::ALLOW_SKIP).unwrap_or_default(),
     )?;
     for lib in shared_libraries(&binaries)? {
         copy(&lib, &under(&root, &lib))?;
