@@ -5,8 +5,10 @@
 /// Slots of the event counters map (one [`EventCounters`] per CPU): one per bit of
 /// [`crate::state::events`] (slot = bit position), then table pressure and events by side.
 pub mod event_slots {
+    /// Slots of the state machine's events: one per bit of [`crate::state::events`] (a `u32`).
+    pub const STATE_EVENTS: usize = u32::BITS as usize;
     /// A new record could not be stored in the IPv4 established table (full).
-    pub const FLOWS_INSERT_FAILED: usize = 32;
+    pub const FLOWS_INSERT_FAILED: usize = STATE_EVENTS;
     /// A new record could not be stored in the half-open table (full).
     pub const HALF_OPEN_INSERT_FAILED: usize = 33;
     /// Half-open records moved to the established table.
@@ -70,7 +72,7 @@ impl EventCounters {
     #[inline(always)]
     pub fn add_events(&mut self, events: u32) {
         let mut bit = 0;
-        while bit < 32 {
+        while bit < event_slots::STATE_EVENTS {
             if events & (1 << bit) != 0
                 && let Some(slot) = self.slots.get_mut(bit)
             {
@@ -105,7 +107,6 @@ impl EventCounters {
     }
 }
 
-const _: () = assert!(event_slots::FLOWS_INSERT_FAILED >= 32);
 const _: () = assert!(event_slots::KEEPALIVE_ACKS + 3 <= event_slots::SILENT_SERVERS);
 const _: () = assert!(event_slots::SILENT_SERVERS < EVENT_SLOTS);
 

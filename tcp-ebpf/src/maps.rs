@@ -11,13 +11,14 @@
 use aya_ebpf::{
     Global,
     btf_maps::HashMap,
+    cty::c_void,
     macros::{btf_map, map},
     maps::{Array, LruPerCpuHashMap, PerCpuArray, ProgramArray},
 };
 use tcp_common::{
     counters::{HOOKS, HookCounters},
     flow::{EstablishedEntry, Flow, FlowKey, FlowKey4, HalfOpenEntry},
-    metrics::{Metrics, PortStats, WalkView},
+    metrics::{Metrics, PortStats, WalkView, table},
     object,
     parse::Parsed,
     reap::LISTED_SLOTS,
@@ -62,6 +63,40 @@ pub static WALK_VIEW: Array<WalkView> = Array::with_max_entries(1, 0);
 /// [`tcp_common::reap::ReapRequest::listed`]). An IPv4 key fills a slot's first 16 bytes.
 #[map(name = "LISTED")]
 pub static LISTED: Array<FlowKey> = Array::with_max_entries(LISTED_SLOTS, 0);
+
+/// What the `slot`-th listed key finds in its table now (see [`listed_record`]).
+pub enum Listed {
+    /// Past the array's end: stop.
+    End,
+    /// The record is gone since the agent listed its key.
+    Gone,
+    /// The table, the key and the record: what a walk's callback is handed.
+    Record([*mut c_void; 3]),
+}
+
+/// The record of the `slot`-th listed key, in table `t` (as in `tcp_common::metrics::table`).
+#[inline(always)]
+pub fn listed_record(t: usize, slot: u64) -> Listed {
+    let Some(key) = u32::try_from(slot)
+        .ok()
+        .and_then(|slot| LISTED.get_ptr_mut(slot))
+    else {
+        return Listed::End;
+    };
+    let map: *mut c_void = match t {
+        table::ESTABLISHED_V4 => core::ptr::from_ref(&FLOWS4).cast_mut().cast(),
+        table::ESTABLISHED_V6 => core::ptr::from_ref(&FLOWS6).cast_mut().cast(),
+        _ => core::ptr::from_ref(&HALF_OPEN).cast_mut().cast(),
+    };
+    // SAFETY: `map` is that table and `key` a slot of the LISTED array, at least the table's
+    // key size (an IPv4 key fills the first 16 bytes).
+    let value = unsafe { aya_ebpf::helpers::bpf_map_lookup_elem(map, key.cast()) };
+    if value.is_null() {
+        Listed::Gone
+    } else {
+        Listed::Record([map, key.cast(), value])
+    }
+}
 
 /// IPv4 connections past their handshake (or picked up mid-stream), compact records.
 #[btf_map]

@@ -30,7 +30,7 @@ use tcp_common::{
 };
 
 use crate::{
-    maps::{DOOMED4, DOOMED6, FLOWS4, FLOWS6, HALF_OPEN, LISTED, SYN_PORTS},
+    maps::{DOOMED4, DOOMED6, FLOWS4, FLOWS6, HALF_OPEN, Listed, SYN_PORTS, listed_record},
     tracker::{NO_PORT_STATS, REAPER, metrics},
 };
 
@@ -377,38 +377,21 @@ fn walk_table(map: *mut c_void, visit: *mut c_void, walk: &mut Walk, t: usize) {
 /// function per table, because a BPF program cannot call through a pointer.
 #[inline(always)]
 fn visit_listed<const T: usize>(i: u64, ctx: *mut c_void) -> i64 {
-    let walk = ctx.cast::<Walk>();
     // SAFETY: `ctx` is the reaper's `Walk`, as `visit_listed_keys` passes it.
-    let slot = unsafe { (*walk).listed_from }.wrapping_add(i);
-    let Ok(slot) = u32::try_from(slot) else {
-        return 1;
+    let from = unsafe { (*ctx.cast::<Walk>()).listed_from };
+    let visit: extern "C" fn(_, _, _, _) -> i64 = match T {
+        table::ESTABLISHED_V4 => visit_established4,
+        table::ESTABLISHED_V6 => visit_established6,
+        _ => visit_half_open,
     };
-    let Some(key) = LISTED.get_ptr_mut(slot) else {
-        return 1;
-    };
-    let (map, visit): (*mut c_void, extern "C" fn(_, _, _, _) -> i64) = match T {
-        table::ESTABLISHED_V4 => (
-            core::ptr::from_ref(&FLOWS4).cast_mut().cast(),
-            visit_established4,
-        ),
-        table::ESTABLISHED_V6 => (
-            core::ptr::from_ref(&FLOWS6).cast_mut().cast(),
-            visit_established6,
-        ),
-        _ => (
-            core::ptr::from_ref(&HALF_OPEN).cast_mut().cast(),
-            visit_half_open,
-        ),
-    };
-    // SAFETY: `map` is that table and `key` a slot of the LISTED array, at least the table's
-    // key size (an IPv4 key fills the first 16 bytes).
-    let value = unsafe { bpf_map_lookup_elem(map, key.cast()) };
-    if value.is_null() {
-        // Removed since the agent listed it.
-        return 0;
+    match listed_record(T, from.wrapping_add(i)) {
+        Listed::End => 1,
+        Listed::Gone => 0,
+        Listed::Record([map, key, value]) => {
+            visit(map, key, value, ctx);
+            0
+        }
     }
-    visit(map, key.cast(), value, ctx);
-    0
 }
 
 #[inline(never)]

@@ -15,7 +15,7 @@
 use aya_ebpf::{
     bindings::xdp_action,
     cty::c_void,
-    helpers::{bpf_for_each_map_elem, bpf_ktime_get_ns, bpf_loop, bpf_map_lookup_elem},
+    helpers::{bpf_for_each_map_elem, bpf_ktime_get_ns, bpf_loop},
     programs::XdpContext,
 };
 use tcp_common::{
@@ -28,7 +28,7 @@ use tcp_common::{
 };
 
 use crate::{
-    maps::{FLOWS4, FLOWS6, HALF_OPEN, LISTED, PORT_INDEX, WALK_VIEW},
+    maps::{FLOWS4, FLOWS6, HALF_OPEN, Listed, PORT_INDEX, WALK_VIEW, listed_record},
     reaper::key_ports,
     tracker::{REAPER, metrics},
 };
@@ -200,36 +200,20 @@ extern "C" fn visit_half_open(
 /// it is still there (as in the reaper; a `bpf_loop` callback per table).
 #[inline(always)]
 fn view_listed<const T: usize>(i: u64, ctx: *mut c_void) -> i64 {
-    let walk = ctx.cast::<Walk>();
     // SAFETY: `ctx` is the view's `Walk`, as `walk` passes it.
-    let slot = unsafe { (*walk).listed_from }.wrapping_add(i);
-    let Ok(slot) = u32::try_from(slot) else {
-        return 1;
+    let from = unsafe { (*ctx.cast::<Walk>()).listed_from };
+    let visit: extern "C" fn(_, _, _, _) -> i64 = match T {
+        table::HALF_OPEN => visit_half_open,
+        _ => visit_established,
     };
-    let Some(key) = LISTED.get_ptr_mut(slot) else {
-        return 1;
-    };
-    let (map, visit): (*mut c_void, extern "C" fn(_, _, _, _) -> i64) = match T {
-        table::ESTABLISHED_V4 => (
-            core::ptr::from_ref(&FLOWS4).cast_mut().cast(),
-            visit_established,
-        ),
-        table::ESTABLISHED_V6 => (
-            core::ptr::from_ref(&FLOWS6).cast_mut().cast(),
-            visit_established,
-        ),
-        _ => (
-            core::ptr::from_ref(&HALF_OPEN).cast_mut().cast(),
-            visit_half_open,
-        ),
-    };
-    // SAFETY: `map` is that table and `key` a slot of the LISTED array, at least the table's
-    // key size.
-    let value = unsafe { bpf_map_lookup_elem(map, key.cast()) };
-    if !value.is_null() {
-        visit(map, key.cast(), value, ctx);
+    match listed_record(T, from.wrapping_add(i)) {
+        Listed::End => 1,
+        Listed::Gone => 0,
+        Listed::Record([map, key, value]) => {
+            visit(map, key, value, ctx);
+            0
+        }
     }
-    0
 }
 
 #[inline(never)]

@@ -30,9 +30,8 @@ fn batch(cmd: libc::c_long, attr: &mut BatchAttr) -> (u32, Option<io::Error>) {
 /// Every element of hash map `fd`, appended to `out`.
 ///
 /// # Safety
-/// `K` and `V` are the map's own key and value types: plain data (any bit pattern valid,
-/// all-zero included) of exactly the map's key and value sizes. The kernel writes that many
-/// bytes per element.
+/// `K` and `V` are the map's own key and value types: plain data (any bit pattern valid) of
+/// exactly the map's key and value sizes. The kernel writes that many bytes per element.
 ///
 /// # Errors
 /// When the kernel refuses the read.
@@ -40,38 +39,28 @@ pub unsafe fn lookup<K: Copy, V: Copy>(
     fd: BorrowedFd<'_>,
     out: &mut Vec<(K, V)>,
 ) -> io::Result<()> {
-    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
-    const CHUNK: usize = 4096;
-    // SAFETY: all-zero is a valid K and V (caller).
-    let (zero_key, zero_value) = unsafe { (std::mem::zeroed::<K>(), std::mem::zeroed::<V>()) };
-    let mut keys = vec![zero_key; CHUNK];
-    let mut values = vec![zero_value; CHUNK];
-    // A hash map's cursor is a bucket index.
-    let mut cursor: u32 = 0;
-    let mut first = true;
-    loop {
-        let mut next: u32 = 0;
-        // `keys` and `values` hold CHUNK elements of the map's types, filled up to `count`.
-        let mut attr = BatchAttr {
-            in_batch: if first { 0 } else { (&raw const cursor) as u64 },
-            out_batch: (&raw mut next) as u64,
-            keys: keys.as_mut_ptr() as u64,
-            values: values.as_mut_ptr() as u64,
-            count: CHUNK as u32,
-            map_fd: fd.as_raw_fd() as u32,
-            elem_flags: 0,
-            flags: 0,
-        };
-        let (n, error) = batch(BPF_MAP_LOOKUP_BATCH, &mut attr);
-        let n = (n as usize).min(CHUNK);
-        out.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
-        match error {
-            None => {}
-            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
-            Some(e) => return Err(e),
+    let (key_size, value_size) = (size_of::<K>(), size_of::<V>());
+    let mut each = |keys: &[u8], values: &[u8]| {
+        for (k, v) in keys
+            .chunks_exact(key_size)
+            .zip(values.chunks_exact(value_size))
+        {
+            // SAFETY: `k` and `v` hold one element's key and value as the kernel wrote them,
+            // and K and V are plain data of exactly these sizes (caller).
+            let element = unsafe {
+                (
+                    k.as_ptr().cast::<K>().read_unaligned(),
+                    v.as_ptr().cast::<V>().read_unaligned(),
+                )
+            };
+            out.push(element);
         }
-        cursor = next;
-        first = false;
+    };
+    // SAFETY: the sizes are the map's (caller).
+    match unsafe { scan(fd, key_size, value_size, usize::MAX, &mut each) }? {
+        true => Ok(()),
+        // Only a bucket of more than a chunk's elements stops an unlimited scan.
+        false => Err(io::Error::from_raw_os_error(libc::ENOSPC)),
     }
 }
 
@@ -95,17 +84,40 @@ pub unsafe fn keys(
     limit: usize,
     out: &mut Vec<u8>,
 ) -> io::Result<bool> {
+    // SAFETY: the sizes are the map's (caller).
+    unsafe {
+        scan(fd, key_size, value_size, limit, &mut |keys, _| {
+            out.extend_from_slice(keys)
+        })
+    }
+}
+
+/// Reads hash map `fd` with `BPF_MAP_LOOKUP_BATCH`, a chunk at a time, handing `each` the
+/// keys and values of every chunk (packed, of the given sizes); stops with `Ok(false)` once
+/// more than `limit` elements were read, or when the next bucket holds more than the room
+/// left below the limit; `Ok(true)` at the end of the map.
+///
+/// # Safety
+/// `key_size` and `value_size` are the map's own key and value sizes.
+unsafe fn scan(
+    fd: BorrowedFd<'_>,
+    key_size: usize,
+    value_size: usize,
+    limit: usize,
+    each: &mut dyn FnMut(&[u8], &[u8]),
+) -> io::Result<bool> {
     const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
     const CHUNK: usize = 4096;
     // One more than the limit, to tell "exactly `limit`" from "more".
     let chunk = limit.saturating_add(1).min(CHUNK);
     let mut keys = vec![0u8; chunk * key_size];
     let mut values = vec![0u8; chunk * value_size];
+    // A hash map's cursor is a bucket index.
     let mut cursor: u32 = 0;
     let mut first = true;
     let mut found = 0usize;
     loop {
-        let want = (limit + 1 - found).min(chunk);
+        let want = limit.saturating_add(1).saturating_sub(found).min(chunk);
         let mut next: u32 = 0;
         // `keys` and `values` hold `chunk` >= `want` elements of the map's sizes.
         let mut attr = BatchAttr {
@@ -120,7 +132,7 @@ pub unsafe fn keys(
         };
         let (n, error) = batch(BPF_MAP_LOOKUP_BATCH, &mut attr);
         let n = (n as usize).min(want);
-        out.extend_from_slice(&keys[..n * key_size]);
+        each(&keys[..n * key_size], &values[..n * value_size]);
         found += n;
         if found > limit {
             return Ok(false);

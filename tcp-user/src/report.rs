@@ -129,7 +129,10 @@ impl Report {
 
     /// Adds the events of one segment sent by an endpoint on `side`.
     pub fn count_events(&mut self, e: u32, side: Side) {
-        for bit in (0..32).map(|i| 1u32 << i).filter(|b| e & b != 0) {
+        for bit in (0..event_slots::STATE_EVENTS)
+            .map(|i| 1u32 << i)
+            .filter(|b| e & b != 0)
+        {
             if let Some(field) = self.field_mut(bit) {
                 *field += 1;
             }
@@ -144,13 +147,13 @@ impl Report {
 
     /// Adds the kernel's per-event tallies (summed over CPUs).
     pub fn add_kernel_events(&mut self, events: &EventCounters) {
-        for i in 0..32 {
+        for i in 0..event_slots::STATE_EVENTS {
             if let Some(field) = self.field_mut(1 << i) {
                 *field += events.slots[i];
             }
         }
         self.silent_servers += events.slots[event_slots::SILENT_SERVERS];
-        for side in 0..3 {
+        for side in 0..Side::ALL.len() {
             self.keepalive_probes[side] += events.slots[event_slots::KEEPALIVE_PROBES + side];
             self.keepalive_acks[side] += events.slots[event_slots::KEEPALIVE_ACKS + side];
         }
