@@ -193,19 +193,9 @@ impl Tracker {
         Ok(WalkViewHandle(array))
     }
 
-    /// Runs the view program: walks the tables into the (zeroed) walk view.
-    ///
-    /// # Errors
-    /// When the kernel refuses the test run.
-    pub fn walk_into_view(&self) -> Result<(), Error> {
-        self.view_as(&ReapRequest {
-            tables: ReapRequest::ALL_TABLES,
-            ..ReapRequest::default()
-        })
-    }
-
-    /// [`Self::walk_into_view`] over the tables `request` walks, by the keys it lists for the
-    /// tables it lists (see [`ReapRequest::listed`]); its timeouts are not used.
+    /// Runs the view program: walks the tables `request` walks into the (zeroed) walk view, by
+    /// the keys it lists for the tables it lists (see [`ReapRequest::listed`]); its timeouts
+    /// are not used.
     ///
     /// # Errors
     /// When the kernel refuses the test run.
