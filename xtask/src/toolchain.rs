@@ -185,6 +185,26 @@ pub fn ensure_stable() -> Result<()> {
             "clippy,rustfmt",
         ]))?;
     }
+    // A directory override for this checkout, so that plain `cargo build` / `cargo test` here
+    // use the pinned toolchain too. Not a rust-toolchain.toml: with rustup's on-demand installs
+    // off (`RUSTUP_AUTO_INSTALL=0`) that would stop the very first `cargo xtask` on a machine
+    // without the toolchain, before xtask could install it.
+    let root = cmd::workspace_root();
+    let overrides = cmd::stdout_of(Command::new("rustup").args(["override", "list"]));
+    let set = overrides.is_some_and(|list| {
+        list.lines().any(|l| {
+            let mut words = l.split_whitespace();
+            words.next() == Some(&*root.to_string_lossy())
+                && words.next().is_some_and(|t| t.starts_with(STABLE))
+        })
+    });
+    if !set {
+        cmd::run(
+            Command::new("rustup")
+                .args(["override", "set", STABLE, "--path"])
+                .arg(&root),
+        )?;
+    }
     Ok(())
 }
 
