@@ -29,6 +29,25 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The pin directory is not on bpffs, and it is not one this can mount.
+    #[error(
+        "the pin directory {dir:?} is not on bpffs ({checked:?} is on another filesystem; `ip netns exec` mounts a /sys without it): run this with `nsenter --net=/run/netns/NAME`, mount bpffs (`mount -t bpf bpf DIR`), or give --pin-dir on a mounted bpffs"
+    )]
+    NotBpffs {
+        /// The pin directory.
+        dir: std::path::PathBuf,
+        /// Its nearest existing ancestor, which was checked.
+        checked: std::path::PathBuf,
+    },
+    /// Mounting bpffs failed.
+    #[error("mounting bpffs on {target:?} failed")]
+    MountBpffs {
+        /// The mount point.
+        target: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// A directory of the pin path is not safe to pin in.
     #[error("refusing the pin directory {dir:?}: {why}")]
     PinDirUnsafe {

@@ -53,6 +53,9 @@ pub struct Exposition<'a> {
     pub walk: Option<WalkExport<'a>>,
     /// Records reconciliation removed and connections it picked up (none for a replay).
     pub reconciled: Option<[u64; 2]>,
+    /// Families served after the tracker's own: the agent's (`process_*`, scrape and reap
+    /// durations; see [`crate::selfstats`]). Empty for a replay.
+    pub agent: Vec<MetricFamily>,
 }
 
 /// The reaper walk's view and how to label it.
@@ -560,6 +563,8 @@ const FAMILIES: &[Spec] = &[
         source: Source::Values(|_| {
             let labels = vec![
                 ("version", env!("CARGO_PKG_VERSION").to_owned()),
+                ("revision", crate::selfstats::REVISION.to_owned()),
+                ("kernel", crate::selfstats::kernel_release()),
                 ("layout", tcp_common::LAYOUT_VERSION.to_string()),
             ];
             Some(vec![(labels, 1.0)])
@@ -571,25 +576,23 @@ impl Exposition<'_> {
     /// Every metric family, in exposition order (see [`FAMILIES`]).
     #[must_use]
     pub fn families(&self) -> Vec<MetricFamily> {
-        FAMILIES
-            .iter()
-            .filter_map(|spec| {
-                let mut family = Family::new(spec.name, spec.help, spec.kind);
-                match spec.source {
-                    Source::Values(samples) => {
-                        for (labels, v) in samples(self)? {
-                            family = family.value(&borrowed(&labels), v);
-                        }
-                    }
-                    Source::Histograms(histograms) => {
-                        for (labels, h) in histograms(self) {
-                            family = family.histogram(&borrowed(&labels), &h);
-                        }
+        let tracker = FAMILIES.iter().filter_map(|spec| {
+            let mut family = Family::new(spec.name, spec.help, spec.kind);
+            match spec.source {
+                Source::Values(samples) => {
+                    for (labels, v) in samples(self)? {
+                        family = family.value(&borrowed(&labels), v);
                     }
                 }
-                Some(family.done())
-            })
-            .collect()
+                Source::Histograms(histograms) => {
+                    for (labels, h) in histograms(self) {
+                        family = family.histogram(&borrowed(&labels), &h);
+                    }
+                }
+            }
+            Some(family.done())
+        });
+        tracker.chain(self.agent.iter().cloned()).collect()
     }
 
     /// The Prometheus text format.
@@ -636,6 +639,7 @@ impl Report {
             },
             walk: None,
             reconciled: None,
+            agent: Vec::new(),
         }
         .text()
     }

@@ -63,7 +63,7 @@ pub fn driver(name: &str) -> std::io::Result<Driver> {
         _pad: [u8; 16],
     }
     const ETHTOOL_GDRVINFO: u32 = 0x0000_0003;
-    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    const SIOCETHTOOL: libc::Ioctl = 0x8946;
     let bytes = name.as_bytes();
     if bytes.is_empty() || bytes.len() >= libc::IFNAMSIZ || bytes.contains(&0) {
         return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));

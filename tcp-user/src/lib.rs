@@ -8,6 +8,7 @@
 )]
 
 pub mod batch;
+pub mod bpffs;
 pub mod capture;
 pub mod collector;
 pub mod counters;
@@ -24,6 +25,7 @@ pub mod reaper;
 pub mod reconcile;
 pub mod replay;
 pub mod report;
+pub mod selfstats;
 pub mod sockets;
 
 /// The eBPF object built by xtask (release, with BTF), embedded at compile time.

@@ -46,6 +46,7 @@ pub struct Reaper {
     stop: Arc<(Mutex<bool>, Condvar)>,
     thread: Option<JoinHandle<()>>,
     view: Arc<Mutex<Option<WalkView>>>,
+    durations: prometheus::Histogram,
 }
 
 impl Reaper {
@@ -63,14 +64,23 @@ impl Reaper {
         let signal = Arc::clone(&stop);
         let view = Arc::new(Mutex::new(None));
         let latest = Arc::clone(&view);
+        let durations = crate::selfstats::reap_duration_histogram();
+        let observed = durations.clone();
         let thread = std::thread::Builder::new()
             .name("tcpscope-reap".to_owned())
-            .spawn(move || run(&tracker, &timeouts, reconcile, &signal, &latest))?;
+            .spawn(move || run(&tracker, &timeouts, reconcile, &signal, &latest, &observed))?;
         Ok(Self {
             stop,
             thread: Some(thread),
             view,
+            durations,
         })
+    }
+
+    /// How long each cycle took (`tcpscope_reap_duration_seconds`).
+    #[must_use]
+    pub fn durations(&self) -> &prometheus::Histogram {
+        &self.durations
     }
 
     /// What the last walk found (`None` before the first one).
@@ -108,6 +118,7 @@ fn run(
     reconcile: Option<Policy>,
     stop: &(Mutex<bool>, Condvar),
     view: &Mutex<Option<WalkView>>,
+    durations: &prometheus::Histogram,
 ) {
     let (flag, wake) = stop;
     let mut next = Instant::now();
@@ -149,6 +160,7 @@ fn run(
     let mut visited = [u64::MAX; table::COUNT];
     let mut inserts_then: Option<[u64; table::COUNT]> = None;
     loop {
+        let started = Instant::now();
         let inserts = tracker.metrics().ok().map(|m| m.inserts);
         let mut tables = walked_tables(&visited, inserts_then.as_ref(), inserts.as_ref());
         let mut doomed = false;
@@ -244,6 +256,7 @@ fn run(
             None => None,
         };
         *view.lock().unwrap_or_else(PoisonError::into_inner) = walked;
+        durations.observe(started.elapsed().as_secs_f64());
         match reaped {
             Ok(r) => {
                 if failing.take().is_some() {

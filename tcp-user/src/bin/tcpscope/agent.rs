@@ -1,7 +1,10 @@
 //! `tcpscope run`: loads and attaches, serves the metrics, follows interfaces, expires and
 //! reconciles, and detaches on SIGTERM or SIGINT.
 
-use std::{io::Write as _, time::Duration};
+use std::{
+    io::Write as _,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context as _, Result, bail};
 use log::{debug, info, warn};
@@ -19,6 +22,7 @@ use tcp_user::{
     loader::{LoadOptions, Mode, Tracker},
     pins::{self, PinDir},
     report::Report,
+    selfstats::SelfStats,
 };
 use tokio::{
     io::{Interest, unix::AsyncFd},
@@ -69,7 +73,9 @@ pub(crate) async fn run(args: RunArgs) -> Result<()> {
         Some(dir) => dir,
         None => pins::default_dir()?,
     };
-    // Held until exit; released by the kernel however the agent exits.
+    if let Some(line) = tcp_user::bpffs::describe(&tcp_user::bpffs::ensure(&pin_base, true)?) {
+        info!("{line}");
+    }
     // Held until exit. Until the agent tracks, any failure removes the pins this start
     // created (the guard drops after the tracker, which detaches first).
     let mut pins = StartGuard(Some(PinDir::acquire(&pin_base)?));
@@ -153,6 +159,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<()> {
             stale_after: Duration::from_secs(args.stale_after_restart_secs),
         },
     };
+    let selfstats = SelfStats::new();
     let reaper =
         tcp_user::reaper::Reaper::start(std::sync::Arc::clone(&tracker), timeouts, Some(reconcile))
             .context("starting the reaper thread")?;
@@ -214,7 +221,8 @@ pub(crate) async fn run(args: RunArgs) -> Result<()> {
                         view,
                     });
                     let _ = answer.send(
-                        exposition(&tracker, &flood, walk).map_err(|e| format!("{e:#}")),
+                        exposition(&tracker, &flood, walk, &selfstats, reaper.durations())
+                            .map_err(|e| format!("{e:#}")),
                     );
                 }
                 http::Request::Health(answer) => {
@@ -296,22 +304,28 @@ pub(crate) fn watch_floods(tracker: &Tracker, flood: &mut FloodDetector) {
     }
 }
 
-/// The /metrics text, read from the kernel now.
+/// The /metrics text, read from the kernel now; the collection's time is observed into
+/// `selfstats` first, so the scrape histogram counts this scrape too.
 pub(crate) fn exposition(
     tracker: &Tracker,
     flood: &FloodDetector,
     walk: Option<WalkExport<'_>>,
+    selfstats: &SelfStats,
+    reap_durations: &prometheus::Histogram,
 ) -> Result<String> {
+    let started = Instant::now();
     let totals = tracker.counters()?;
     let metrics = tracker.metrics()?;
     let report = Report::from_kernel(&metrics, *totals.hook(Hook::XdpIngress));
+    let tables = tracker.tables(&metrics)?;
+    selfstats.observe_scrape(started.elapsed());
     Ok(Exposition {
         report: &report,
         packets: Hook::ALL
             .iter()
             .map(|h| (h.name(), *totals.hook(*h)))
             .collect(),
-        tables: tracker.tables(&metrics)?,
+        tables,
         flood_ports: flood.exposition(flows::monotonic_ns()),
         port_tallies: flood.port_tallies(flows::monotonic_ns()),
         walk,
@@ -319,6 +333,7 @@ pub(crate) fn exposition(
             metrics.events.slots[event_slots::RECONCILED_REMOVED],
             metrics.events.slots[event_slots::RECONCILED_PICKED_UP],
         ]),
+        agent: selfstats.families(Some(reap_durations)),
     }
     .text())
 }

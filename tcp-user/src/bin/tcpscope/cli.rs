@@ -13,7 +13,7 @@ use tcp_user::{
 
 /// eBPF/XDP TCP connection tracker.
 #[derive(Debug, Parser)]
-#[command(name = "tcpscope", version, about, long_about = None)]
+#[command(name = "tcpscope", version = tcp_user::selfstats::VERSION, long_about = None)]
 pub(crate) struct Cli {
     /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it. At debug the
     /// eBPF programs' own log lines appear too.
@@ -36,6 +36,19 @@ pub(crate) enum Command {
     /// cooked headers of `tcpdump -i any`) and print the final state; packet timestamps are the
     /// clock. Needs no privileges.
     Replay(ReplayArgs),
+    /// Print a completion script for a shell (bash, zsh, fish, elvish or powershell), e.g.
+    /// `tcpscope completions bash > /etc/bash_completion.d/tcpscope`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) of tcpscope or of one of its commands, e.g.
+    /// `tcpscope man run | man -l -`.
+    Man {
+        /// The command (run, flows, stats, replay, ...); none: tcpscope itself.
+        command: Option<String>,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -8,9 +8,46 @@ mod output;
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory as _, Parser};
 
 use crate::{agent::*, cli::*, output::*};
+
+/// The man page of `tcpscope` (`tcpscope.1`), or of one of its commands (`tcpscope-run.1`).
+fn man_page(command: Option<&str>) -> anyhow::Result<Vec<u8>> {
+    let top = Cli::command();
+    let page = match command {
+        None => top,
+        Some(name) => {
+            let names: Vec<String> = top
+                .get_subcommands()
+                .map(|c| c.get_name().to_owned())
+                .collect();
+            let Some(sub) = top.find_subcommand(name) else {
+                anyhow::bail!("no command {name:?}; the commands are {}", names.join(", "));
+            };
+            // The page's title and synopsis name the full command, as git's pages do.
+            let full = format!("tcpscope-{name}");
+            sub.clone()
+                .name(full.clone())
+                .bin_name(format!("tcpscope {name}"))
+                .display_name(full)
+                .version(tcp_user::selfstats::VERSION)
+        }
+    };
+    let mut out = Vec::new();
+    clap_mangen::Man::new(page).render(&mut out)?;
+    Ok(out)
+}
+
+/// Writes `bytes` to stdout; a reader that went away (`| head`) is not an error.
+fn print_all(bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -44,6 +81,12 @@ fn main() -> ExitCode {
             Command::Replay(args) => replay(&args),
             Command::Flows(args) => list_flows(&args),
             Command::Stats(args) => stats(&args),
+            Command::Completions { shell } => {
+                let mut text = Vec::new();
+                clap_complete::generate(shell, &mut Cli::command(), "tcpscope", &mut text);
+                print_all(&text)
+            }
+            Command::Man { command } => print_all(&man_page(command.as_deref())?),
         }
     });
     match result {

@@ -21,6 +21,9 @@ pub(crate) fn pinned_dir(dir: Option<&std::path::Path>) -> Result<PathBuf> {
         Some(d) => d.to_path_buf(),
         None => pins::default_dir()?,
     };
+    if let Some(line) = tcp_user::bpffs::describe(&tcp_user::bpffs::ensure(&dir, false)?) {
+        log::info!("{line}");
+    }
     if pins::held_by_an_agent(&dir) == Some(false) {
         warn!(
             "no agent holds {}: these are the figures the last agent left, not live ones",
