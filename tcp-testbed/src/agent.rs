@@ -135,8 +135,28 @@ impl Agent {
     /// is `None`: then its pins go to the namespace's default directory). Its stderr is read
     /// to the end by a thread of its own, so that the agent never blocks on a full pipe.
     pub fn try_spawn(ns: &NetNs, pin_dir: Option<PathBuf>, args: &[&str]) -> Result<Self> {
-        let bin = try_agent_binary()?;
-        let mut command = ns.command(&bin);
+        Self::try_spawn_binary(&try_agent_binary()?, ns, pin_dir, args)
+    }
+
+    /// [`Self::try_spawn`] with the binary `bin` (e.g. the release archive's).
+    pub fn try_spawn_binary(
+        bin: &Path,
+        ns: &NetNs,
+        pin_dir: Option<PathBuf>,
+        args: &[&str],
+    ) -> Result<Self> {
+        Self::try_spawn_command(ns.command(bin), bin, ns, pin_dir, args)
+    }
+
+    /// [`Self::try_spawn`] with `command` (the binary `bin`, started as the caller chose: in
+    /// `ns`, or e.g. through `ip netns exec` or `setpriv`), given `run` and the arguments.
+    pub fn try_spawn_command(
+        mut command: Command,
+        bin: &Path,
+        ns: &NetNs,
+        pin_dir: Option<PathBuf>,
+        args: &[&str],
+    ) -> Result<Self> {
         command.arg("run");
         if let Some(dir) = &pin_dir {
             command.arg("--pin-dir").arg(dir);

@@ -16,6 +16,7 @@ pub mod agent;
 mod bed;
 mod capture;
 mod cmd;
+pub mod dist;
 mod link;
 pub mod metrics;
 mod netns;

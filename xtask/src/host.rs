@@ -115,6 +115,8 @@ pub const ALLOW_SKIP: &str = "TCPSCOPE_ALLOW_SKIP";
 
 /// Names the agent binary to the tests (and to the benchmark): tcp-testbed reads it.
 pub const AGENT: &str = "TCPSCOPE_AGENT";
+/// Names the release archive the dist tests take (tcp-testbed's `dist::DIST_ENV`).
+pub const DIST: &str = "TCPSCOPE_DIST";
 
 /// Where the public captures live: beside the repository.
 pub fn pcaps_dir() -> PathBuf {

@@ -6,6 +6,7 @@
 mod bench;
 mod build;
 mod cmd;
+mod dist;
 mod host;
 mod kernels;
 mod run;
@@ -40,6 +41,10 @@ enum Task {
     Vm(vm::Options),
     /// Set up the pinned nightly and bpf-linker only (done implicitly by the other tasks).
     Setup,
+    /// Build the release archives: a static (musl) tcpscope with the eBPF object embedded,
+    /// man pages, completions, README, licences and deploy files, in
+    /// target/dist/tcpscope-VERSION-TARGET.tar.gz, plus target/dist/SHA256SUMS.
+    Dist(dist::Options),
     /// Run the benchmarks (root): per-packet cost, veth throughput against conntrack, scrape
     /// cost, memory, agent CPU; writes target/bench/report.{md,json}.
     Bench(bench::Options),
@@ -53,6 +58,7 @@ fn main() -> ExitCode {
         Task::Test(opts) => test::test(&opts),
         Task::Vm(opts) => vm::vm(&opts),
         Task::Setup => toolchain::ensure_ebpf_toolchain().map(|_| ()),
+        Task::Dist(opts) => dist::dist(&opts).map(|_| ()),
         Task::Bench(opts) => bench::bench(&opts),
     };
     match result {

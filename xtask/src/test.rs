@@ -24,8 +24,8 @@ use anyhow::{Result, bail};
 use clap::Args;
 
 use crate::{
-    build, cmd,
-    host::{self, AGENT, ALLOW_SKIP, pcaps_dir},
+    build, cmd, dist,
+    host::{self, AGENT, ALLOW_SKIP, DIST, pcaps_dir},
     kernels, toolchain, vm,
 };
 
@@ -100,6 +100,7 @@ pub fn test(opts: &Options) -> Result<()> {
     host::ensure_bpffs()?;
     let object = build::build_ebpf()?;
     let agent = build::build_agent(&object, false)?;
+    let archive = dist::native_archive()?;
     let mut c = toolchain::cargo_stable()?;
     c.args([
         "test",
@@ -109,7 +110,8 @@ pub fn test(opts: &Options) -> Result<()> {
         "--no-fail-fast",
     ])
     .env("TCPSCOPE_EBPF_OBJ", &object)
-    .env(AGENT, &agent);
+    .env(AGENT, &agent)
+    .env(DIST, &archive);
     if !host::is_root() {
         eprintln!("xtask: not root: test binaries run through `sudo -n -E`");
         c.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER", "sudo -n -E");

@@ -218,6 +218,22 @@ pub fn ensure_ebpf_toolchain() -> Result<EbpfToolchain> {
     })
 }
 
+/// Ensures the pinned stable toolchain has the standard library of `target`.
+pub fn ensure_stable_target(target: &str) -> Result<()> {
+    ensure_stable()?;
+    let installed = cmd::stdout_of(Command::new("rustup").args([
+        "target",
+        "list",
+        "--installed",
+        "--toolchain",
+        STABLE,
+    ]));
+    if !installed.is_some_and(|list| list.lines().any(|l| l.trim() == target)) {
+        cmd::run(Command::new("rustup").args(["target", "add", "--toolchain", STABLE, target]))?;
+    }
+    Ok(())
+}
+
 /// A `cargo` command of the pinned stable toolchain ([`STABLE`]), installed if missing.
 pub fn cargo_stable() -> Result<Command> {
     ensure_stable()?;

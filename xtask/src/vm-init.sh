@@ -27,6 +27,8 @@ allow_skip=$(cat /tests/allow_skip)
 [ -n "$allow_skip" ] && export TCPSCOPE_ALLOW_SKIP="$allow_skip"
 # The agent, at its host path (the test binaries run from /tests, away from the target directory).
 export TCPSCOPE_AGENT="$(cat /tests/agent)"
+# The release archive (`cargo xtask dist`), also at its host path.
+export TCPSCOPE_DIST="$(cat /tests/dist)"
 failed=""
 # Per binary: the slowest (reliability) takes ~10 min under TCG on 6.12; the guest as a whole
 # is bounded by `cargo xtask vm --timeout`.

@@ -11,7 +11,8 @@
 //!   everywhere (nested guests), TCG is. A hard timeout bounds every boot.
 //! - Binaries keep their absolute host paths inside the guest, with the shared libraries `ldd`
 //!   lists; the test binaries, run from `/tests`, find the agent by its host path in
-//!   `TCPSCOPE_AGENT`, which the init script sets.
+//!   `TCPSCOPE_AGENT`, which the init script sets; the release archive of `cargo xtask dist`
+//!   (for the dist tests) likewise, in `TCPSCOPE_DIST`.
 //! - The guest's PID 1 is `vm-init.sh`; it prints one `tcpscope-vm:` line per test binary and
 //!   a final verdict line, which is what this task reads back.
 
@@ -27,7 +28,7 @@ use anyhow::{Context as _, Result, bail};
 use clap::Args;
 
 use crate::{
-    build, cmd, host,
+    build, cmd, dist, host,
     kernels::{self, Kernel},
     toolchain,
 };
@@ -44,6 +45,7 @@ pub const VM_TESTS: &[&str] = &[
     "mirror_replay",
     "lifecycle",
     "reliability",
+    "dist",
 ];
 
 /// Host programs copied into the guest (glibc builds; busybox's `ip` has no netns support).
@@ -137,9 +139,17 @@ pub fn vm(opts: &Options) -> Result<()> {
     let kernel = kernels::fetch(&choice)?;
     let object = build::build_ebpf()?;
     let agent = build::build_agent(&object, false)?;
+    let archive = dist::native_archive()?;
     let tests = build_tests(&object)?;
     let work = cmd::workspace_root().join("target/vm");
-    let initramfs = build_initramfs(&work, &kernel, &agent, &tests, opts.filter.as_deref())?;
+    let initramfs = build_initramfs(
+        &work,
+        &kernel,
+        &agent,
+        &archive,
+        &tests,
+        opts.filter.as_deref(),
+    )?;
     boot(&work, &kernel, &initramfs, opts)
 }
 
@@ -195,6 +205,7 @@ fn build_initramfs(
     work: &Path,
     kernel: &Kernel,
     agent: &Path,
+    archive: &Path,
     tests: &[(String, PathBuf)],
     filter: Option<&str>,
 ) -> Result<PathBuf> {
@@ -235,6 +246,15 @@ fn build_initramfs(
     fs::write(
         root.join("tests/agent"),
         agent.as_os_str().as_encoded_bytes(),
+    )?;
+    // The release archive and its checksums, at their host paths too.
+    let sums = archive.with_file_name("SHA256SUMS");
+    for file in [archive, sums.as_path()] {
+        copy(file, &under(&root, file))?;
+    }
+    fs::write(
+        root.join("tests/dist"),
+        archive.as_os_str().as_encoded_bytes(),
     )?;
     // The capture tests find `../shared/pcaps` from the workspace root, by the path compiled
     // into them (tcp-testbed's): both exist under the same names in the guest.
