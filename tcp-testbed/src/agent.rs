@@ -145,30 +145,27 @@ impl Agent {
         pin_dir: Option<PathBuf>,
         args: &[&str],
     ) -> Result<Self> {
-        Self::try_spawn_command(ns.command(bin), bin, ns, pin_dir, args)
-    }
-
-    /// [`Self::try_spawn`] with `command` (the binary `bin`, started as the caller chose: in
-    /// `ns`, or e.g. through `ip netns exec` or `setpriv`), given `run` and the arguments.
-    pub fn try_spawn_command(
-        mut command: Command,
-        bin: &Path,
-        ns: &NetNs,
-        pin_dir: Option<PathBuf>,
-        args: &[&str],
-    ) -> Result<Self> {
+        let mut command = ns.command(bin);
         command.arg("run");
         if let Some(dir) = &pin_dir {
             command.arg("--pin-dir").arg(dir);
         }
+        command.args(args);
+        let pin_dir = pin_dir.unwrap_or_else(|| Self::default_pin_dir(ns));
+        Self::try_from_command(command, pin_dir)
+    }
+
+    /// Starts an agent through a command of the caller's making (one that ends by exec'ing
+    /// `tcpscope run …` in place, so that the child's pid is the agent's: `setpriv`, `nsenter`
+    /// and `unshare` without `--fork` do). `pin_dir` is where it pins, removed on drop unless
+    /// [`Self::keep_pins`].
+    pub fn try_from_command(mut command: Command, pin_dir: PathBuf) -> Result<Self> {
         let mut child = command
-            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        let pin_dir = pin_dir.unwrap_or_else(|| Self::default_pin_dir(ns));
+            .with_context(|| format!("starting {:?}", command.get_program()))?;
         let stderr = child.stderr.take().context("piped stderr")?;
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {

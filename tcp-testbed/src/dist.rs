@@ -1,6 +1,7 @@
 //! The release archive of `cargo xtask dist`, as the tests take it: named in [`DIST_ENV`]
 //! (which `cargo xtask test` and `cargo xtask vm` set), checked against its `SHA256SUMS`, and
-//! extracted once per test process.
+//! extracted once per test process. Its static binary is what a deployment runs: the tests of
+//! `deploy/` (the systemd unit's capabilities, the container image) run it too.
 
 use std::{
     path::{Path, PathBuf},
@@ -95,6 +96,17 @@ fn try_extract() -> Result<Dist> {
 pub fn dist() -> &'static Dist {
     static DIST: OnceLock<Dist> = OnceLock::new();
     DIST.get_or_init(|| try_extract().unwrap_or_else(|e| panic!("{e:#}")))
+}
+
+/// The archive's static binary ([`dist`]).
+pub fn dist_binary() -> PathBuf {
+    dist().binary()
+}
+
+/// Whether the ELF file at `path` is statically linked (see [`has_interpreter`]); panics when
+/// it cannot be read or is no 64-bit little-endian ELF file.
+pub fn is_static_elf(path: &Path) -> bool {
+    !has_interpreter(path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()))
 }
 
 /// Whether the ELF file at `path` asks for a dynamic loader (has a `PT_INTERP` header): a

@@ -1,7 +1,8 @@
 //! The one harness of tcpscope's root integration tests (`tcp-tests`) and of its benchmark
 //! (`tcp-user/benches/tcpscope.rs`): network namespaces and veth pairs, commands run inside
-//! them, the `tcpscope` agent as a child process, the kernel's own counters, captures, the
-//! exporter and a real Prometheus server, and the prerequisites a run may go without.
+//! them, the `tcpscope` agent as a child process (and the dist binary the deployment files
+//! run), the kernel's own counters, captures, the exporter and a real Prometheus server, and the
+//! prerequisites a run may go without.
 //!
 //! Every resource has a guard that removes it on drop, so a failing test or benchmark cleans
 //! up too.

@@ -28,13 +28,27 @@ impl Prometheus {
     /// Starts Prometheus in `ns`, scraping `target` (`host:port`) every second, and waits
     /// (bounded) until it is ready.
     pub fn start(ns: &NetNs, target: &str) -> Self {
+        Self::start_with_rules(ns, target, &[])
+    }
+
+    /// [`Self::start`], loading the rule files `rules` too (evaluated every second).
+    pub fn start_with_rules(ns: &NetNs, target: &str, rules: &[&std::path::Path]) -> Self {
         let dir = std::env::temp_dir().join(unique("tcpscope-prom-"));
         std::fs::create_dir_all(&dir).expect("prometheus dir");
         let config = dir.join("prometheus.yml");
+        let rule_files: String = rules
+            .iter()
+            .map(|r| format!("  - '{}'\n", r.display()))
+            .collect();
+        let rule_files = if rule_files.is_empty() {
+            String::new()
+        } else {
+            format!("rule_files:\n{rule_files}")
+        };
         std::fs::write(
             &config,
             format!(
-                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n{rule_files}\
                  scrape_configs:\n  - job_name: tcpscope\n    static_configs:\n      \
                  - targets: ['{target}']\n"
             ),
@@ -84,12 +98,20 @@ impl Prometheus {
         .expect("prometheus client thread")
     }
 
+    /// The `data` of a GET of the HTTP API (`/api/v1/...`); panics unless it answers 200 with
+    /// status `success`.
+    pub fn api(&self, path: &str) -> Value {
+        let (status, body) = self.get(path);
+        assert_eq!(status, 200, "GET {path}: {body}");
+        let v: Value = serde_json::from_str(&body).expect("JSON");
+        assert_eq!(v["status"], "success", "GET {path}: {body}");
+        v["data"].clone()
+    }
+
     /// An instant query: each series' labels (JSON object) and value.
     pub fn query(&self, q: &str) -> Vec<(Value, f64)> {
-        let (status, body) = self.get(&format!("/api/v1/query?query={}", encode(q)));
-        assert_eq!(status, 200, "query {q}: {body}");
-        let v: Value = serde_json::from_str(&body).expect("JSON");
-        v["data"]["result"]
+        let data = self.api(&format!("/api/v1/query?query={}", encode(q)));
+        data["result"]
             .as_array()
             .expect("vector result")
             .iter()

@@ -266,15 +266,12 @@ fn ip_netns_exec_works_by_mounting_bpffs() {
     // `ip netns exec` gives the command a fresh /sys, without bpffs: the agent mounts one in
     // its own mount namespace, says so, and tracks (with the default pin directory).
     let mut command = Command::new("ip");
-    command.args(["netns", "exec", &link.server.name]).arg(&bin);
-    let mut agent = Agent::try_spawn_command(
-        command,
-        &bin,
-        &link.server,
-        None,
-        &["--iface", &link.server_if, "--listen", "127.0.0.1:9978"],
-    )
-    .unwrap_or_else(|e| panic!("{e:#}"));
+    command
+        .args(["netns", "exec", &link.server.name])
+        .arg(&bin)
+        .args(["run", "--iface", &link.server_if, "--listen", "127.0.0.1:9978"]);
+    let mut agent = Agent::try_from_command(command, Agent::default_pin_dir(&link.server))
+        .unwrap_or_else(|e| panic!("{e:#}"));
     let line = agent.wait_for("bpffs");
     assert!(line.contains("mounted a new bpffs"), "{line}");
     agent.wait_for("tracking;");

@@ -75,6 +75,25 @@ const PACKAGES: &[Package] = &[
         probe: "/usr/bin/tcpdump",
         tasks: &[Test, Vm],
     },
+    // The deployment tests (`deploy`, host only): `systemd-analyze verify` and
+    // `systemd-sysusers` on the unit's files; the image built FROM scratch with podman, and
+    // run with runc (crun refuses on machines whose rlimits cannot be raised or whose cgroups
+    // are hybrid).
+    Package {
+        name: "systemd",
+        probe: "/usr/bin/systemd-analyze",
+        tasks: &[Test],
+    },
+    Package {
+        name: "podman",
+        probe: "/usr/bin/podman",
+        tasks: &[Test],
+    },
+    Package {
+        name: "runc",
+        probe: "/usr/sbin/runc",
+        tasks: &[Test],
+    },
     // The guests: the emulator, their userland and initramfs.
     Package {
         name: "qemu-system-x86",
