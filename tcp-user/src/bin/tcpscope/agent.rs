@@ -19,6 +19,7 @@ use tcp_user::{
     loader::{LoadOptions, Mode, Tracker},
     pins::{self, PinDir},
     report::Report,
+    webconfig::WebConfig,
 };
 use tokio::{
     io::{Interest, unix::AsyncFd},
@@ -65,6 +66,13 @@ pub(crate) async fn run(args: RunArgs) -> Result<()> {
             );
         }
     }
+    // The server's security settings, read (certificates and hashes checked) before anything
+    // is loaded or attached.
+    let web = match (&args.web_config_file, args.listen.0) {
+        (Some(file), Some(_)) => WebConfig::load(file)?,
+        (Some(_), None) => bail!("--web.config.file needs the metrics server (--listen is off)"),
+        (None, _) => WebConfig::default(),
+    };
     let pin_base = match args.pin_dir {
         Some(dir) => dir,
         None => pins::default_dir()?,
@@ -105,11 +113,16 @@ pub(crate) async fn run(args: RunArgs) -> Result<()> {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("cannot listen on {addr}"))?;
-            info!("serving /metrics and /healthz on http://{addr}");
+            let scheme = if web.tls.is_some() { "https" } else { "http" };
+            info!(
+                "serving /metrics and /healthz on {scheme}://{addr} ({})",
+                web.describe()
+            );
             Some(tokio::spawn(http::serve(
                 listener,
                 requests_tx,
                 http::Limits::DEFAULT,
+                std::sync::Arc::new(web),
             )))
         }
         None => {
