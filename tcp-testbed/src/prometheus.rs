@@ -25,9 +25,20 @@ pub struct Prometheus {
 }
 
 impl Prometheus {
-    /// Starts Prometheus in `ns`, scraping `target` (`host:port`) every second, and waits
-    /// (bounded) until it is ready.
+    /// Starts Prometheus in `ns`, scraping `target` (`host:port`) every second as job
+    /// `tcpscope`, and waits (bounded) until it is ready.
     pub fn start(ns: &NetNs, target: &str) -> Self {
+        Self::start_with_jobs(
+            ns,
+            &format!(
+                "  - job_name: tcpscope\n    static_configs:\n      - targets: ['{target}']\n"
+            ),
+        )
+    }
+
+    /// Starts Prometheus in `ns` with `jobs` as its `scrape_configs` list (YAML items indented
+    /// by two spaces), scraping every second, and waits (bounded) until it is ready.
+    pub fn start_with_jobs(ns: &NetNs, jobs: &str) -> Self {
         let dir = std::env::temp_dir().join(unique("tcpscope-prom-"));
         std::fs::create_dir_all(&dir).expect("prometheus dir");
         let config = dir.join("prometheus.yml");
@@ -35,8 +46,7 @@ impl Prometheus {
             &config,
             format!(
                 "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
-                 scrape_configs:\n  - job_name: tcpscope\n    static_configs:\n      \
-                 - targets: ['{target}']\n"
+                 scrape_configs:\n{jobs}"
             ),
         )
         .expect("prometheus config");

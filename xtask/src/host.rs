@@ -56,6 +56,18 @@ const PACKAGES: &[Package] = &[
         probe: "/usr/sbin/hping3",
         tasks: &[Test, Vm],
     },
+    // curl and openssl: the metrics endpoint's TLS and basic-auth tests (the client, and the
+    // test's certificates); host tiers only.
+    Package {
+        name: "curl",
+        probe: "/usr/bin/curl",
+        tasks: &[Test],
+    },
+    Package {
+        name: "openssl",
+        probe: "/usr/bin/openssl",
+        tasks: &[Test],
+    },
     // tshark: handshake-latency oracle (tcp.analysis.initial_rtt); host tiers only.
     Package {
         name: "tshark",
