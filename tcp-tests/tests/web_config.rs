@@ -231,7 +231,7 @@ fn tls_and_basic_auth_through_curl_and_prometheus() {
             hash(PASSWORD)
         ),
     );
-    let _agent = start_agent(
+    let mut agent = start_agent(
         &ns,
         &config,
         "https://127.0.0.1:9977 (TLS, basic auth, 1 user)",
@@ -384,6 +384,62 @@ fn tls_and_basic_auth_through_curl_and_prometheus() {
         None,
         "the refused job got samples"
     );
+    drop(prom);
+
+    // SIGHUP reloads the file: a new password replaces the old one at once.
+    const NEW_PASSWORD: &str = "another one";
+    std::fs::write(
+        &config,
+        format!(
+            "tls_server_config:\n  cert_file: server.pem\n  key_file: server.key\n\
+             basic_auth_users:\n  {USER}: '{}'\n",
+            hash(NEW_PASSWORD)
+        ),
+    )
+    .expect("new config");
+    let sighup = |agent: &Agent| {
+        // SAFETY: kill has no memory-safety preconditions; the pid is our running child's.
+        let rc = unsafe { libc::kill(agent.pid() as i32, libc::SIGHUP) };
+        assert_eq!(rc, 0, "SIGHUP: {}", std::io::Error::last_os_error());
+    };
+    sighup(&agent);
+    let line = agent.wait_for("SIGHUP:");
+    assert!(
+        line.contains("reloaded (TLS, basic auth, 1 user)"),
+        "{line}"
+    );
+    let new_creds = format!("{USER}:{NEW_PASSWORD}");
+    let new = curl(
+        &ns,
+        &["--cacert", &ca, "-u", &new_creds, &https("/metrics")],
+    );
+    assert_eq!(new.status, 200, "the new password: {}", new.stderr);
+    assert!(
+        !new.headers.contains("x-frame-options"),
+        "the reloaded file sets no header: {}",
+        new.headers
+    );
+    let old = curl(&ns, &["--cacert", &ca, "-u", &creds, &https("/metrics")]);
+    assert_eq!(old.status, 401, "the old password after the reload");
+    // A bad file is refused and the settings in force are kept.
+    std::fs::write(&config, "basic_auth_users: {}\nnope: 1\n").expect("bad config");
+    sighup(&agent);
+    let line = agent.wait_for("SIGHUP:");
+    assert!(
+        line.contains("unknown field `nope`") && line.contains("kept"),
+        "{line}"
+    );
+    let still = curl(
+        &ns,
+        &["--cacert", &ca, "-u", &new_creds, &https("/metrics")],
+    );
+    assert_eq!(still.status, 200, "{}", still.stderr);
+    let no_auth = curl(&ns, &["--cacert", &ca, &https("/metrics")]);
+    assert_eq!(
+        no_auth.status, 401,
+        "the bad file's empty user list was not applied"
+    );
+    agent.stop();
 }
 
 #[test]

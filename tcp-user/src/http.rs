@@ -17,14 +17,16 @@
 //! With a `--web.config.file` ([`WebConfig`]) the connections speak TLS and the requests need
 //! basic auth. The TLS handshake counts as idle (it can be closed to make room) and must end
 //! within [`Limits::header_timeout`]; the connection's life includes it. Basic auth guards
-//! every path, and a request that fails it gets 401 with `WWW-Authenticate: Basic`.
+//! every path, and a request that fails it gets 401 with `WWW-Authenticate: Basic`. The
+//! settings can be replaced while serving ([`WebSettings`]): each new connection takes the
+//! current ones and keeps them for its life.
 
 use std::{
     collections::HashMap,
     convert::Infallible,
     net::IpAddr,
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, RwLock,
         atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant},
@@ -55,6 +57,35 @@ pub enum Request {
     Metrics(oneshot::Sender<Result<String, String>>),
     /// A liveness answer (the main loop is running and the programs are attached).
     Health(oneshot::Sender<Result<String, String>>),
+}
+
+/// The server's current security settings, replaced whole on reload.
+#[derive(Clone, Default)]
+pub struct WebSettings(Arc<RwLock<Arc<WebConfig>>>);
+
+impl WebSettings {
+    /// Settings that start as `config`.
+    pub fn new(config: WebConfig) -> Self {
+        Self(Arc::new(RwLock::new(Arc::new(config))))
+    }
+
+    /// The settings a new connection gets.
+    pub fn current(&self) -> Arc<WebConfig> {
+        Arc::clone(
+            &self
+                .0
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    /// Replaces them for the connections to come.
+    pub fn replace(&self, config: WebConfig) {
+        *self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(config);
+    }
 }
 
 /// Self-protection limits.
@@ -282,14 +313,14 @@ impl Conns {
     }
 }
 
-/// Serves until the task is dropped, over TLS and with basic auth when `web` says so.
+/// Serves until the task is dropped, over TLS and with basic auth when the current `web`
+/// settings say so.
 pub async fn serve(
     listener: TcpListener,
     to: mpsc::Sender<Request>,
     limits: Limits,
-    web: Arc<WebConfig>,
+    web: WebSettings,
 ) {
-    let acceptor = web.tls.clone().map(TlsAcceptor::from);
     let conns = Arc::new(Mutex::new(Conns::default()));
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -323,8 +354,8 @@ pub async fn serve(
             );
             id
         };
-        let (to, conns, web) = (to.clone(), Arc::clone(&conns), Arc::clone(&web));
-        let acceptor = acceptor.clone();
+        let (to, conns, web) = (to.clone(), Arc::clone(&conns), web.current());
+        let acceptor = web.tls.clone().map(TlsAcceptor::from);
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 handle(req, to.clone(), limits, Arc::clone(&busy), Arc::clone(&web))

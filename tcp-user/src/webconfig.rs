@@ -1,5 +1,5 @@
 //! `--web.config.file`: the Prometheus exporter-toolkit web configuration (TLS, client
-//! certificates, basic auth, extra response headers), read once at start.
+//! certificates, basic auth, extra response headers), read at start and on SIGHUP.
 //!
 //! The format is exporter-toolkit's (`docs/web-configuration.md`), strict as it is: an unknown
 //! key is an error. What this server does not implement is refused with an error naming it,

@@ -45,6 +45,11 @@ pub(crate) async fn run(args: RunArgs) -> Result<()> {
     // clean detach, not in the default action (death with programs possibly left behind).
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    // SIGHUP reloads the web configuration file; without one it keeps its default action.
+    let mut sighup = match args.web_config_file {
+        Some(_) => Some(signal(SignalKind::hangup()).context("installing the SIGHUP handler")?),
+        None => None,
+    };
     let ifaces = if args.ifaces.is_empty() {
         let Some(iface) = iface::default_route_interface() else {
             bail!("no --iface given and no default route to pick an interface from");
@@ -107,6 +112,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<()> {
         }
     };
     let (requests_tx, mut requests) = tokio::sync::mpsc::channel::<http::Request>(16);
+    let web_settings = http::WebSettings::default();
     // Bound before attaching: a port in use must not cost an attach and detach.
     let server = match args.listen.0 {
         Some(addr) => {
@@ -118,11 +124,12 @@ pub(crate) async fn run(args: RunArgs) -> Result<()> {
                 "serving /metrics and /healthz on {scheme}://{addr} ({})",
                 web.describe()
             );
+            web_settings.replace(web);
             Some(tokio::spawn(http::serve(
                 listener,
                 requests_tx,
                 http::Limits::DEFAULT,
-                std::sync::Arc::new(web),
+                web_settings.clone(),
             )))
         }
         None => {
@@ -194,6 +201,9 @@ pub(crate) async fn run(args: RunArgs) -> Result<()> {
         tokio::select! {
             _ = sigint.recv() => { info!("SIGINT: detaching"); break; }
             _ = sigterm.recv() => { info!("SIGTERM: detaching"); break; }
+            _ = async { sighup.as_mut().expect("guarded").recv().await }, if sighup.is_some() => {
+                reload_web_config(args.web_config_file.as_deref().expect("with SIGHUP"), &web_settings);
+            }
             guard = async { ebpf_log.as_mut().expect("guarded").readable_mut().await },
                 if ebpf_log.is_some() => {
                 let mut guard = guard.context("reading the eBPF log ring buffer")?;
@@ -263,6 +273,21 @@ pub(crate) async fn run(args: RunArgs) -> Result<()> {
         writeln!(out, "{line}").context("writing the summary")?;
     }
     Ok(())
+}
+
+/// SIGHUP: reads the web configuration file again; a bad file keeps the settings in force.
+fn reload_web_config(file: &std::path::Path, settings: &http::WebSettings) {
+    match WebConfig::load(file) {
+        Ok(config) => {
+            info!(
+                "SIGHUP: {} reloaded ({}); new connections use it",
+                file.display(),
+                config.describe()
+            );
+            settings.replace(config);
+        }
+        Err(e) => warn!("SIGHUP: {e:#}; the settings in force are kept"),
+    }
 }
 
 /// One `hook key=value ...` line per hook, every counter included.

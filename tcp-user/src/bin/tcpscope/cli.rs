@@ -105,7 +105,7 @@ pub(crate) struct RunArgs {
     pub(crate) listen: Listen,
     /// TLS, client certificates and basic auth for the metrics server: a Prometheus
     /// exporter-toolkit web configuration file (tls_server_config, http_server_config,
-    /// basic_auth_users), read at start.
+    /// basic_auth_users), read at start and again on SIGHUP.
     #[arg(long = "web.config.file", value_name = "FILE")]
     pub(crate) web_config_file: Option<PathBuf>,
     #[command(flatten)]
