@@ -615,6 +615,14 @@ fn bad_configs_stop_the_agent_with_one_line() {
             &["needs client_ca_file"],
         ),
         (
+            "key-is-a-cert.yml",
+            "tls_server_config:\n  cert_file: server.pem\n  key_file: ca.pem\n".into(),
+            &[
+                "tls_server_config.key_file",
+                "ca.pem: no PEM private key in it",
+            ],
+        ),
+        (
             "key-mismatch.yml",
             "tls_server_config:\n  cert_file: server.pem\n  key_file: client.key\n".into(),
             &["the certificate and key"],

@@ -269,30 +269,32 @@ fn tls_config(t: TlsFile, dir: &Path) -> Result<Option<(Arc<ServerConfig>, Clien
              VerifyClientCertIfGiven or RequireAndVerifyClientCert)"
         ),
     };
-    let chain: Vec<CertificateDer<'static>> = match (&cert, &cert_file) {
-        (Some(text), _) => CertificateDer::pem_slice_iter(text.as_bytes())
-            .collect::<Result<_, _>>()
-            .context("tls_server_config.cert")?,
-        (None, Some(file)) => CertificateDer::pem_file_iter(file)
-            .and_then(Iterator::collect)
-            .with_context(|| format!("tls_server_config.cert_file {}", file.display()))?,
+    let (chain, what): (Result<Vec<CertificateDer<'static>>, _>, String) = match (&cert, &cert_file)
+    {
+        (Some(text), _) => (
+            CertificateDer::pem_slice_iter(text.as_bytes()).collect(),
+            "tls_server_config.cert".to_owned(),
+        ),
+        (None, Some(file)) => (
+            CertificateDer::pem_file_iter(file).and_then(Iterator::collect),
+            format!("tls_server_config.cert_file {}", file.display()),
+        ),
         (None, None) => bail!("tls_server_config: missing one of cert or cert_file"),
     };
-    ensure!(
-        !chain.is_empty(),
-        "tls_server_config: no PEM certificate in cert or cert_file"
-    );
-    let key: PrivateKeyDer<'static> = match (&key, &key_file) {
-        (Some(text), _) => PrivateKeyDer::from_pem_slice(text.as_bytes())
-            .context("tls_server_config.key: no PEM private key")?,
-        (None, Some(file)) => PrivateKeyDer::from_pem_file(file).with_context(|| {
-            format!(
-                "tls_server_config.key_file {}: no PEM private key",
-                file.display()
-            )
-        })?,
+    let chain = chain.map_err(|e| anyhow!("{what}: {}", pem_problem(&e, "certificate")))?;
+    ensure!(!chain.is_empty(), "{what}: no PEM certificate in it");
+    let (key, what): (Result<PrivateKeyDer<'static>, _>, String) = match (&key, &key_file) {
+        (Some(text), _) => (
+            PrivateKeyDer::from_pem_slice(text.as_bytes()),
+            "tls_server_config.key".to_owned(),
+        ),
+        (None, Some(file)) => (
+            PrivateKeyDer::from_pem_file(file),
+            format!("tls_server_config.key_file {}", file.display()),
+        ),
         (None, None) => bail!("tls_server_config: missing one of key or key_file"),
     };
+    let key = key.map_err(|e| anyhow!("{what}: {}", pem_problem(&e, "private key")))?;
     let roots = match (&ca, &ca_file) {
         (Some(text), _) => Some(roots(
             CertificateDer::pem_slice_iter(text.as_bytes()).collect::<Result<_, _>>(),
@@ -356,12 +358,20 @@ fn tls_config(t: TlsFile, dir: &Path) -> Result<Option<(Arc<ServerConfig>, Clien
     Ok(Some((Arc::new(config), client_auth)))
 }
 
+/// A PEM reading error in words ("no items found" says which items).
+fn pem_problem(e: &rustls::pki_types::pem::Error, item: &str) -> String {
+    match e {
+        rustls::pki_types::pem::Error::NoItemsFound => format!("no PEM {item} in it"),
+        e => e.to_string(),
+    }
+}
+
 fn roots(
     certs: Result<Vec<CertificateDer<'static>>, rustls::pki_types::pem::Error>,
     what: &str,
 ) -> Result<RootCertStore> {
-    let certs = certs.with_context(|| what.to_owned())?;
-    ensure!(!certs.is_empty(), "{what}: no PEM certificate");
+    let certs = certs.map_err(|e| anyhow!("{what}: {}", pem_problem(&e, "certificate")))?;
+    ensure!(!certs.is_empty(), "{what}: no PEM certificate in it");
     let mut store = RootCertStore::empty();
     for cert in certs {
         store
@@ -634,6 +644,12 @@ mod tests {
             "relative to the file's directory: {e}"
         );
         assert!(err("tls_server_config:\n  key_file: key.pem\n").contains("missing one of cert"));
+        // Inline PEM text that holds no key, or no certificate.
+        let e = err("tls_server_config:\n  cert: 'junk'\n  key: 'junk'\n");
+        assert!(
+            e.contains("tls_server_config.cert: no PEM certificate in it"),
+            "{e}"
+        );
     }
 
     #[test]
