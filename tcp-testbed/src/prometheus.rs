@@ -25,14 +25,30 @@ pub struct Prometheus {
 }
 
 impl Prometheus {
-    /// Starts Prometheus in `ns`, scraping `target` (`host:port`) every second, and waits
-    /// (bounded) until it is ready.
+    /// Starts Prometheus in `ns`, scraping `target` (`host:port`) every second as job
+    /// `tcpscope`, and waits (bounded) until it is ready.
     pub fn start(ns: &NetNs, target: &str) -> Self {
         Self::start_with_rules(ns, target, &[])
     }
 
     /// [`Self::start`], loading the rule files `rules` too (evaluated every second).
     pub fn start_with_rules(ns: &NetNs, target: &str, rules: &[&std::path::Path]) -> Self {
+        Self::start_with_config(ns, &Self::job(target), rules)
+    }
+
+    /// Starts Prometheus in `ns` with `jobs` as its `scrape_configs` list (YAML items indented
+    /// by two spaces), scraping every second, and waits (bounded) until it is ready.
+    pub fn start_with_jobs(ns: &NetNs, jobs: &str) -> Self {
+        Self::start_with_config(ns, jobs, &[])
+    }
+
+    /// The scrape job `tcpscope` of `target`, as a `scrape_configs` item.
+    fn job(target: &str) -> String {
+        format!("  - job_name: tcpscope\n    static_configs:\n      - targets: ['{target}']\n")
+    }
+
+    /// Starts Prometheus in `ns` with the scrape `jobs` and the rule files `rules`.
+    fn start_with_config(ns: &NetNs, jobs: &str, rules: &[&std::path::Path]) -> Self {
         let dir = std::env::temp_dir().join(unique("tcpscope-prom-"));
         std::fs::create_dir_all(&dir).expect("prometheus dir");
         let config = dir.join("prometheus.yml");
@@ -49,8 +65,7 @@ impl Prometheus {
             &config,
             format!(
                 "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n{rule_files}\
-                 scrape_configs:\n  - job_name: tcpscope\n    static_configs:\n      \
-                 - targets: ['{target}']\n"
+                 scrape_configs:\n{jobs}"
             ),
         )
         .expect("prometheus config");

@@ -269,7 +269,13 @@ fn ip_netns_exec_works_by_mounting_bpffs() {
     command
         .args(["netns", "exec", &link.server.name])
         .arg(&bin)
-        .args(["run", "--iface", &link.server_if, "--listen", "127.0.0.1:9978"]);
+        .args([
+            "run",
+            "--iface",
+            &link.server_if,
+            "--listen",
+            "127.0.0.1:9978",
+        ]);
     let mut agent = Agent::try_from_command(command, Agent::default_pin_dir(&link.server))
         .unwrap_or_else(|e| panic!("{e:#}"));
     let line = agent.wait_for("bpffs");

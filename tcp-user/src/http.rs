@@ -13,13 +13,20 @@
 //! answered": a keep-alive connection between requests, or one whose head has not arrived.
 //! So idle or reconnecting sockets, however many, cannot keep another client's scrape
 //! waiting.
+//!
+//! With a `--web.config.file` ([`WebConfig`]) the connections speak TLS and the requests need
+//! basic auth. The TLS handshake counts as idle (it can be closed to make room) and must end
+//! within [`Limits::header_timeout`]; the connection's life includes it. Basic auth guards
+//! every path, and a request that fails it gets 401 with `WWW-Authenticate: Basic`. The
+//! settings can be replaced while serving ([`WebSettings`]): each new connection takes the
+//! current ones and keeps them for its life.
 
 use std::{
     collections::HashMap,
     convert::Infallible,
     net::IpAddr,
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, RwLock,
         atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant},
@@ -39,6 +46,9 @@ use tokio::{
     net::TcpListener,
     sync::{Notify, mpsc, oneshot},
 };
+use tokio_rustls::TlsAcceptor;
+
+use crate::webconfig::WebConfig;
 
 /// What a request handler asks the main loop for.
 #[derive(Debug)]
@@ -47,6 +57,35 @@ pub enum Request {
     Metrics(oneshot::Sender<Result<String, String>>),
     /// A liveness answer (the main loop is running and the programs are attached).
     Health(oneshot::Sender<Result<String, String>>),
+}
+
+/// The server's current security settings, replaced whole on reload.
+#[derive(Clone, Default)]
+pub struct WebSettings(Arc<RwLock<Arc<WebConfig>>>);
+
+impl WebSettings {
+    /// Settings that start as `config`.
+    pub fn new(config: WebConfig) -> Self {
+        Self(Arc::new(RwLock::new(Arc::new(config))))
+    }
+
+    /// The settings a new connection gets.
+    pub fn current(&self) -> Arc<WebConfig> {
+        Arc::clone(
+            &self
+                .0
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    /// Replaces them for the connections to come.
+    pub fn replace(&self, config: WebConfig) {
+        *self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(config);
+    }
 }
 
 /// Self-protection limits.
@@ -148,9 +187,13 @@ async fn handle(
     to: mpsc::Sender<Request>,
     limits: Limits,
     busy: Arc<AtomicBool>,
+    web: Arc<WebConfig>,
 ) -> Result<Response<TrackedBody>, Infallible> {
     busy.store(true, Ordering::Relaxed);
-    let Ok(answer) = answer(req, to, limits).await;
+    let Ok(mut answer) = answer(req, to, limits, &web).await;
+    for (name, value) in &web.headers {
+        answer.headers_mut().insert(name.clone(), value.clone());
+    }
     Ok(answer.map(|inner| TrackedBody { inner, busy }))
 }
 
@@ -158,7 +201,22 @@ async fn answer(
     req: hyper::Request<Incoming>,
     to: mpsc::Sender<Request>,
     limits: Limits,
+    web: &WebConfig,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    if let Some(auth) = &web.auth
+        && !auth.allows(req.headers().get(header::AUTHORIZATION)).await
+    {
+        let mut r = reply(
+            StatusCode::UNAUTHORIZED,
+            "text/plain",
+            "unauthorized\n".to_owned(),
+        );
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Basic"),
+        );
+        return Ok(r);
+    }
     let make: fn(_) -> Request = match req.uri().path() {
         "/metrics" => Request::Metrics,
         "/healthz" => Request::Health,
@@ -255,8 +313,14 @@ impl Conns {
     }
 }
 
-/// Serves until the task is dropped.
-pub async fn serve(listener: TcpListener, to: mpsc::Sender<Request>, limits: Limits) {
+/// Serves until the task is dropped, over TLS and with basic auth when the current `web`
+/// settings say so.
+pub async fn serve(
+    listener: TcpListener,
+    to: mpsc::Sender<Request>,
+    limits: Limits,
+    web: WebSettings,
+) {
     let conns = Arc::new(Mutex::new(Conns::default()));
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -290,15 +354,36 @@ pub async fn serve(listener: TcpListener, to: mpsc::Sender<Request>, limits: Lim
             );
             id
         };
-        let (to, conns) = (to.clone(), Arc::clone(&conns));
+        let (to, conns, web) = (to.clone(), Arc::clone(&conns), web.current());
+        let acceptor = web.tls.clone().map(TlsAcceptor::from);
         tokio::spawn(async move {
-            let service = service_fn(move |req| handle(req, to.clone(), limits, Arc::clone(&busy)));
+            let service = service_fn(move |req| {
+                handle(req, to.clone(), limits, Arc::clone(&busy), Arc::clone(&web))
+            });
             let mut builder = http1::Builder::new();
             builder
                 .timer(TokioTimer::new())
                 .header_read_timeout(limits.header_timeout)
                 .max_buf_size(limits.max_header_bytes);
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            let conn = async {
+                let Some(acceptor) = acceptor else {
+                    return builder
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await
+                        .map_err(|e| e.to_string());
+                };
+                let tls = match tokio::time::timeout(limits.header_timeout, acceptor.accept(stream))
+                    .await
+                {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => return Err(format!("TLS handshake: {e}")),
+                    Err(_) => return Err("TLS handshake timed out".to_owned()),
+                };
+                builder
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await
+                    .map_err(|e| e.to_string())
+            };
             tokio::select! {
                 served = tokio::time::timeout(limits.connection_timeout, conn) => match served {
                     Ok(Ok(())) => {}

@@ -27,6 +27,7 @@ pub mod replay;
 pub mod report;
 pub mod selfstats;
 pub mod sockets;
+pub mod webconfig;
 
 /// The eBPF object built by xtask (release, with BTF), embedded at compile time.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("TCPSCOPE_EBPF_OBJ"));

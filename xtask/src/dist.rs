@@ -16,7 +16,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use clap::Args;
 
-use crate::{build, cmd, toolchain};
+use crate::{build, cmd, host, toolchain};
 
 /// Targets built when none is given.
 pub const DEFAULT_TARGETS: &[&str] = &["x86_64-unknown-linux-musl", "aarch64-unknown-linux-musl"];
@@ -69,6 +69,12 @@ pub fn dist(opts: &Options) -> Result<Vec<PathBuf>> {
         if !t.ends_with("-unknown-linux-musl") {
             bail!("--target {t}: only *-unknown-linux-musl targets give a static binary");
         }
+    }
+    if targets
+        .iter()
+        .any(|t| !t.starts_with(std::env::consts::ARCH))
+    {
+        host::ensure_packages(host::Task::DistCross)?;
     }
     let object = build::build_ebpf()?;
     // The binary that writes the man pages and completions: this machine's.
@@ -147,16 +153,25 @@ fn build_static(object: &Path, target: &str) -> Result<PathBuf> {
     .env("TCPSCOPE_EBPF_OBJ", object)
     // Symbols are not needed to run it; its size halves.
     .env("CARGO_PROFILE_RELEASE_STRIP", "symbols");
-    // Cross links need no cross toolchain: rustc's own lld and musl's self-contained start
-    // files.
-    if !target.starts_with(std::env::consts::ARCH) {
-        let var = format!(
-            "CARGO_TARGET_{}_LINKER",
-            target.to_uppercase().replace('-', "_")
-        );
+    // C (ring's) is compiled by gcc: the host's for this architecture (it needs no libc
+    // headers, so no musl-gcc), Debian's cross gcc for another; the link is rustc's own lld
+    // with musl's self-contained start files for a cross build, so no cross libc either.
+    let var_target = target.replace('-', "_");
+    let mut set_default = |var: String, value: &str| {
         if std::env::var_os(&var).is_none() {
-            c.env(var, "rust-lld");
+            c.env(var, value);
         }
+    };
+    if target.starts_with(std::env::consts::ARCH) {
+        set_default(format!("CC_{var_target}"), "gcc");
+    } else {
+        let arch = target.split('-').next().expect("a triple");
+        set_default(format!("CC_{var_target}"), &format!("{arch}-linux-gnu-gcc"));
+        set_default(format!("AR_{var_target}"), &format!("{arch}-linux-gnu-ar"));
+        set_default(
+            format!("CARGO_TARGET_{}_LINKER", var_target.to_uppercase()),
+            "rust-lld",
+        );
     }
     cmd::run(&mut c)?;
     Ok(cmd::workspace_root()

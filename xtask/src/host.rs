@@ -17,6 +17,9 @@ pub enum Task {
     Vm,
     /// `cargo xtask bench`.
     Bench,
+    /// `cargo xtask dist` for an architecture other than this machine's (a C cross compiler
+    /// for ring, the TLS library's crypto).
+    DistCross,
 }
 
 /// A Debian package, the binary that proves it is installed, and the tasks that need it.
@@ -26,10 +29,16 @@ struct Package {
     tasks: &'static [Task],
 }
 
-use Task::{Bench, Test, Vm};
+use Task::{Bench, DistCross, Test, Vm};
 
 /// Every Debian package a task uses.
 const PACKAGES: &[Package] = &[
+    // ring's C and assembly for aarch64-unknown-linux-musl (the link is rustc's lld).
+    Package {
+        name: "gcc-aarch64-linux-gnu",
+        probe: "/usr/bin/aarch64-linux-gnu-gcc",
+        tasks: &[DistCross],
+    },
     Package {
         name: "iproute2",
         probe: "/usr/sbin/ip",
@@ -55,6 +64,18 @@ const PACKAGES: &[Package] = &[
         name: "hping3",
         probe: "/usr/sbin/hping3",
         tasks: &[Test, Vm],
+    },
+    // curl and openssl: the metrics endpoint's TLS and basic-auth tests (the client, and the
+    // test's certificates); host tiers only.
+    Package {
+        name: "curl",
+        probe: "/usr/bin/curl",
+        tasks: &[Test],
+    },
+    Package {
+        name: "openssl",
+        probe: "/usr/bin/openssl",
+        tasks: &[Test],
     },
     // tshark: handshake-latency oracle (tcp.analysis.initial_rtt); host tiers only.
     Package {

@@ -35,7 +35,8 @@ use crate::{
 
 /// Test targets of `tcp-tests` run in the guest: every one that loads the programs into the
 /// kernel, except the latency tests (their oracle, tshark, brings 160 MB of libraries, and
-/// their timing tolerances are for real CPUs, not an emulated one).
+/// their timing tolerances are for real CPUs, not an emulated one) and `web_config` (TLS and
+/// basic auth of the metrics server do not depend on the kernel).
 pub const VM_TESTS: &[&str] = &[
     "test_run",
     "attach",

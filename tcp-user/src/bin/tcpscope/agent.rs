@@ -23,6 +23,7 @@ use tcp_user::{
     pins::{self, PinDir},
     report::Report,
     selfstats::SelfStats,
+    webconfig::WebConfig,
 };
 use tokio::{
     io::{Interest, unix::AsyncFd},
@@ -48,6 +49,11 @@ pub(crate) async fn run(args: RunArgs) -> Result<()> {
     // clean detach, not in the default action (death with programs possibly left behind).
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    // SIGHUP reloads the web configuration file; without one it keeps its default action.
+    let mut sighup = match args.web_config_file {
+        Some(_) => Some(signal(SignalKind::hangup()).context("installing the SIGHUP handler")?),
+        None => None,
+    };
     let ifaces = if args.ifaces.is_empty() {
         let Some(iface) = iface::default_route_interface() else {
             bail!("no --iface given and no default route to pick an interface from");
@@ -69,6 +75,13 @@ pub(crate) async fn run(args: RunArgs) -> Result<()> {
             );
         }
     }
+    // The server's security settings, read (certificates and hashes checked) before anything
+    // is loaded or attached.
+    let web = match (&args.web_config_file, args.listen.0) {
+        (Some(file), Some(_)) => WebConfig::load(file)?,
+        (Some(_), None) => bail!("--web.config.file needs the metrics server (--listen is off)"),
+        (None, _) => WebConfig::default(),
+    };
     let pin_base = match args.pin_dir {
         Some(dir) => dir,
         None => pins::default_dir()?,
@@ -105,17 +118,24 @@ pub(crate) async fn run(args: RunArgs) -> Result<()> {
         }
     };
     let (requests_tx, mut requests) = tokio::sync::mpsc::channel::<http::Request>(16);
+    let web_settings = http::WebSettings::default();
     // Bound before attaching: a port in use must not cost an attach and detach.
     let server = match args.listen.0 {
         Some(addr) => {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("cannot listen on {addr}"))?;
-            info!("serving /metrics and /healthz on http://{addr}");
+            let scheme = if web.tls.is_some() { "https" } else { "http" };
+            info!(
+                "serving /metrics and /healthz on {scheme}://{addr} ({})",
+                web.describe()
+            );
+            web_settings.replace(web);
             Some(tokio::spawn(http::serve(
                 listener,
                 requests_tx,
                 http::Limits::DEFAULT,
+                web_settings.clone(),
             )))
         }
         None => {
@@ -188,6 +208,9 @@ pub(crate) async fn run(args: RunArgs) -> Result<()> {
         tokio::select! {
             _ = sigint.recv() => { info!("SIGINT: detaching"); break; }
             _ = sigterm.recv() => { info!("SIGTERM: detaching"); break; }
+            _ = async { sighup.as_mut().expect("guarded").recv().await }, if sighup.is_some() => {
+                reload_web_config(args.web_config_file.as_deref().expect("with SIGHUP"), &web_settings);
+            }
             guard = async { ebpf_log.as_mut().expect("guarded").readable_mut().await },
                 if ebpf_log.is_some() => {
                 let mut guard = guard.context("reading the eBPF log ring buffer")?;
@@ -258,6 +281,21 @@ pub(crate) async fn run(args: RunArgs) -> Result<()> {
         writeln!(out, "{line}").context("writing the summary")?;
     }
     Ok(())
+}
+
+/// SIGHUP: reads the web configuration file again; a bad file keeps the settings in force.
+fn reload_web_config(file: &std::path::Path, settings: &http::WebSettings) {
+    match WebConfig::load(file) {
+        Ok(config) => {
+            info!(
+                "SIGHUP: {} reloaded ({}); new connections use it",
+                file.display(),
+                config.describe()
+            );
+            settings.replace(config);
+        }
+        Err(e) => warn!("SIGHUP: {e:#}; the settings in force are kept"),
+    }
 }
 
 /// One `hook key=value ...` line per hook, every counter included.

@@ -114,8 +114,13 @@ pub(crate) struct RunArgs {
     #[arg(long, default_value_t = tcp_common::object::DEFAULT_HALF_OPEN_CAPACITY, value_name = "N", value_parser = capacity)]
     pub(crate) half_open_capacity: u32,
     /// Serve GET /metrics (Prometheus) and GET /healthz on this address; `off`: no server.
-    #[arg(long, default_value = "0.0.0.0:9977", value_name = "ADDR:PORT|off", value_parser = parse_listen)]
+    #[arg(long, visible_alias = "web.listen-address", default_value = "0.0.0.0:9977", value_name = "ADDR:PORT|off", value_parser = parse_listen)]
     pub(crate) listen: Listen,
+    /// TLS, client certificates and basic auth for the metrics server: a Prometheus
+    /// exporter-toolkit web configuration file (tls_server_config, http_server_config,
+    /// basic_auth_users), read at start and again on SIGHUP.
+    #[arg(long = "web.config.file", value_name = "FILE")]
+    pub(crate) web_config_file: Option<PathBuf>,
     #[command(flatten)]
     pub(crate) flood: FloodArgs,
     /// Ports whose endpoints are exported per state and side
