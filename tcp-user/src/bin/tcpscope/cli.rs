@@ -32,6 +32,11 @@ pub(crate) enum Command {
     /// Print the running agent's tallies (events and endpoints per state, from its pinned maps)
     /// with the same names and layout as `replay`.
     Stats(StatsArgs),
+    /// Print every state change of every endpoint as it happens, like `conntrack -E`: read
+    /// from the running agent of this network namespace (its pinned ring buffer), until
+    /// SIGINT or SIGTERM. One reader at a time; the programs write changes only while one is
+    /// attached. Changes the ring buffer had no room for are counted and reported on stderr.
+    Events(EventsArgs),
     /// Run the state machine over a capture file (pcap or pcapng; Ethernet, or the Linux
     /// cooked headers of `tcpdump -i any`) and print the final state; packet timestamps are the
     /// clock. Needs no privileges.
@@ -305,4 +310,33 @@ pub(crate) fn parse_state_arg(s: &str) -> Result<TcpState, String> {
         let names: Vec<&str> = TcpState::ALL.iter().map(|s| s.name()).collect();
         format!("unknown state {s:?}; one of {}", names.join(", "))
     })
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct EventsArgs {
+    /// bpffs directory the running agent pins its maps in. Default: that of an agent in this
+    /// network namespace (/sys/fs/bpf/tcpscope/netns-INODE).
+    #[arg(long, value_name = "DIR")]
+    pub(crate) pin_dir: Option<PathBuf>,
+    /// Output: a line per change for people, or one JSON object per change and line (keys:
+    /// time, monotonic_ns, family, endpoint, peer, vlan, role, side, old, new, cause, flags,
+    /// sent), flushed at once.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = EventsFormat::Text)]
+    pub(crate) output: EventsFormat,
+    /// Only changes of connections with N as either port (the endpoint's or its peer's).
+    #[arg(long, value_name = "N")]
+    pub(crate) port: Option<u16>,
+    /// Only changes into or out of this state (time_wait, time-wait, TIME-WAIT, established,
+    /// closed, ...): `--state time_wait` shows endpoints entering TIME-WAIT and leaving it.
+    #[arg(long, value_name = "S", value_parser = parse_state_arg)]
+    pub(crate) state: Option<TcpState>,
+}
+
+/// `tcpscope events -o`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum EventsFormat {
+    /// `TIME ENDPOINT -> PEER ROLE SIDE OLD -> NEW (CAUSE)`.
+    Text,
+    /// One JSON object per change and line.
+    Ndjson,
 }

@@ -1,16 +1,17 @@
 //! `tcpscope`: the agent's command line. `cli.rs` declares it, `agent.rs` runs the agent
 //! (`tcpscope run`), `output.rs` prints what the other commands read (`stats`, `flows`,
-//! `replay`).
+//! `replay`), `events.rs` follows the state changes (`events`).
 
 mod agent;
 mod cli;
+mod events;
 mod output;
 
 use std::process::ExitCode;
 
 use clap::Parser;
 
-use crate::{agent::*, cli::*, output::*};
+use crate::{agent::*, cli::*, events::*, output::*};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -44,6 +45,7 @@ fn main() -> ExitCode {
             Command::Replay(args) => replay(&args),
             Command::Flows(args) => list_flows(&args),
             Command::Stats(args) => stats(&args),
+            Command::Events(args) => events(&args).await,
         }
     });
     match result {
