@@ -115,7 +115,7 @@ impl Reader {
     }
 
     /// The next record, if the ring holds one.
-    pub fn next(&mut self) -> Option<Transition> {
+    pub fn next_record(&mut self) -> Option<Transition> {
         let item = self.ring.next()?;
         (item.len() >= size_of::<Transition>()).then(|| {
             // SAFETY: the programs write whole `Transition` records (checked length); read

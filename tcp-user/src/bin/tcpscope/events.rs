@@ -133,7 +133,7 @@ fn drain(
     out: &mut impl io::Write,
     shown: &mut u64,
 ) -> Result<Drained> {
-    while let Some(t) = reader.next() {
+    while let Some(t) = reader.next_record() {
         for view in EventView::of(&t, offset) {
             if !filter.matches(&view) {
                 continue;
