@@ -44,6 +44,7 @@ pub const VM_TESTS: &[&str] = &[
     "mirror_replay",
     "lifecycle",
     "reliability",
+    "events",
 ];
 
 /// Host programs copied into the guest (glibc builds; busybox's `ip` has no netns support).
