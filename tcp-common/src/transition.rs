@@ -16,7 +16,8 @@ use crate::{
 };
 
 /// Bytes of the ring buffer (a power of two pages): room for 3,640 records of 72 bytes (64
-/// and the kernel's 8-byte header).
+/// and the kernel's 8-byte header). Pinned: another size needs a new [`crate::LAYOUT_VERSION`]
+/// (an agent refuses a pinned map whose size differs from its object's).
 pub const RING_BYTES: u32 = 256 * 1024;
 
 /// What caused a transition ([`Transition::cause`]).

@@ -328,6 +328,7 @@ pub(crate) struct EventsArgs {
     pub(crate) port: Option<u16>,
     /// Only changes into or out of this state (time_wait, time-wait, TIME-WAIT, established,
     /// closed, ...): `--state time_wait` shows endpoints entering TIME-WAIT and leaving it.
+    /// With --port, a change must pass both.
     #[arg(long, value_name = "S", value_parser = parse_state_arg)]
     pub(crate) state: Option<TcpState>,
 }
@@ -335,8 +336,44 @@ pub(crate) struct EventsArgs {
 /// `tcpscope events -o`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub(crate) enum EventsFormat {
-    /// `TIME ENDPOINT -> PEER ROLE SIDE OLD -> NEW (CAUSE)`.
+    /// `TIME ENDPOINT -> PEER ROLE SIDE OLD -> NEW (CAUSE)`; CAUSE: `sent FLAGS`,
+    /// `received FLAGS`, `expired`, `reconciled` or `table full`.
     Text,
     /// One JSON object per change and line.
     Ndjson,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn events(args: &[&str]) -> Result<EventsArgs, clap::Error> {
+        let argv = ["tcpscope", "events"].iter().chain(args);
+        match Cli::try_parse_from(argv)?.command {
+            Command::Events(a) => Ok(a),
+            other => panic!("not events: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn events_takes_both_spellings_of_output_and_every_state_name() {
+        let a = events(&["-o", "ndjson", "--port", "8080", "--state", "TIME-WAIT"]).expect("parse");
+        assert_eq!(a.output, EventsFormat::Ndjson);
+        assert_eq!(a.port, Some(8080));
+        assert_eq!(a.state, Some(TcpState::TimeWait));
+        let a = events(&["--output", "ndjson", "--state", "syn_recv"]).expect("parse");
+        assert_eq!(a.output, EventsFormat::Ndjson);
+        assert_eq!(a.state, Some(TcpState::SynReceived));
+        assert_eq!(events(&[]).expect("parse").output, EventsFormat::Text);
+        let bad = events(&["--state", "half_closed"])
+            .expect_err("unknown state")
+            .to_string();
+        let first = bad.lines().next().expect("a line");
+        assert!(first.contains("unknown state \"half_closed\""), "{bad}");
+        assert!(
+            first.contains("time_wait") && first.contains("fin_wait_2"),
+            "{bad}"
+        );
+        assert!(events(&["--port", "65536"]).is_err());
+    }
 }
