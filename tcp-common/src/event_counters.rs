@@ -36,6 +36,9 @@ pub mod event_slots {
     /// Connections of the kernel's socket table the agent picked up into an established
     /// table (host mode: at start, and any that no segment had brought since).
     pub const RECONCILED_PICKED_UP: usize = 48;
+    /// State changes `tcpscope events` did not get: its ring buffer was full (the reader
+    /// fell behind).
+    pub const EVENTS_LOST: usize = 49;
     /// The insert-failure slot of an established table.
     #[must_use]
     #[inline(always)]
@@ -108,7 +111,7 @@ impl EventCounters {
 }
 
 const _: () = assert!(event_slots::KEEPALIVE_ACKS + 3 <= event_slots::SILENT_SERVERS);
-const _: () = assert!(event_slots::SILENT_SERVERS < EVENT_SLOTS);
+const _: () = assert!(event_slots::EVENTS_LOST < EVENT_SLOTS);
 
 #[cfg(feature = "user")]
 // SAFETY: `repr(C)`, `u64`s only.

@@ -21,6 +21,7 @@ pub mod parse;
 pub mod reap;
 pub mod state;
 pub mod track;
+pub mod transition;
 
 /// Layout version of everything the agent reads from the kernel (map keys and values).
 /// Bumped whenever a shared `#[repr(C)]` type changes, so that an agent never misreads

@@ -47,14 +47,22 @@ pub const WALK_VIEW_MAP: &str = "WALK_VIEW";
 pub const DOOMED4_MAP: &str = "DOOMED4";
 /// IPv6 established records reconciliation found stale.
 pub const DOOMED6_MAP: &str = "DOOMED6";
-/// Maps pinned so that an agent restart keeps every tracked flow and counter.
-pub const PINNED_MAPS: [&str; 6] = [
+/// The ring buffer of state changes (`tcpscope events`).
+pub const EVENTS_MAP: &str = "EVENTS";
+/// One `u32`: the pid of the `tcpscope events` process reading [`EVENTS_MAP`], 0 for none; the
+/// programs write the ring buffer only while it is not 0.
+pub const EVENTS_READER_MAP: &str = "EVENTS_READER";
+/// Maps pinned so that an agent restart keeps every tracked flow and counter, and so that
+/// `tcpscope events` reaches the running agent's event stream.
+pub const PINNED_MAPS: [&str; 8] = [
     FLOWS4_MAP,
     FLOWS6_MAP,
     HALF_OPEN_MAP,
     COUNTERS_MAP,
     METRICS_MAP,
     SYN_PORTS_MAP,
+    EVENTS_MAP,
+    EVENTS_READER_MAP,
 ];
 
 /// Default capacity of the IPv4 established table.

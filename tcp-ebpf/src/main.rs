@@ -14,6 +14,7 @@ mod maps;
 mod observe;
 mod reaper;
 mod tracker;
+mod transitions;
 mod view;
 
 use aya_ebpf::{

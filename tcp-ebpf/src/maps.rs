@@ -13,7 +13,7 @@ use aya_ebpf::{
     btf_maps::HashMap,
     cty::c_void,
     macros::{btf_map, map},
-    maps::{Array, LruPerCpuHashMap, PerCpuArray, ProgramArray},
+    maps::{Array, LruPerCpuHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use tcp_common::{
     counters::{HOOKS, HookCounters},
@@ -22,6 +22,7 @@ use tcp_common::{
     object,
     parse::Parsed,
     reap::LISTED_SLOTS,
+    transition::RING_BYTES,
 };
 
 // The tables' default capacities (the agent may set others at load time).
@@ -125,6 +126,19 @@ pub static DOOMED4: HashMap<FlowKey4, u32, DOOMED_CAPACITY> = HashMap::new();
 #[btf_map]
 pub static DOOMED6: HashMap<FlowKey, u32, DOOMED_CAPACITY> = HashMap::new();
 
+/// State changes for `tcpscope events` (see `transitions`), pinned: the reader is another
+/// process. A ring buffer, not a per-CPU perf buffer: one reader sees every CPU's records in
+/// the order they were reserved, and a full ring costs the writer one failed reservation
+/// (counted), never a wait.
+#[map(name = "EVENTS")]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BYTES, 0);
+
+/// The pid of the `tcpscope events` process reading [`EVENTS`], 0 for none (pinned; written by
+/// the reader, cleared by it on exit or by the agent when it is gone). An array: the verifier
+/// inlines the lookup, so a transition checks it with a few instructions and no call.
+#[map(name = "EVENTS_READER")]
+pub static EVENTS_READER: Array<u32> = Array::with_max_entries(1, 0);
+
 /// 1 in mirror mode (both directions arrive on ingress; sides unknown), set at load time.
 #[unsafe(no_mangle)]
 pub static MIRROR: Global<u8> = Global::new(0);
@@ -153,6 +167,11 @@ pub struct Scratch {
     pub established: EstablishedEntry,
     /// The segment's flow key (wide: the half-open and IPv6 tables').
     pub key: FlowKey,
+    /// The endpoint (0 or 1) that sent the segment.
+    pub dir: u32,
+    /// A `tcp_common::transition::cause` other than a segment for the endpoints leaving the
+    /// gauges (the record could not move to its new table), 0 otherwise.
+    pub cause: u32,
 }
 
 /// One [`Scratch`] per CPU. Results computed under the lock go through it rather than through

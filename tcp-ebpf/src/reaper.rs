@@ -27,11 +27,13 @@ use tcp_common::{
     metrics::table,
     reap::{LISTED_SLOTS, ReapRequest},
     track::{Age, Timeouts, finished},
+    transition::cause,
 };
 
 use crate::{
     maps::{DOOMED4, DOOMED6, FLOWS4, FLOWS6, HALF_OPEN, Listed, SYN_PORTS, listed_record},
     tracker::{NO_PORT_STATS, REAPER, metrics},
+    transitions,
 };
 
 /// Adds `n` unanswered SYNs to this CPU's tallies of port `port`. A plain add: a packet
@@ -256,6 +258,26 @@ fn visit_established<const V6: bool>(
         }
         _ => {}
     }
+    let (after, why) = match fate {
+        1 => ([NO_SLOT; 2], cause::EXPIRED),
+        4 => ([NO_SLOT; 2], cause::RECONCILED),
+        3 => ([slots[2], slots[3]], cause::EXPIRED),
+        _ => return 0,
+    };
+    let packed = u32::from_le_bytes([slots[0], slots[1], after[0], after[1]]);
+    if transitions::changed(packed) && transitions::reader_attached() {
+        let compact = if V6 { 0 } else { transitions::COMPACT_KEY };
+        // SAFETY: `key` is the current record's key, of the kind `compact` says.
+        unsafe {
+            transitions::emit(
+                m,
+                key.cast_const().cast(),
+                packed,
+                transitions::info(why, 0, 0) | compact,
+                0,
+            );
+        }
+    }
     0
 }
 
@@ -349,6 +371,19 @@ extern "C" fn visit_half_open(
         }
         if evicted && let Some(e) = m.evictions.get_mut(table::HALF_OPEN) {
             *e = e.wrapping_add(1);
+        }
+        let packed = u32::from_le_bytes([slots[0], slots[1], NO_SLOT, NO_SLOT]);
+        if transitions::changed(packed) && transitions::reader_attached() {
+            // SAFETY: `key` is the current record's key, a wide one.
+            unsafe {
+                transitions::emit(
+                    m,
+                    key.cast_const().cast(),
+                    packed,
+                    transitions::info(cause::EXPIRED, 0, 0),
+                    0,
+                );
+            }
         }
     }
     if delete(map, key) {

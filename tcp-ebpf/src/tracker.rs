@@ -47,9 +47,13 @@ use tcp_common::{
     parse::{Segment, tcp_flags},
     state::{Side, events as ev},
     track::track,
+    transition::cause,
 };
 
-use crate::maps::{FLOWS4, FLOWS6, HALF_OPEN, METRICS, SCRATCH, SYN_PORTS, Scratch};
+use crate::{
+    maps::{FLOWS4, FLOWS6, HALF_OPEN, METRICS, SCRATCH, SYN_PORTS, Scratch},
+    transitions,
+};
 
 /// What to do with a record after the update (set under the lock, in the scratch slot).
 const KEEP: u32 = 0;
@@ -237,7 +241,11 @@ pub fn track_segment(seg: &Segment, side: Side, absent: bool) {
     let key: &FlowKey = key;
     // 1. The established table of the family.
     // SAFETY: this CPU's scratch slot.
-    unsafe { core::ptr::write_volatile(&raw mut (*scratch).blocked, 0) };
+    unsafe {
+        core::ptr::write_volatile(&raw mut (*scratch).blocked, 0);
+        core::ptr::write_volatile(&raw mut (*scratch).dir, dir as u32);
+        core::ptr::write_volatile(&raw mut (*scratch).cause, 0);
+    }
     let established = if absent {
         None
     } else {
@@ -277,6 +285,7 @@ pub fn track_segment(seg: &Segment, side: Side, absent: bool) {
                         (*scratch).slots[2] = NO_SLOT;
                         (*scratch).slots[3] = NO_SLOT;
                         (*scratch).events = 0;
+                        (*scratch).cause = u32::from(cause::TABLE_FULL);
                     }
                 }
             }
@@ -339,6 +348,7 @@ pub fn track_segment(seg: &Segment, side: Side, absent: bool) {
             unsafe {
                 (*scratch).slots[2] = NO_SLOT;
                 (*scratch).slots[3] = NO_SLOT;
+                (*scratch).cause = u32::from(cause::TABLE_FULL);
             }
         }
         if HALF_OPEN.remove(key).is_ok() {
@@ -558,6 +568,28 @@ fn finish(m: &mut Metrics, out: &Scratch, seg: &Segment, side: Side, now: u64) {
     }
     m.move_endpoint(slots[0], slots[2]);
     m.move_endpoint(slots[1], slots[3]);
+    // `tcpscope events`: only where an endpoint's slot changed, and only with a reader.
+    let packed = u32::from_le_bytes(slots);
+    if transitions::changed(packed) && transitions::reader_attached() {
+        // SAFETY: fields of this CPU's scratch slot.
+        let (dir, why) = unsafe {
+            (
+                core::ptr::read_volatile(&raw const out.dir),
+                core::ptr::read_volatile(&raw const out.cause),
+            )
+        };
+        let why = if why == 0 { cause::SEGMENT } else { why as u8 };
+        // SAFETY: `out.key` is the segment's wide key.
+        unsafe {
+            transitions::emit(
+                m,
+                (&raw const out.key).cast(),
+                packed,
+                transitions::info(why, seg.flags, dir),
+                events,
+            );
+        }
+    }
     if events & ev::HANDSHAKE_COMPLETED != 0 {
         // SAFETY: as above.
         let times = unsafe { core::ptr::read_volatile(&raw const out.times) };

@@ -322,3 +322,170 @@ fn parse_summary(out: &str) -> Summary {
         })
         .collect()
 }
+
+/// `tcpscope events -o ndjson --pin-dir DIR ARGS` in a namespace: its stdout lines parsed as
+/// JSON and its stderr lines, each read by a thread of its own; killed on drop.
+pub struct EventsReader {
+    child: Child,
+    events: mpsc::Receiver<serde_json::Value>,
+    stderr: mpsc::Receiver<String>,
+    /// Every event received so far.
+    pub seen: Vec<serde_json::Value>,
+    /// Every stderr line so far.
+    pub log: Vec<String>,
+}
+
+impl EventsReader {
+    /// Starts the reader on `pin_dir` (an agent's `--pin-dir`) and waits (bounded) until it
+    /// says it reads.
+    pub fn start(ns: &NetNs, pin_dir: &Path, args: &[&str]) -> Self {
+        let bin = agent_binary();
+        let mut child = ns
+            .command(&bin)
+            .args(["events", "-o", "ndjson", "--pin-dir"])
+            .arg(pin_dir)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {} events: {e}", bin.display()));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let errout = child.stderr.take().expect("piped stderr");
+        let (tx, events) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let v = serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("not a JSON line: {line:?}: {e}"));
+                if tx.send(v).is_err() {
+                    break;
+                }
+            }
+        });
+        let (tx, stderr) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(errout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut reader = Self {
+            child,
+            events,
+            stderr,
+            seen: Vec::new(),
+            log: Vec::new(),
+        };
+        reader.wait_log("reading the state changes", WAIT_TIMEOUT);
+        reader
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits (bounded) for a stderr line containing `needle`; returns it.
+    pub fn wait_log(&mut self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        let mut scanned = 0;
+        loop {
+            while let Some(line) = self.log.get(scanned) {
+                scanned += 1;
+                if line.contains(needle) {
+                    return line.clone();
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stderr.recv_timeout(left) {
+                Ok(line) => self.log.push(line),
+                Err(_) => panic!(
+                    "tcpscope events never said {needle:?} within {timeout:?}; stderr:\n{}",
+                    self.log.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// Collects events until `done` holds for those seen so far (bounded); returns them.
+    pub fn wait_until(
+        &mut self,
+        timeout: Duration,
+        done: impl Fn(&[serde_json::Value]) -> bool,
+    ) -> &[serde_json::Value] {
+        let deadline = Instant::now() + timeout;
+        while !done(&self.seen) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(v) => self.seen.push(v),
+                Err(_) => panic!(
+                    "the awaited events did not come within {timeout:?}; got:\n{}",
+                    self.seen
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                ),
+            }
+        }
+        &self.seen
+    }
+
+    /// Collects what arrives within `quiet` of the last event (at most `limit`).
+    pub fn settle(&mut self, quiet: Duration, limit: Duration) -> &[serde_json::Value] {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            match self.events.recv_timeout(quiet) {
+                Ok(v) => self.seen.push(v),
+                Err(_) => break,
+            }
+        }
+        &self.seen
+    }
+
+    /// Sends `signal` to it.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill has no memory-safety preconditions; the pid is our child's, not yet
+        // reaped.
+        let rc = unsafe { libc::kill(self.child.id() as i32, signal) };
+        assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
+    }
+
+    /// SIGKILL, and waits for it to die.
+    pub fn sigkill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGINT; waits (bounded) for it to exit and returns its exit status's success, after
+    /// collecting the rest of its output.
+    pub fn interrupt(&mut self) -> bool {
+        self.signal(libc::SIGINT);
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("waiting for tcpscope events") {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "tcpscope events did not exit within {STOP_TIMEOUT:?} of SIGINT"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        while let Ok(v) = self.events.recv_timeout(Duration::from_millis(200)) {
+            self.seen.push(v);
+        }
+        while let Ok(line) = self.stderr.recv_timeout(Duration::from_millis(200)) {
+            self.log.push(line);
+        }
+        status.success()
+    }
+}
+
+impl Drop for EventsReader {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

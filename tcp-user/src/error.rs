@@ -113,6 +113,14 @@ pub enum Error {
         #[source]
         source: aya::programs::ProgramError,
     },
+    /// Another `tcpscope events` reads the event stream.
+    #[error(
+        "another `tcpscope events` is reading this agent's events ({holder}): a ring buffer has one reader"
+    )]
+    EventsBusy {
+        /// The reader, as far as `/proc/locks` tells.
+        holder: String,
+    },
     /// Reading a map failed.
     #[error("reading map {name} failed")]
     Map {

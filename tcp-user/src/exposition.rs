@@ -56,6 +56,8 @@ pub struct Exposition<'a> {
     /// Families served after the tracker's own: the agent's (`process_*`, scrape and reap
     /// durations; see [`crate::selfstats`]). Empty for a replay.
     pub agent: Vec<MetricFamily>,
+    /// State changes the event ring buffer had no room for (none for a replay).
+    pub events_lost: Option<u64>,
 }
 
 /// The reaper walk's view and how to label it.
@@ -417,6 +419,13 @@ const FAMILIES: &[Spec] = &[
         }),
     },
     Spec {
+        name: "tcpscope_events_lost_total",
+        help: "State changes `tcpscope events` did not get: the ring buffer was full (its reader \
+               fell behind)",
+        kind: MetricType::COUNTER,
+        source: Source::Values(|e| one(e.events_lost?)),
+    },
+    Spec {
         name: "tcpscope_silent_servers_total",
         help: "Connections whose server sent nothing after its SYN-ACK while the client sent \
                data or a FIN, at two expiry walks in a row (a SYN-cookie handshake into a full \
@@ -640,6 +649,7 @@ impl Report {
             walk: None,
             reconciled: None,
             agent: Vec::new(),
+            events_lost: None,
         }
         .text()
     }

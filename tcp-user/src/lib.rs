@@ -13,6 +13,7 @@ pub mod capture;
 pub mod collector;
 pub mod counters;
 pub mod error;
+pub mod events;
 pub mod exposition;
 pub mod flood;
 pub mod flows;

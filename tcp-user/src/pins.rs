@@ -187,7 +187,7 @@ fn check_path(dir: &Path) -> Result<(), Error> {
 }
 
 /// The process holding `dir`'s lock, as "pid N (COMMAND)", from `/proc/locks`.
-fn holder_description(dir: &Path) -> String {
+pub(crate) fn holder_description(dir: &Path) -> String {
     holder_pid(dir).map_or_else(
         || "another process".to_owned(),
         |pid| {
@@ -204,7 +204,7 @@ fn holder_description(dir: &Path) -> String {
 }
 
 /// The pid that holds a `flock` on `dir`, if `/proc/locks` shows one.
-fn holder_pid(dir: &Path) -> Option<u32> {
+pub(crate) fn holder_pid(dir: &Path) -> Option<u32> {
     let meta = std::fs::metadata(dir).ok()?;
     let dev = meta.dev();
     let (major, minor) = (libc::major(dev), libc::minor(dev));

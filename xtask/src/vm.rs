@@ -47,6 +47,7 @@ pub const VM_TESTS: &[&str] = &[
     "lifecycle",
     "reliability",
     "dist",
+    "events",
 ];
 
 /// Host programs copied into the guest (glibc builds; busybox's `ip` has no netns support).

@@ -196,6 +196,15 @@ pub(crate) async fn run(args: RunArgs) -> Result<()> {
         rule.window_ns / 1_000_000_000,
         rule.completion * 100.0
     );
+    // A `tcpscope events` reader killed before it could lower its flag is noticed here, once
+    // a second, so that the programs do not write records nobody reads for long.
+    let mut events_reader = match tcp_user::events::ReaderWatch::open(&pin_base) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            warn!("`tcpscope events` unavailable: {}", error_chain(&e));
+            None
+        }
+    };
     let _pins = pins.0.take();
     info!("tracking; stop with SIGINT or SIGTERM");
 
@@ -220,6 +229,15 @@ pub(crate) async fn run(args: RunArgs) -> Result<()> {
             _ = ticker.tick() => {
                 followed.update(&tracker, &[]);
                 watch_floods(&tracker, &mut flood);
+                if let Some(watch) = events_reader.as_mut() {
+                    match watch.check() {
+                        Ok(Some(pid)) => info!(
+                            "the `tcpscope events` reader (pid {pid}) is gone: state changes off"
+                        ),
+                        Ok(None) => {}
+                        Err(e) => warn!("checking the events reader: {}", error_chain(&e)),
+                    }
+                }
             }
             guard = async { link_events.as_mut().expect("guarded").readable_mut().await },
                 if link_events.is_some() => {
@@ -372,6 +390,7 @@ pub(crate) fn exposition(
             metrics.events.slots[event_slots::RECONCILED_PICKED_UP],
         ]),
         agent: selfstats.families(Some(reap_durations)),
+        events_lost: Some(metrics.events.slots[event_slots::EVENTS_LOST]),
     }
     .text())
 }

@@ -32,6 +32,11 @@ pub(crate) enum Command {
     /// Print the running agent's tallies (events and endpoints per state, from its pinned maps)
     /// with the same names and layout as `replay`.
     Stats(StatsArgs),
+    /// Print every state change of every endpoint as it happens, like `conntrack -E`: read
+    /// from the running agent of this network namespace (its pinned ring buffer), until
+    /// SIGINT or SIGTERM. One reader at a time; the programs write changes only while one is
+    /// attached. Changes the ring buffer had no room for are counted and reported on stderr.
+    Events(EventsArgs),
     /// Run the state machine over a capture file (pcap or pcapng; Ethernet, or the Linux
     /// cooked headers of `tcpdump -i any`) and print the final state; packet timestamps are the
     /// clock. Needs no privileges.
@@ -323,4 +328,70 @@ pub(crate) fn parse_state_arg(s: &str) -> Result<TcpState, String> {
         let names: Vec<&str> = TcpState::ALL.iter().map(|s| s.name()).collect();
         format!("unknown state {s:?}; one of {}", names.join(", "))
     })
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct EventsArgs {
+    /// bpffs directory the running agent pins its maps in. Default: that of an agent in this
+    /// network namespace (/sys/fs/bpf/tcpscope/netns-INODE).
+    #[arg(long, value_name = "DIR")]
+    pub(crate) pin_dir: Option<PathBuf>,
+    /// Output: a line per change for people, or one JSON object per change and line (keys:
+    /// time, monotonic_ns, family, endpoint, peer, vlan, role, side, old, new, cause, flags,
+    /// sent), flushed at once.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = EventsFormat::Text)]
+    pub(crate) output: EventsFormat,
+    /// Only changes of connections with N as either port (the endpoint's or its peer's).
+    #[arg(long, value_name = "N")]
+    pub(crate) port: Option<u16>,
+    /// Only changes into or out of this state (time_wait, time-wait, TIME-WAIT, established,
+    /// closed, ...): `--state time_wait` shows endpoints entering TIME-WAIT and leaving it.
+    /// With --port, a change must pass both.
+    #[arg(long, value_name = "S", value_parser = parse_state_arg)]
+    pub(crate) state: Option<TcpState>,
+}
+
+/// `tcpscope events -o`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum EventsFormat {
+    /// `TIME ENDPOINT -> PEER ROLE SIDE OLD -> NEW (CAUSE)`; CAUSE: `sent FLAGS`,
+    /// `received FLAGS`, `expired`, `reconciled` or `table full`.
+    Text,
+    /// One JSON object per change and line.
+    Ndjson,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn events(args: &[&str]) -> Result<EventsArgs, clap::Error> {
+        let argv = ["tcpscope", "events"].iter().chain(args);
+        match Cli::try_parse_from(argv)?.command {
+            Command::Events(a) => Ok(a),
+            other => panic!("not events: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn events_takes_both_spellings_of_output_and_every_state_name() {
+        let a = events(&["-o", "ndjson", "--port", "8080", "--state", "TIME-WAIT"]).expect("parse");
+        assert_eq!(a.output, EventsFormat::Ndjson);
+        assert_eq!(a.port, Some(8080));
+        assert_eq!(a.state, Some(TcpState::TimeWait));
+        let a = events(&["--output", "ndjson", "--state", "syn_recv"]).expect("parse");
+        assert_eq!(a.output, EventsFormat::Ndjson);
+        assert_eq!(a.state, Some(TcpState::SynReceived));
+        assert_eq!(events(&[]).expect("parse").output, EventsFormat::Text);
+        let bad = events(&["--state", "half_closed"])
+            .expect_err("unknown state")
+            .to_string();
+        let first = bad.lines().next().expect("a line");
+        assert!(first.contains("unknown state \"half_closed\""), "{bad}");
+        assert!(
+            first.contains("time_wait") && first.contains("fin_wait_2"),
+            "{bad}"
+        );
+        assert!(events(&["--port", "65536"]).is_err());
+    }
 }

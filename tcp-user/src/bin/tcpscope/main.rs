@@ -1,16 +1,17 @@
 //! `tcpscope`: the agent's command line. `cli.rs` declares it, `agent.rs` runs the agent
 //! (`tcpscope run`), `output.rs` prints what the other commands read (`stats`, `flows`,
-//! `replay`).
+//! `replay`), `events.rs` follows the state changes (`events`).
 
 mod agent;
 mod cli;
+mod events;
 mod output;
 
 use std::process::ExitCode;
 
 use clap::{CommandFactory as _, Parser};
 
-use crate::{agent::*, cli::*, output::*};
+use crate::{agent::*, cli::*, events::*, output::*};
 
 /// The man page of `tcpscope` (`tcpscope.1`), or of one of its commands (`tcpscope-run.1`).
 fn man_page(command: Option<&str>) -> anyhow::Result<Vec<u8>> {
@@ -87,6 +88,7 @@ fn main() -> ExitCode {
                 print_all(&text)
             }
             Command::Man { command } => print_all(&man_page(command.as_deref())?),
+            Command::Events(args) => events(&args).await,
         }
     });
     match result {
