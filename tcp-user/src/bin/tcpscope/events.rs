@@ -31,6 +31,7 @@ pub(crate) async fn events(args: &EventsArgs) -> Result<()> {
         Some(d) => d.clone(),
         None => pins::default_dir()?,
     };
+    tcp_user::bpffs::ensure(&base, false)?;
     if pins::held_by_an_agent(&base) != Some(true) {
         bail!(
             "no tcpscope agent is running with its pins in {} (start `tcpscope run` in this \
