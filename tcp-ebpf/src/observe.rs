@@ -13,7 +13,7 @@ use tcp_common::{
 use crate::{
     fast,
     maps::{COUNTERS, Handoff, MIRROR, PARSED},
-    tracker::track_segment,
+    tracker::{emit_segment, track_segment},
 };
 
 /// The parser as a BPF-to-BPF call of its own: its many header temporaries then live in a
@@ -120,5 +120,7 @@ pub fn slow<C: EbpfContext, F: Frame>(ctx: &C, frame: &F, hook: Hook) {
     if parsed.syn_options_len > 0 {
         parsed.segment.wscale = window_scale(frame, parsed);
     }
-    track_segment(&parsed.segment, side_of(hook), handoff.absent != 0);
+    if track_segment(&parsed.segment, side_of(hook), handoff.absent != 0) {
+        emit_segment(parsed.segment.flags);
+    }
 }

@@ -190,6 +190,36 @@ fn established_insert(
     }
 }
 
+/// Writes the `tcpscope events` record of the segment [`track_segment`] just tracked, from
+/// this CPU's scratch slot (the key, the gauge slots before and after, the events, the
+/// sender, the cause), `flags` being the segment's. Called by the slow program after
+/// `track_segment` returned true, not from inside it: the 512-byte stack limit counts every
+/// frame of a call chain (on 6.1 each rounded up to 32 bytes), and the tracker's frame is the
+/// largest.
+#[inline(never)]
+pub fn emit_segment(flags: u8) {
+    let (Some(m), Some(out)) = (metrics(PACKETS), SCRATCH.get_ptr(0)) else {
+        return;
+    };
+    // SAFETY: fields of this CPU's scratch slot, which `track_segment` filled.
+    unsafe {
+        use core::ptr::read_volatile;
+        let slots = u32::from_le_bytes(read_volatile(&raw const (*out).slots));
+        let events = read_volatile(&raw const (*out).events);
+        let dir = read_volatile(&raw const (*out).dir);
+        let why = read_volatile(&raw const (*out).cause);
+        let why = if why == 0 { cause::SEGMENT } else { why as u8 };
+        // `out.key` is the segment's wide key.
+        transitions::emit(
+            m,
+            (&raw const (*out).key).cast(),
+            slots,
+            transitions::info(why, flags, dir),
+            events,
+        );
+    }
+}
+
 /// Event slots of SYNs and SYN-ACKs (slot `n` counts event bit `n`).
 const SYN_SLOT: usize = ev::SYN.trailing_zeros() as usize;
 const SYN_ACK_SLOT: usize = ev::SYN_ACK.trailing_zeros() as usize;
@@ -200,13 +230,14 @@ const EEXIST: i32 = -17;
 /// Tracks one parsed TCP segment sent by an endpoint on `side`; `absent`: the hot path found
 /// no record of the connection in its established table just now (not looked up again). A
 /// BPF-to-BPF call of its own, so that the parser's frame and the tracker's are separate.
+/// True when a `tcpscope events` record is due: the caller then calls [`emit_segment`].
 #[inline(never)]
-pub fn track_segment(seg: &Segment, side: Side, absent: bool) {
+pub fn track_segment(seg: &Segment, side: Side, absent: bool) -> bool {
     let Some(m) = metrics(PACKETS) else {
-        return;
+        return false;
     };
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
-        return;
+        return false;
     };
     // The SYN-flood rule watches listening ports of this host (segments arriving from the
     // remote side) or, in mirror mode, every port. Counted before any table insert, so that
@@ -290,8 +321,7 @@ pub fn track_segment(seg: &Segment, side: Side, absent: bool) {
                 }
             }
             // SAFETY: this CPU's scratch slot.
-            finish(m, unsafe { &*scratch }, seg, side, now);
-            return;
+            return finish(m, unsafe { &*scratch }, seg, side, now);
         }
     }
     let now = precise_now();
@@ -311,23 +341,22 @@ pub fn track_segment(seg: &Segment, side: Side, absent: bool) {
         match created {
             Created::Done => {
                 // SAFETY: this CPU's scratch slot.
-                finish(m, unsafe { &*scratch }, seg, side, now);
-                return;
+                return finish(m, unsafe { &*scratch }, seg, side, now);
             }
-            Created::Refused => return,
+            Created::Refused => return false,
             Created::Exists if opening => entry = HALF_OPEN.get_ptr_mut(key),
             Created::Exists => {
                 // Another CPU created the record just now, from a segment of its own; this
                 // one is counted as a lost race and changes nothing.
                 m.events.bump(event_slots::LOST_RACE);
-                return;
+                return false;
             }
         }
     }
     let Some(entry) = entry else {
         // Created and gone again since (a lost race).
         m.events.bump(event_slots::LOST_RACE);
-        return;
+        return false;
     };
     // SAFETY: as above (a reused half-open element is told apart by its tag).
     unsafe { update_half_open(entry, seg, dir, side, now, key.tag(), &mut *scratch) };
@@ -356,7 +385,7 @@ pub fn track_segment(seg: &Segment, side: Side, absent: bool) {
         }
     }
     // SAFETY: this CPU's scratch slot.
-    finish(m, unsafe { &*scratch }, seg, side, now);
+    finish(m, unsafe { &*scratch }, seg, side, now)
 }
 
 /// What [`create`] did.
@@ -550,7 +579,7 @@ unsafe fn update_half_open(
 
 /// After the unlock: the gauges, the events, the handshake's phases.
 #[inline(always)]
-fn finish(m: &mut Metrics, out: &Scratch, seg: &Segment, side: Side, now: u64) {
+fn finish(m: &mut Metrics, out: &Scratch, seg: &Segment, side: Side, now: u64) -> bool {
     let towards_listener = side != Side::Local;
     // Volatile reads keep the compiler from forwarding the values in registers (see
     // `Scratch`).
@@ -564,32 +593,14 @@ fn finish(m: &mut Metrics, out: &Scratch, seg: &Segment, side: Side, now: u64) {
     };
     if action == LOST {
         m.events.bump(event_slots::LOST_RACE);
-        return;
+        return false;
     }
     m.move_endpoint(slots[0], slots[2]);
     m.move_endpoint(slots[1], slots[3]);
-    // `tcpscope events`: only where an endpoint's slot changed, and only with a reader.
-    let packed = u32::from_le_bytes(slots);
-    if transitions::changed(packed) && transitions::reader_attached() {
-        // SAFETY: fields of this CPU's scratch slot.
-        let (dir, why) = unsafe {
-            (
-                core::ptr::read_volatile(&raw const out.dir),
-                core::ptr::read_volatile(&raw const out.cause),
-            )
-        };
-        let why = if why == 0 { cause::SEGMENT } else { why as u8 };
-        // SAFETY: `out.key` is the segment's wide key.
-        unsafe {
-            transitions::emit(
-                m,
-                (&raw const out.key).cast(),
-                packed,
-                transitions::info(why, seg.flags, dir),
-                events,
-            );
-        }
-    }
+    // `tcpscope events`: only where an endpoint's slot changed, and only with a reader. The
+    // record is written by the caller, after `track_segment` has returned (see
+    // [`emit_segment`]).
+    let due = transitions::changed(u32::from_le_bytes(slots)) && transitions::reader_attached();
     if events & ev::HANDSHAKE_COMPLETED != 0 {
         // SAFETY: as above.
         let times = unsafe { core::ptr::read_volatile(&raw const out.times) };
@@ -619,4 +630,5 @@ fn finish(m: &mut Metrics, out: &Scratch, seg: &Segment, side: Side, now: u64) {
                 .bump(event_slots::KEEPALIVE_ACKS + side.opposite() as usize);
         }
     }
+    due
 }

@@ -28,7 +28,7 @@ allow_skip=$(cat /tests/allow_skip)
 # The agent, at its host path (the test binaries run from /tests, away from the target directory).
 export TCPSCOPE_AGENT="$(cat /tests/agent)"
 # The release archive (`cargo xtask dist`), also at its host path.
-export TCPSCOPE_DIST="$(cat /tests/dist)"
+export TCPSCOPE_DIST="$(cat /tests/dist-archive)"
 failed=""
 # Per binary: the slowest (reliability) takes ~10 min under TCG on 6.12; the guest as a whole
 # is bounded by `cargo xtask vm --timeout`.

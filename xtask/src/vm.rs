@@ -254,8 +254,9 @@ fn build_initramfs(
     for file in [archive, sums.as_path()] {
         copy(file, &under(&root, file))?;
     }
+    // Not `tests/dist`: that is the dist test binary.
     fs::write(
-        root.join("tests/dist"),
+        root.join("tests/dist-archive"),
         archive.as_os_str().as_encoded_bytes(),
     )?;
     // The capture tests find `../shared/pcaps` from the workspace root, by the path compiled
