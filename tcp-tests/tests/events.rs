@@ -320,7 +320,7 @@ fn an_active_close_goes_through_rfc_793_on_both_ends_in_order() {
     assert!(
         reader.log.iter().any(|l| l
             == &format!(
-                "tcpscope events: {} state changes shown, 0 lost",
+                "tcpscope events: {} state changes shown, 0 records lost",
                 reader.seen.len()
             )),
         "{:?}",
@@ -474,7 +474,7 @@ fn port_and_state_filters_keep_only_what_they_name() {
         reader
             .log
             .iter()
-            .any(|l| l == "tcpscope events: 1 state changes shown, 0 lost"),
+            .any(|l| l == "tcpscope events: 1 state changes shown, 0 records lost"),
         "{:?}",
         reader.log
     );
@@ -591,7 +591,7 @@ fn a_full_ring_counts_its_losses_and_the_reader_reports_them() {
     let lost = metrics::sample(&metrics::scrape(&link.server), "tcpscope_events_lost_total");
     assert!(lost > 0.0, "no loss counted with a stopped reader");
     reader.signal(libc::SIGCONT);
-    let line = reader.wait_log("state changes lost", Duration::from_secs(5));
+    let line = reader.wait_log("records of state changes lost", Duration::from_secs(5));
     assert!(
         line.contains(&format!("{lost} lost since it started")),
         "{line}"
@@ -603,7 +603,7 @@ fn a_full_ring_counts_its_losses_and_the_reader_reports_them() {
     assert_eq!(
         summary,
         format!(
-            "tcpscope events: {} state changes shown, {lost} lost",
+            "tcpscope events: {} state changes shown, {lost} records lost",
             reader.seen.len()
         )
     );

@@ -5,8 +5,11 @@
 //!   kernel drops however the reader exits; a second reader is refused, naming the first.
 //! - **The programs write only while a reader is attached**: the reader writes its pid into
 //!   the pinned `EVENTS_READER` array and clears it on exit. One that dies without clearing it
-//!   (SIGKILL) is noticed by the agent, which checks once a second that the pid in the flag
-//!   still holds the reader's lock ([`release_if_gone`]) and clears it otherwise.
+//!   (SIGKILL) is noticed by the agent, which checks once a second that someone still holds
+//!   the readers' lock and clears the flag otherwise. It asks the lock itself (a non-blocking
+//!   `flock`, released at once), not `/proc/locks`: a reader in another PID namespace (the
+//!   node's shell, the agent in a pod) is invisible there. A reader starting during that probe
+//!   retries its own `flock` for a moment rather than failing.
 //! - **Losses**: a record that finds the ring full is dropped and counted by the programs
 //!   (`tcpscope_events_lost_total`); the reader reads that count and reports what it missed.
 
@@ -30,7 +33,7 @@ use tcp_common::{
 
 use crate::{
     error::Error,
-    pins::{holder_description, holder_pid, layout_dir},
+    pins::{holder_description, layout_dir},
     report::endpoint_string,
 };
 
@@ -67,15 +70,22 @@ impl Reader {
             dir: dir.clone(),
             source,
         })?;
-        // SAFETY: flock on a descriptor this function owns.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let source = io::Error::last_os_error();
-            if source.kind() == io::ErrorKind::WouldBlock {
-                return Err(Error::EventsBusy {
-                    holder: holder_description(&dir),
-                });
+        // The agent's probe holds the lock for a moment (see the module's text): a few tries.
+        let mut tries = 0;
+        loop {
+            match try_lock(&lock) {
+                Ok(true) => break,
+                Ok(false) if tries < 20 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Ok(false) => {
+                    return Err(Error::EventsBusy {
+                        holder: holder_description(&dir),
+                    });
+                }
+                Err(source) => return Err(Error::PinDir { dir, source }),
             }
-            return Err(Error::PinDir { dir, source });
         }
         let mut ring = RingBuf::try_from(Map::RingBuf(ring)).map_err(|source| Error::Map {
             name: EVENTS_MAP,
@@ -183,9 +193,22 @@ impl ReaderWatch {
             source,
         };
         let pid = self.flag.get(&0, 0).map_err(err)?;
-        if pid == 0 || holder_pid(&self.dir) == Some(pid) {
+        if pid == 0 {
             return Ok(None);
         }
+        // Held by a reader (whatever its PID namespace): nothing to do. Free: the lock is
+        // released again when `probe` drops, at once.
+        let probe = File::open(&self.dir).map_err(|source| Error::PinDir {
+            dir: self.dir.clone(),
+            source,
+        })?;
+        if !try_lock(&probe).map_err(|source| Error::PinDir {
+            dir: self.dir.clone(),
+            source,
+        })? {
+            return Ok(None);
+        }
+        drop(probe);
         // A reader that starts in between writes its pid after taking the lock: read again
         // just before clearing (and that reader raises the flag again at its next tick if
         // this clear still comes in between).
@@ -194,6 +217,20 @@ impl ReaderWatch {
         }
         self.flag.set(0, &0, 0).map_err(err)?;
         Ok(Some(pid))
+    }
+}
+
+/// Takes the exclusive `flock` on `file` without waiting: `Ok(false)` when another holds it.
+fn try_lock(file: &File) -> io::Result<bool> {
+    // SAFETY: flock on a descriptor the caller owns.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    if e.kind() == io::ErrorKind::WouldBlock {
+        Ok(false)
+    } else {
+        Err(e)
     }
 }
 

@@ -420,7 +420,8 @@ const FAMILIES: &[Spec] = &[
     },
     Spec {
         name: "tcpscope_events_lost_total",
-        help: "State changes `tcpscope events` did not get: the ring buffer was full (its reader \
+        help: "Records of state changes `tcpscope events` did not get (one per segment or \
+               expiry, holding both endpoints' changes): the ring buffer was full (its reader \
                fell behind)",
         kind: MetricType::COUNTER,
         source: Source::Values(|e| one(e.events_lost?)),

@@ -17,7 +17,9 @@
 //! With a `--web.config.file` ([`WebConfig`]) the connections speak TLS and the requests need
 //! basic auth. The TLS handshake counts as idle (it can be closed to make room) and must end
 //! within [`Limits::header_timeout`]; the connection's life includes it. Basic auth guards
-//! every path, and a request that fails it gets 401 with `WWW-Authenticate: Basic`. The
+//! every path, and a request that fails it gets 401 with `WWW-Authenticate: Basic`; a request
+//! counts as busy only once it passes (one waiting for its bcrypt check, at most
+//! [`Limits::answer_timeout`], is idle and may be closed to make room). The
 //! settings can be replaced while serving ([`WebSettings`]): each new connection takes the
 //! current ones and keeps them for its life.
 
@@ -189,8 +191,7 @@ async fn handle(
     busy: Arc<AtomicBool>,
     web: Arc<WebConfig>,
 ) -> Result<Response<TrackedBody>, Infallible> {
-    busy.store(true, Ordering::Relaxed);
-    let Ok(mut answer) = answer(req, to, limits, &web).await;
+    let Ok(mut answer) = answer(req, to, limits, &web, &busy).await;
     for (name, value) in &web.headers {
         answer.headers_mut().insert(name.clone(), value.clone());
     }
@@ -202,10 +203,21 @@ async fn answer(
     to: mpsc::Sender<Request>,
     limits: Limits,
     web: &WebConfig,
+    busy: &AtomicBool,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    if let Some(auth) = &web.auth
-        && !auth.allows(req.headers().get(header::AUTHORIZATION)).await
-    {
+    // A connection counts as busy only once its credentials pass: requests waiting for a
+    // bcrypt check (one at a time) can still be closed to make room, and wait at most
+    // `answer_timeout`, so wrong passwords cannot hold every slot.
+    let allowed = match &web.auth {
+        None => true,
+        Some(auth) => tokio::time::timeout(
+            limits.answer_timeout,
+            auth.allows(req.headers().get(header::AUTHORIZATION)),
+        )
+        .await
+        .unwrap_or(false),
+    };
+    if !allowed {
         let mut r = reply(
             StatusCode::UNAUTHORIZED,
             "text/plain",
@@ -217,6 +229,7 @@ async fn answer(
         );
         return Ok(r);
     }
+    busy.store(true, Ordering::Relaxed);
     let make: fn(_) -> Request = match req.uri().path() {
         "/metrics" => Request::Metrics,
         "/healthz" => Request::Health,

@@ -69,8 +69,8 @@ impl SelfStats {
             process: ProcessCollector::for_self(),
             scrape: duration_histogram(
                 "tcpscope_scrape_duration_seconds",
-                "Time each scrape's collection took (reading the kernel's maps and building \
-                 the exposition), this one included",
+                "Time each scrape took to read the kernel's maps (counters, metrics, tables), \
+                 this one included; rendering the text is not counted",
             ),
         }
     }

@@ -12,8 +12,9 @@
 //! Basic auth (every path, as exporter-toolkit): a successful bcrypt check is remembered per
 //! user as a keyed SHA-256 of the password, so that a scrape every few seconds does not pay
 //! bcrypt's cost each time; a failed check is never remembered. bcrypt runs on a blocking
-//! thread, one check at a time, and an unknown user costs a bcrypt check against a fixed hash
-//! too, so that timing does not tell which users exist.
+//! thread, one check at a time, and an unknown user costs a bcrypt check too, against the
+//! configured hash of the highest cost, so that timing does not tell which users exist (when
+//! all hashes have the same cost).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -412,8 +413,20 @@ fn http_config(h: HttpFile) -> Result<Vec<(HeaderName, HeaderValue)>> {
     Ok(out)
 }
 
-/// A bcrypt hash of "fakepassword", checked for unknown users so that they cost the same.
+/// A bcrypt hash of "fakepassword", checked when there is no user's hash to stand in for an
+/// unknown user (never: basic auth always has users).
 const DUMMY_HASH: &str = "$2y$10$QOauhQNbBCuQDKes6eFzPeMqBSjb7Mr5DUmpZ/VcEd00UAV/LDeSi";
+
+/// The hash an unknown user's password is checked against, so that an unknown user costs what
+/// a known one does: the configured hash of the highest cost (`$2y$COST$…`).
+fn stand_in_hash(users: &BTreeMap<String, String>) -> String {
+    let cost = |h: &String| h.get(4..6).and_then(|c| c.parse::<u32>().ok()).unwrap_or(0);
+    users
+        .values()
+        .max_by_key(|h| cost(h))
+        .cloned()
+        .unwrap_or_else(|| DUMMY_HASH.to_owned())
+}
 
 /// Basic-auth users and their bcrypt hashes, with the cache of successful checks.
 pub struct BasicAuth {
@@ -475,7 +488,7 @@ impl BasicAuth {
         }
         let checked = {
             let _one_at_a_time = self.bcrypt.lock().await;
-            let hash = hash.cloned().unwrap_or_else(|| DUMMY_HASH.to_owned());
+            let hash = hash.cloned().unwrap_or_else(|| stand_in_hash(&self.users));
             tokio::task::spawn_blocking(move || bcrypt::verify(&password, &hash).unwrap_or(false))
                 .await
                 .unwrap_or(false)

@@ -360,8 +360,8 @@ pub(crate) fn watch_floods(tracker: &Tracker, flood: &mut FloodDetector) {
     }
 }
 
-/// The /metrics text, read from the kernel now; the collection's time is observed into
-/// `selfstats` first, so the scrape histogram counts this scrape too.
+/// The /metrics text, read from the kernel now; the time of reading the maps is observed into
+/// `selfstats` before the text is rendered, so the scrape histogram counts this scrape too.
 pub(crate) fn exposition(
     tracker: &Tracker,
     flood: &FloodDetector,

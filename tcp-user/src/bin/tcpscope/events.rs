@@ -84,8 +84,8 @@ pub(crate) async fn events(args: &EventsArgs) -> Result<()> {
                 match events::lost(&base) {
                     Ok(lost) if lost > lost_seen => {
                         warn!(
-                            "{} state changes lost: the ring buffer was full (this reader fell \
-                             behind); {} lost since it started",
+                            "{} records of state changes lost: the ring buffer was full (this \
+                             reader fell behind); {} lost since it started",
                             lost - lost_seen,
                             lost - lost_at_start
                         );
@@ -121,7 +121,7 @@ pub(crate) async fn events(args: &EventsArgs) -> Result<()> {
     // The flag comes down with the reader (its Drop), then the last count.
     drop(ring);
     let lost = events::lost(&base).map_or(lost_seen, |l| l.max(lost_seen)) - lost_at_start;
-    eprintln!("tcpscope events: {shown} state changes shown, {lost} lost");
+    eprintln!("tcpscope events: {shown} state changes shown, {lost} records lost");
     Ok(())
 }
 
