@@ -1,7 +1,10 @@
 //! Two namespaces joined by a veth pair: the tests' [`Link`], and the pair itself, which the
 //! benchmark's [`crate::Testbed`] creates too.
 
-use std::net::SocketAddr;
+use std::{
+    io::{Read as _, Write as _},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+};
 
 use anyhow::Result;
 
@@ -126,6 +129,53 @@ impl Link {
     }
     pub fn server_v6(&self) -> String {
         format!("fd00:{}::2", self.net)
+    }
+
+    /// `n` connections over IPv4 from the client to a listener of the server's on `port`: the
+    /// client sends 5 bytes and the server answers 5; the client closes first (it ends in
+    /// TIME-WAIT) or, with `server_first`, the server does.
+    pub fn exchange(&self, port: u16, n: usize, server_first: bool) {
+        let (v4, _) = self.server_addrs(port);
+        let listener = self
+            .server
+            .enter(move || TcpListener::bind(v4).expect("listener"));
+        self.exchange_on(&listener, n, server_first);
+    }
+
+    /// [`Self::exchange`] through a listener the caller bound in the server namespace (and
+    /// keeps, e.g. for connections it holds open).
+    pub fn exchange_on(&self, listener: &TcpListener, n: usize, server_first: bool) {
+        let to = listener.local_addr().expect("listener address");
+        let listener = listener.try_clone().expect("listener");
+        let server = self.server.spawn(move || {
+            for _ in 0..n {
+                let (mut s, _) = listener.accept().expect("accept");
+                let mut buf = [0u8; 5];
+                s.read_exact(&mut buf).expect("request");
+                s.write_all(b"world").expect("reply");
+                if server_first {
+                    s.shutdown(Shutdown::Write).expect("server FIN");
+                }
+                // Wait for the peer's FIN (EOF) before closing our side (client first), or
+                // for its FIN after ours (server first): either way the close order is fixed.
+                let mut rest = Vec::new();
+                s.read_to_end(&mut rest).expect("EOF");
+            }
+        });
+        self.client.enter(move || {
+            for _ in 0..n {
+                let mut c = TcpStream::connect(to).expect("connect");
+                c.write_all(b"hello").expect("request");
+                let mut buf = [0u8; 5];
+                c.read_exact(&mut buf).expect("reply");
+                if server_first {
+                    let mut rest = Vec::new();
+                    c.read_to_end(&mut rest).expect("server FIN");
+                }
+                c.shutdown(Shutdown::Both).expect("client FIN");
+            }
+        });
+        server.join().expect("server");
     }
 
     /// The server's IPv4 and IPv6 socket addresses on `port`.

@@ -8,7 +8,7 @@
 use std::{
     collections::BTreeMap,
     io::{Read as _, Write as _},
-    net::{Shutdown, TcpListener, TcpStream},
+    net::{TcpListener, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     thread,
@@ -868,41 +868,6 @@ fn dashboard_has_every_panel_the_deployment_needs() {
 
 const PORT: u16 = 9700;
 
-/// `n` connections from the client to the server's `listener`, each closed first by the
-/// client (whose endpoint ends in TIME-WAIT: the remote side, for an agent on the server) or,
-/// with `server_first`, by the server (local TIME-WAIT).
-fn closed_connections(link: &Link, listener: &TcpListener, n: usize, server_first: bool) {
-    let (v4, _) = link.server_addrs(PORT);
-    let listener = listener.try_clone().expect("listener");
-    let server = link.server.spawn(move || {
-        for _ in 0..n {
-            let (mut s, _) = listener.accept().expect("accept");
-            let mut buf = [0u8; 5];
-            s.read_exact(&mut buf).expect("request");
-            s.write_all(b"world").expect("reply");
-            if server_first {
-                s.shutdown(Shutdown::Write).expect("server FIN");
-            }
-            let mut rest = Vec::new();
-            s.read_to_end(&mut rest).expect("EOF");
-        }
-    });
-    link.client.enter(move || {
-        for _ in 0..n {
-            let mut c = TcpStream::connect(v4).expect("connect");
-            c.write_all(b"hello").expect("request");
-            let mut buf = [0u8; 5];
-            c.read_exact(&mut buf).expect("reply");
-            if server_first {
-                let mut rest = Vec::new();
-                c.read_to_end(&mut rest).expect("server FIN");
-            }
-            c.shutdown(Shutdown::Both).expect("client FIN");
-        }
-    });
-    server.join().expect("server");
-}
-
 /// A child process killed (and reaped) on drop.
 struct Killed(Child);
 
@@ -997,8 +962,8 @@ fn every_dashboard_and_rule_query_returns_data_from_a_real_prometheus() {
     let listener = link
         .server
         .enter(move || TcpListener::bind(v4).expect("listener"));
-    closed_connections(&link, &listener, 10, false);
-    closed_connections(&link, &listener, 6, true);
+    link.exchange_on(&listener, 10, false);
+    link.exchange_on(&listener, 6, true);
     // Held connections: 16 TIME-WAIT records and 24 more connections overfill 32 slots.
     let holder = {
         let listener = listener.try_clone().expect("listener");

@@ -4,8 +4,6 @@
 //! `ip netns exec` starts it (no bpffs on /sys/fs/bpf). Runs on the host and in the VM guests.
 
 use std::{
-    io::{Read as _, Write as _},
-    net::{Shutdown, TcpListener, TcpStream},
     path::Path,
     process::Command,
     time::{Duration, Instant},
@@ -64,6 +62,7 @@ fn the_archive_holds_a_static_binary_its_pages_completions_and_deploy_files() {
         "README.md",
         "LICENSE-MIT",
         "LICENSE-APACHE",
+        "THIRD-PARTY-LICENSES",
         "man/tcpscope.1",
         "completions/tcpscope.bash",
         "completions/_tcpscope",
@@ -72,6 +71,20 @@ fn the_archive_holds_a_static_binary_its_pages_completions_and_deploy_files() {
         let path = d.root.join(file);
         let len = std::fs::metadata(&path).map_or(0, |m| m.len());
         assert!(len > 0, "{} is missing or empty", path.display());
+    }
+    // The notices name the C library and the crates linked in, with their licence texts.
+    let notices = std::fs::read_to_string(d.root.join("THIRD-PARTY-LICENSES")).expect("notices");
+    for needle in [
+        "musl libc",
+        "- aya 0.",
+        "- rustls 0.",
+        "- tokio 1.",
+        "Apache License",
+    ] {
+        assert!(
+            notices.contains(needle),
+            "THIRD-PARTY-LICENSES lacks {needle:?}"
+        );
     }
     // A page per command, and the main page names them all.
     let main_page = std::fs::read_to_string(d.root.join("man/tcpscope.1")).expect("tcpscope.1");
@@ -164,39 +177,11 @@ fn replay_gives_the_development_builds_answer_and_the_truth() {
     }
 }
 
-/// `n` connections from the client to the server namespace, the client closing first.
-fn connections(link: &Link, n: usize) {
-    let (v4, _) = link.server_addrs(PORT);
-    let listener = link
-        .server
-        .enter(move || TcpListener::bind(v4).expect("listener"));
-    let server = link.server.spawn(move || {
-        for _ in 0..n {
-            let (mut s, _) = listener.accept().expect("accept");
-            let mut buf = [0u8; 5];
-            s.read_exact(&mut buf).expect("request");
-            s.write_all(b"world").expect("reply");
-            let mut rest = Vec::new();
-            s.read_to_end(&mut rest).expect("EOF");
-        }
-    });
-    link.client.enter(move || {
-        for _ in 0..n {
-            let mut c = TcpStream::connect(v4).expect("connect");
-            c.write_all(b"hello").expect("request");
-            let mut buf = [0u8; 5];
-            c.read_exact(&mut buf).expect("reply");
-            c.shutdown(Shutdown::Both).expect("client FIN");
-        }
-    });
-    server.join().expect("server");
-}
-
 /// Runs connections past `agent` (listening on 127.0.0.1:`port` in the server namespace) and
 /// checks what it serves: the handshakes, the agent's own metrics and the build.
 fn check_serves_metrics(link: &Link, port: u16) {
     const N: usize = 4;
-    connections(link, N);
+    link.exchange(PORT, N, false);
     let addr = format!("127.0.0.1:{port}");
     let uname = Command::new("uname").arg("-r").output().expect("uname");
     let kernel = String::from_utf8_lossy(&uname.stdout).trim().to_owned();

@@ -6,7 +6,7 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{Shutdown, TcpListener, TcpStream},
+    net::TcpStream,
     process::Stdio,
     time::{Duration, Instant},
 };
@@ -27,44 +27,6 @@ fn ss_time_wait(ns: &NetNs) -> usize {
     ns.sh(&["ss", "-Htan", "state", "time-wait", &filter])
         .lines()
         .count()
-}
-
-/// `n` connections to `addr` in which the client sends first and closes first (the client
-/// ends in TIME-WAIT) or, with `server_first`, the server closes first.
-fn connections(link: &Link, n: usize, server_first: bool) {
-    let (v4, _) = link.server_addrs(PORT);
-    let listener = link
-        .server
-        .enter(move || TcpListener::bind(v4).expect("listener"));
-    let server = link.server.spawn(move || {
-        for _ in 0..n {
-            let (mut s, _) = listener.accept().expect("accept");
-            let mut buf = [0u8; 5];
-            s.read_exact(&mut buf).expect("request");
-            s.write_all(b"world").expect("reply");
-            if server_first {
-                s.shutdown(Shutdown::Write).expect("server FIN");
-            }
-            // Wait for the peer's FIN (EOF) before closing our side (client-first), or
-            // for its FIN after ours (server-first): either way the close order is fixed.
-            let mut rest = Vec::new();
-            s.read_to_end(&mut rest).expect("EOF");
-        }
-    });
-    link.client.enter(move || {
-        for _ in 0..n {
-            let mut c = TcpStream::connect(v4).expect("connect");
-            c.write_all(b"hello").expect("request");
-            let mut buf = [0u8; 5];
-            c.read_exact(&mut buf).expect("reply");
-            if server_first {
-                let mut rest = Vec::new();
-                c.read_to_end(&mut rest).expect("server FIN");
-            }
-            c.shutdown(Shutdown::Both).expect("client FIN");
-        }
-    });
-    server.join().expect("server");
 }
 
 /// Endpoint records per (state, side) from `tcpscope flows --json` (what the tables hold).
@@ -156,8 +118,8 @@ fn time_wait_gauges_equal_ss_per_side_through_prometheus_and_expire() {
 
     const CLIENT_CLOSED: usize = 7;
     const SERVER_CLOSED: usize = 5;
-    connections(&link, CLIENT_CLOSED, false);
-    connections(&link, SERVER_CLOSED, true);
+    link.exchange(PORT, CLIENT_CLOSED, false);
+    link.exchange(PORT, SERVER_CLOSED, true);
     // The kernel's truth, per namespace: the agent sits on the server, so client sockets are
     // the remote side and server sockets the local one. The last FINs and ACKs may still be in
     // flight: poll (bounded) until the kernel shows every TIME-WAIT the test made and the

@@ -46,12 +46,13 @@ pub fn archive_stem(target: &str) -> String {
     format!("tcpscope-{}-{target}", env!("CARGO_PKG_VERSION"))
 }
 
-/// Builds the archive for this machine's architecture only (what the tests run); returns it.
+/// Builds the archive for this machine's architecture only, the one the tests run, into
+/// `target/dist-test` (so that a test run leaves `target/dist` as `cargo xtask dist` wrote
+/// it); returns it.
 pub fn native_archive() -> Result<PathBuf> {
     let native = format!("{}-unknown-linux-musl", std::env::consts::ARCH);
-    let archives = dist(&Options {
-        targets: vec![native],
-    })?;
+    let out = cmd::workspace_root().join("target/dist-test");
+    let archives = dist_into(&[native], &out)?;
     Ok(archives
         .into_iter()
         .next()
@@ -65,7 +66,12 @@ pub fn dist(opts: &Options) -> Result<Vec<PathBuf>> {
     } else {
         opts.targets.clone()
     };
-    for t in &targets {
+    dist_into(&targets, &dist_dir())
+}
+
+/// Builds the archives of `targets` and their `SHA256SUMS` into `out` (emptied first).
+fn dist_into(targets: &[String], out: &Path) -> Result<Vec<PathBuf>> {
+    for t in targets {
         if !t.ends_with("-unknown-linux-musl") {
             bail!("--target {t}: only *-unknown-linux-musl targets give a static binary");
         }
@@ -91,11 +97,10 @@ pub fn dist(opts: &Options) -> Result<Vec<PathBuf>> {
         .find(|(t, _)| *t == native)
         .map(|(_, b)| b.clone())
         .expect("built above");
-    let out = dist_dir();
     if out.exists() {
-        fs::remove_dir_all(&out).with_context(|| format!("clearing {}", out.display()))?;
+        fs::remove_dir_all(out).with_context(|| format!("clearing {}", out.display()))?;
     }
-    fs::create_dir_all(&out)?;
+    fs::create_dir_all(out)?;
     let epoch = source_date_epoch();
     let mut archives = Vec::new();
     for (target, binary) in binaries.iter().filter(|(t, _)| targets.contains(t)) {
@@ -115,7 +120,7 @@ pub fn dist(opts: &Options) -> Result<Vec<PathBuf>> {
                 ])
                 .arg(format!("--mtime=@{epoch}"))
                 .arg("-C")
-                .arg(&out)
+                .arg(out)
                 .arg("-cf")
                 .arg(&archive)
                 .arg(&stem),
@@ -124,7 +129,7 @@ pub fn dist(opts: &Options) -> Result<Vec<PathBuf>> {
         archives.push(archive);
     }
     let mut sums = Command::new("sha256sum");
-    sums.current_dir(&out);
+    sums.current_dir(out);
     for a in &archives {
         sums.arg(a.file_name().expect("a file"));
     }
@@ -189,6 +194,12 @@ fn stage_files(stage: &Path, binary: &Path, native: &Path) -> Result<()> {
     for file in ["README.md", "LICENSE-MIT", "LICENSE-APACHE"] {
         fs::copy(root.join(file), stage.join(file)).with_context(|| format!("copying {file}"))?;
     }
+    let target = stage
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix(&format!("tcpscope-{}-", env!("CARGO_PKG_VERSION"))))
+        .context("the stage directory's name")?;
+    fs::write(stage.join("THIRD-PARTY-LICENSES"), third_party(target)?)?;
     copy_tree(&root.join("deploy"), &stage.join("deploy"))?;
     let generated = |args: &[&str]| -> Result<Vec<u8>> {
         let out = cmd::output(Command::new(native).args(args))?;
@@ -211,6 +222,107 @@ fn stage_files(stage: &Path, binary: &Path, native: &Path) -> Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// The notices of what the static binary contains besides tcpscope: musl, and every crate
+/// linked in for `target` (normal dependencies of the agent, proc-macros left out) with its
+/// licence expression and the licence files it ships, each distinct text once.
+fn third_party(target: &str) -> Result<String> {
+    let mut tree = toolchain::cargo_stable()?;
+    tree.args([
+        "tree",
+        "--package",
+        "tcp-user",
+        "--edges",
+        "normal",
+        "--prefix",
+        "none",
+    ])
+    .args(["--target", target, "--format", "{p}|{l}"]);
+    let listed = cmd::stdout_of(&mut tree).context("cargo tree failed")?;
+    let mut crates: std::collections::BTreeSet<(String, String, String)> = Default::default();
+    for line in listed.lines() {
+        let (package, licence) = line.split_once('|').unwrap_or((line, ""));
+        let mut words = package.split_whitespace();
+        let (Some(name), Some(version)) = (words.next(), words.next()) else {
+            continue;
+        };
+        // This workspace's own crates carry a path; proc-macros run at build time only.
+        if package.contains("(/") || package.contains("(proc-macro)") {
+            continue;
+        }
+        let licence = licence.trim_end_matches(" (*)").to_owned();
+        crates.insert((
+            name.to_owned(),
+            version.trim_start_matches('v').to_owned(),
+            licence,
+        ));
+    }
+    let mut metadata = toolchain::cargo_stable()?;
+    metadata.args([
+        "metadata",
+        "--format-version",
+        "1",
+        "--filter-platform",
+        target,
+    ]);
+    let metadata: serde_json::Value =
+        serde_json::from_str(&cmd::stdout_of(&mut metadata).context("cargo metadata failed")?)?;
+    let packages = metadata["packages"]
+        .as_array()
+        .context("cargo metadata: packages")?;
+    // Licence text -> the crates shipping it.
+    let mut texts: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    // The MIT terms, as in this project's own LICENSE-MIT (after its copyright line).
+    let mit = fs::read_to_string(cmd::workspace_root().join("LICENSE-MIT"))?;
+    let mit_terms = mit
+        .split_once("\n\n")
+        .map_or(mit.as_str(), |(_, terms)| terms);
+    let mut out = format!(
+        "Third-party software in the tcpscope binary\n\
+         ==========================================\n\n\
+         musl libc, statically linked as the C library (MIT):\n\n\
+         Copyright (c) 2005-2020 Rich Felker, et al.\n\n{mit_terms}\n\
+         Rust crates (name, version, licence expression):\n\n"
+    );
+    for (name, version, licence) in &crates {
+        out.push_str(&format!("- {name} {version}: {licence}\n"));
+        let dir = packages
+            .iter()
+            .find(|p| p["name"] == name.as_str() && p["version"] == version.as_str())
+            .and_then(|p| p["manifest_path"].as_str())
+            .and_then(|m| Path::new(m).parent().map(Path::to_path_buf))
+            .with_context(|| format!("cargo metadata has no {name} {version}"))?;
+        let mut files: Vec<PathBuf> = fs::read_dir(&dir)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                let n = p.file_name().map(|n| n.to_string_lossy().to_uppercase());
+                n.is_some_and(|n| {
+                    ["LICENSE", "LICENCE", "COPYING", "COPYRIGHT", "NOTICE"]
+                        .iter()
+                        .any(|k| n.starts_with(k))
+                }) && p.is_file()
+            })
+            .collect();
+        files.sort();
+        for f in files {
+            let text = fs::read_to_string(&f).unwrap_or_default();
+            let file = f.file_name().map(|n| n.to_string_lossy().into_owned());
+            texts
+                .entry(text.trim().to_owned())
+                .or_default()
+                .push(format!("{name} {version} ({})", file.unwrap_or_default()));
+        }
+    }
+    out.push_str("\nLicence texts, each followed by the crates that ship it\n\n");
+    for (text, shippers) in &texts {
+        if text.is_empty() {
+            continue;
+        }
+        out.push_str(&"=".repeat(78));
+        out.push_str(&format!("\n{text}\n\n(from: {})\n\n", shippers.join(", ")));
+    }
+    Ok(out)
 }
 
 /// The binary's commands, as its `--help` lists them (`help` left out).
