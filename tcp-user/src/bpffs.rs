@@ -9,6 +9,9 @@
 //! `stats` started by another `ip netns exec` do not see them (`nsenter --net=/run/netns/NS`
 //! keeps the host's mounts and has neither limit).
 //!
+//! On a host that simply has no bpffs mounted (the agent in pid 1's mount namespace), the new
+//! bpffs stays mounted after the agent, as bpftool's does, and the pins persist.
+//!
 //! A pin directory elsewhere that is not on bpffs is refused with a clear error, as is one
 //! under an unmounted `/sys/fs/bpf` for the commands that only read pins.
 
@@ -32,8 +35,12 @@ const BPF_FS_MAGIC: u64 = 0xcafe_4a11;
 pub enum Mounted {
     /// Nothing: the directory was on bpffs.
     Already,
-    /// Mounted a new bpffs on [`MOUNT_POINT`].
+    /// Mounted a new bpffs on [`MOUNT_POINT`], in a mount namespace of this process's own
+    /// (`ip netns exec`): its pins go with the process.
     NewBpffs,
+    /// Mounted a new bpffs on [`MOUNT_POINT`] in pid 1's mount namespace (the host had none):
+    /// it stays, as bpftool's does.
+    NewHostBpffs,
 }
 
 /// Whether `path` (which must exist) is on bpffs.
@@ -112,7 +119,12 @@ pub fn ensure(dir: &Path, mount_new: bool) -> Result<Mounted, Error> {
         source,
     };
     mount_bpffs().map_err(failed)?;
-    Ok(Mounted::NewBpffs)
+    let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok();
+    if ns("self").is_some() && ns("self") == ns("1") {
+        Ok(Mounted::NewHostBpffs)
+    } else {
+        Ok(Mounted::NewBpffs)
+    }
 }
 
 /// The line to log for what [`ensure`] did (none when it did nothing).
@@ -122,6 +134,11 @@ pub fn describe(mounted: &Mounted) -> Option<String> {
                mounts a fresh /sys)";
     match mounted {
         Mounted::Already => None,
+        Mounted::NewHostBpffs => Some(
+            "bpffs was not mounted on /sys/fs/bpf: mounted a new bpffs there (it stays after \
+             the agent, for its pins)"
+                .to_owned(),
+        ),
         Mounted::NewBpffs => Some(format!(
             "{why}: mounted a new bpffs there, in this mount namespace only: the pins last as \
              long as this agent, and `flows` / `stats` see them only from this mount namespace \
