@@ -123,8 +123,9 @@ fn ss_sockets(ns: &NetNs) -> Vec<(String, String, String)> {
 
 /// The segments of a capture, in order: (sender `address:port`, tcpdump's flags such as `S.`).
 fn captured_segments(file: &Path) -> Vec<(String, String)> {
+    // -Z root: Debian's tcpdump otherwise drops to its own user, which the VM guest lacks.
     let out = Command::new("tcpdump")
-        .args(["-nn", "-r"])
+        .args(["-Z", "root", "-nn", "-r"])
         .arg(file)
         .arg("tcp")
         .output()
