@@ -28,7 +28,7 @@ pub mod prometheus;
 pub use bed::{PREFIX, Testbed, remove_stale};
 pub use capture::{Tcpdump, send_raw_frames};
 pub use cmd::{RemoveOnDrop, run, sh, try_run, try_sh, unique};
-pub use link::Link;
+pub use link::{Link, set_linger_zero};
 pub use netns::{NetNs, NetnsGuard, enter_netns, nft, try_enter_netns};
 pub use prereq::{ALLOW_SKIP, is_root, pcaps_dir, require_root, two_cpus};
 pub use procfs::{TcpCounters, clock_ticks_per_sec, cpu_ns, cpu_ticks, net_counter, rx_packets};

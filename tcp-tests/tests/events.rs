@@ -7,7 +7,6 @@
 use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
-    os::fd::AsRawFd as _,
     path::Path,
     process::Command,
     thread,
@@ -19,7 +18,7 @@ use serde_json::Value;
 use tcp_testbed::{
     Link, NetNs, Tcpdump,
     agent::{Agent, EventsReader, agent_binary},
-    metrics,
+    metrics, set_linger_zero,
 };
 
 /// The agent on the server's side of `link`, tracking.
@@ -352,21 +351,7 @@ fn a_reset_closes_both_ends_at_once_over_ipv6() {
         let s = TcpStream::connect(server).expect("connect");
         thread::sleep(Duration::from_millis(100));
         // SO_LINGER 0: close sends a RST.
-        let linger = libc::linger {
-            l_onoff: 1,
-            l_linger: 0,
-        };
-        // SAFETY: a valid socket and option of the right size.
-        let rc = unsafe {
-            libc::setsockopt(
-                s.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_LINGER,
-                (&raw const linger).cast(),
-                size_of::<libc::linger>() as u32,
-            )
-        };
-        assert_eq!(rc, 0);
+        set_linger_zero(&s);
         s.local_addr().expect("local address")
     });
     held.join().expect("server thread");

@@ -8,13 +8,12 @@ use std::{
     collections::BTreeMap,
     io::{Read as _, Write as _},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
-    os::fd::AsRawFd as _,
     thread,
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
-use tcp_testbed::{Link, NetNs, agent::Agent};
+use tcp_testbed::{Link, NetNs, agent::Agent, set_linger_zero};
 
 const PORT: u16 = 9100;
 const CONCURRENT_PER_FAMILY: usize = 110;
@@ -147,24 +146,6 @@ fn open(
             (c, servers.swap_remove(at))
         })
         .collect()
-}
-
-fn set_linger_zero(s: &TcpStream) {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: valid socket fd and a correctly sized option value.
-    let rc = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&raw const linger).cast(),
-            std::mem::size_of::<libc::linger>() as u32,
-        )
-    };
-    assert_eq!(rc, 0, "SO_LINGER");
 }
 
 /// Reads until EOF.
